@@ -1,0 +1,185 @@
+"""``lmcache bench``: whole-path store/retrieve GB/s and lookup latency against a running server.
+
+A synthetic CPU worker (SHM segments in vLLM's CPU page layout) stores random KV for
+256, 4096 and 16384 tokens at random block ids, retrieves it into other blocks, checks every
+byte, and compares with a same-run single-thread memcpy of the same number of bytes.
+Lookup latency is measured for a 32K-token prompt whose chunks are all cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmcd import protocol as p
+from lmcd.connector.client import CacheClient, LmcdError, server_url
+from lmcd.connector.shm import CpuKVCache
+
+
+@dataclass
+class Geometry:
+    layers: int
+    kv_heads: int
+    head_size: int
+    block_size: int
+    dtype_bytes: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * self.kv_heads * 2 * self.head_size * self.dtype_bytes
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("bench", help="measure store/retrieve/lookup against a running server",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="localhost", help="server host, IP, tcp://host or ipc:///path")
+    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--auth-token", default=os.environ.get("LMCD_AUTH_TOKEN"))
+    parser.add_argument("--tokens", default="256,4096,16384", help="comma-separated prompt lengths")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per size (median reported)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-size", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=128, help="engine block size (vLLM CPU default 128)")
+    parser.add_argument("--dtype-bytes", type=int, default=2)
+    parser.add_argument("--lookup-tokens", type=int, default=32768)
+    parser.add_argument("--lookup-iters", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    parser.set_defaults(func=run)
+
+
+def memcpy_seconds(src: np.ndarray, dst: np.ndarray) -> float:
+    started = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - started
+
+
+def bench_size(client: CacheClient, kv: CpuKVCache, worker_id: int, tokens: int, repeats: int,
+               rng: np.random.Generator, scratch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    chunk = client.chunk_size
+    num_chunks = tokens // chunk
+    bpc = chunk // kv.layout.block_size
+    num_blocks = num_chunks * bpc
+    nbytes = num_blocks * kv.layout.num_layers * kv.page_bytes
+    half = kv.layout.num_blocks // 2
+    store_s, retrieve_s, copy_s = [], [], []
+    for _ in range(repeats + 1):  # the first round warms up and is not counted
+        hashes = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
+        src_blocks = rng.choice(half, num_blocks, replace=False)
+        dst_blocks = half + rng.choice(half, num_blocks, replace=False)
+        t0 = time.perf_counter()
+        result = client.store(worker_id, hashes, src_blocks.tolist())
+        t1 = time.perf_counter()
+        if result.num_stored != num_chunks:
+            raise LmcdError(f"store kept {result.num_stored} of {num_chunks} chunks: {result.message}")
+        got = client.retrieve(worker_id, hashes, dst_blocks.tolist())
+        t2 = time.perf_counter()
+        if got != num_chunks:
+            raise LmcdError(f"retrieve found {got} of {num_chunks} chunks right after storing them")
+        for layer in range(kv.layout.num_layers):
+            pages = kv.pages(layer)
+            if not np.array_equal(pages[src_blocks], pages[dst_blocks]):
+                raise LmcdError(f"retrieved bytes differ from stored bytes (layer {layer}, {tokens} tokens)")
+        src, dst = scratch
+        copy = memcpy_seconds(src[:nbytes], dst[:nbytes])
+        store_s.append(t1 - t0)
+        retrieve_s.append(t2 - t1)
+        copy_s.append(copy)
+    del store_s[0], retrieve_s[0], copy_s[0]
+    gb = nbytes / 1e9
+    return {"tokens": tokens, "bytes": nbytes, "store_gbps": gb / statistics.median(store_s),
+            "retrieve_gbps": gb / statistics.median(retrieve_s), "memcpy_gbps": gb / statistics.median(copy_s)}
+
+
+def bench_lookup(url: str, args: argparse.Namespace, chunk: int) -> tuple[float, float, int]:
+    """p50/p99 ms of a lease-taking lookup of ``--lookup-tokens`` tokens, all cached."""
+    tiny = Geometry(1, 1, 32, chunk, 1)
+    ns = p.Namespace(f"lmcd-bench-lookup-{uuid.uuid4().hex[:8]}", "int8", "tiny", 1, 0)
+    num_chunks = args.lookup_tokens // chunk
+    hashes = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
+    kv = CpuKVCache(1, num_chunks, tiny.block_size, 1, 32, 1)
+    with CacheClient(url, ns, role=p.Role.WORKER, auth_token=args.auth_token, timeout_s=args.timeout) as worker:
+        info = kv.register(worker)
+        stored = worker.store(info.worker_id, hashes, list(range(num_chunks)))
+        if stored.num_stored + stored.statuses.count(p.ChunkStatus.PRESENT) != num_chunks:
+            raise LmcdError(f"could not cache the lookup prompt: {stored.message}")
+        scheduler_ns = p.Namespace(ns.model, ns.kv_dtype, ns.geometry, 1, None)
+        with CacheClient(url, scheduler_ns, role=p.Role.SCHEDULER, auth_token=args.auth_token,
+                         timeout_s=args.timeout) as scheduler:
+            times = []
+            for _ in range(args.lookup_iters):
+                t0 = time.perf_counter()
+                result = scheduler.lookup(hashes, lease=True)
+                times.append(time.perf_counter() - t0)
+                if result.lease_id is not None:
+                    scheduler.release(result.lease_id)
+            if result.num_hit_chunks != num_chunks:
+                raise LmcdError(f"lookup found {result.num_hit_chunks} of {num_chunks} cached chunks")
+        worker.unregister_worker(info.worker_id)
+    kv.close()
+    ms = np.array(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), num_chunks
+
+
+def run(args: argparse.Namespace) -> int:
+    url = server_url(args.host, args.port)
+    geo = Geometry(args.layers, args.kv_heads, args.head_size, args.block_size, args.dtype_bytes)
+    sizes = [int(t) for t in args.tokens.split(",") if t.strip()]
+    try:
+        return _run(url, args, geo, sizes)
+    except LmcdError as exc:
+        print(f"lmcache bench: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(url: str, args: argparse.Namespace, geo: Geometry, sizes: list[int]) -> int:
+    ns_base = p.Namespace(f"lmcd-bench-{uuid.uuid4().hex[:8]}", f"{8 * geo.dtype_bytes}bit", "", 1, 0)
+    probe = CacheClient(url, ns_base, auth_token=args.auth_token, timeout_s=args.timeout)
+    chunk = probe.chunk_size
+    capacity = int(probe.status()["pool"]["capacity_bytes"])  # type: ignore[index]
+    probe.close()
+    sizes = [t - t % chunk for t in sizes if t >= chunk]
+    biggest = max(sizes) * geo.bytes_per_token
+    if 2 * biggest > capacity:
+        raise LmcdError(f"the server's pool ({capacity / 2**30:.2f} GiB) is too small for {max(sizes)} tokens of "
+                        f"this geometry ({biggest / 2**30:.2f} GiB per request, 2x needed); raise --l1-size-gb")
+    num_blocks = 2 * (max(sizes) // geo.block_size) + 2
+    kv = CpuKVCache(geo.layers, num_blocks, geo.block_size, geo.kv_heads, geo.head_size, geo.dtype_bytes)
+    ns = p.Namespace(ns_base.model, ns_base.kv_dtype, kv.geometry, 1, 0)
+    rng = np.random.default_rng()
+    for seg in kv.segments:
+        seg.array[:] = np.frombuffer(rng.bytes(seg.nbytes), dtype=np.uint8)
+    scratch = (np.frombuffer(rng.bytes(biggest), dtype=np.uint8).copy(), np.ones(biggest, dtype=np.uint8))
+    results = []
+    with CacheClient(url, ns, role=p.Role.WORKER, auth_token=args.auth_token, timeout_s=args.timeout) as client:
+        info = kv.register(client)
+        for tokens in sizes:
+            results.append(bench_size(client, kv, info.worker_id, tokens, args.repeats, rng, scratch))
+        client.unregister_worker(info.worker_id)
+    kv.close()
+    p50, p99, lookup_chunks = bench_lookup(url, args, chunk)
+    print(f"lmcd bench against {url}: {geo.layers} layers, {geo.kv_heads} KV heads, head size {geo.head_size}, "
+          f"block {geo.block_size}, {geo.dtype_bytes}-byte dtype ({geo.bytes_per_token / 1024:.0f} KiB/token), "
+          f"chunk {chunk}, median of {args.repeats}")
+    print(f"{'tokens':>8} {'MiB':>8} {'store GB/s':>11} {'retrieve GB/s':>14} {'memcpy GB/s':>12} "
+          f"{'store/memcpy':>13} {'retr/memcpy':>12}")
+    for r in results:
+        print(f"{r['tokens']:>8} {r['bytes'] / 2**20:>8.1f} {r['store_gbps']:>11.2f} {r['retrieve_gbps']:>14.2f} "
+              f"{r['memcpy_gbps']:>12.2f} {r['store_gbps'] / r['memcpy_gbps']:>13.2f} "
+              f"{r['retrieve_gbps'] / r['memcpy_gbps']:>12.2f}")
+    print(f"lookup of {lookup_chunks * chunk} tokens ({lookup_chunks} chunks, all cached, with lease): "
+          f"p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    if args.json:
+        out = {"results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+               "lookup_p50_ms": round(p50, 4), "lookup_p99_ms": round(p99, 4)}
+        print(json.dumps(out))
+    return 0

@@ -1,0 +1,217 @@
+"""The lmcd client: one ZMQ DEALER session with the server, typed calls, clear timeouts.
+
+Used by the vLLM connector, the tests and ``lmcache bench``. Thread-safe: calls are
+serialised by a lock (one request in flight per client); each reply is matched to its
+request by ``rid``, so a late reply to a request that timed out is skipped, never mistaken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import zmq
+
+from lmcd import protocol as p
+
+DEFAULT_PORT = 5555
+
+
+class LmcdError(Exception):
+    """Base of every error the client raises."""
+
+
+class ServerError(LmcdError):
+    """The server answered with ``Error(code, message)``."""
+
+    def __init__(self, code: p.ErrorCode, message: str, op: str) -> None:
+        super().__init__(f"{op}: {code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ServerTimeout(LmcdError, TimeoutError):
+    """No reply within the timeout: the server is down, unreachable or overloaded."""
+
+
+def server_url(host: str = "localhost", port: int = DEFAULT_PORT) -> str:
+    """``tcp://host:port`` from ``tcp://host``, a bare host or IP; ``ipc://...`` passes through."""
+    if host.startswith("ipc://"):
+        return host
+    host = host.removeprefix("tcp://").rstrip("/")
+    if ":" in host and not host.startswith("["):
+        if host.count(":") == 1:  # host:port already given
+            return f"tcp://{host}"
+        host = f"[{host}]"  # bare IPv6
+    return f"tcp://{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    num_hit_chunks: int
+    lease_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    statuses: list[p.ChunkStatus]
+    message: str
+
+    @property
+    def num_stored(self) -> int:
+        return self.statuses.count(p.ChunkStatus.STORED)
+
+    @property
+    def num_refused(self) -> int:
+        return sum(s in (p.ChunkStatus.REFUSED_FULL, p.ChunkStatus.REFUSED_TOO_LARGE) for s in self.statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: int
+    chunk_bytes: int
+
+
+class CacheClient:
+    def __init__(
+        self, url: str, namespace: p.Namespace, *, role: p.Role = p.Role.CLIENT, auth_token: str | None = None,
+        timeout_s: float = 10.0, client_name: str = "", connect: bool = True,
+    ) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.role = role
+        self.auth_token = auth_token
+        self.timeout_s = timeout_s
+        self.client_name = client_name or f"pid{os.getpid()}"
+        self.hello: p.HelloReply | None = None
+        self._rids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        if connect:
+            self.connect()
+
+    # ------------------------------------------------------------ session
+
+    def connect(self) -> p.HelloReply:
+        """(Re)open the socket and say Hello; raises ServerError on version/auth mismatch."""
+        self.close()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a server that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.url)
+        self._sock = sock
+        self.hello = self._say_hello()
+        return self.hello
+
+    def _say_hello(self) -> p.HelloReply:
+        reply = self._call(lambda rid: p.Hello(rid, p.PROTOCOL_VERSION, self.role, self.namespace, self.auth_token,
+                                               self.client_name, os.getpid()), "hello")
+        assert isinstance(reply, p.HelloReply)
+        return reply
+
+    @property
+    def chunk_size(self) -> int:
+        assert self.hello is not None, "not connected"
+        return self.hello.chunk_size
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ operations
+
+    def ping(self) -> float:
+        """Round-trip time in seconds."""
+        started = time.perf_counter()
+        self._call(lambda rid: p.Ping(rid), "ping")
+        return time.perf_counter() - started
+
+    def register_worker(self, layout: p.KVLayout, segment_names: Sequence[str], segment_sizes: Sequence[int],
+                        device: str = "cpu") -> WorkerInfo:
+        reply = self._call(lambda rid: p.RegisterWorker(rid, layout, list(segment_names), list(segment_sizes),
+                                                        device), "register")
+        assert isinstance(reply, p.Registered)
+        return WorkerInfo(reply.worker_id, reply.chunk_bytes)
+
+    def unregister_worker(self, worker_id: int) -> None:
+        self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister")
+
+    def lookup(self, chunk_hashes: Sequence[bytes], lease: bool = True) -> LookupResult:
+        reply = self._call(lambda rid: p.Lookup(rid, list(chunk_hashes), lease), "lookup")
+        assert isinstance(reply, p.LookupReply)
+        return LookupResult(reply.num_hit_chunks, reply.lease_id)
+
+    def store(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int]) -> StoreResult:
+        reply = self._call(lambda rid: p.Store(rid, worker_id, list(chunk_hashes), list(block_ids)), "store")
+        assert isinstance(reply, p.StoreReply)
+        return StoreResult(list(reply.statuses), reply.message)
+
+    def retrieve(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int],
+                 lease_id: int | None = None) -> int:
+        """Copies the leading cached chunks into ``block_ids``; returns how many chunks it copied."""
+        reply = self._call(lambda rid: p.Retrieve(rid, worker_id, list(chunk_hashes), list(block_ids), lease_id),
+                           "retrieve")
+        assert isinstance(reply, p.RetrieveReply)
+        return reply.num_retrieved_chunks
+
+    def release(self, lease_id: int) -> int:
+        reply = self._call(lambda rid: p.Release(rid, lease_id), "release")
+        assert isinstance(reply, p.Released)
+        return reply.num_unpinned
+
+    def clear(self) -> int:
+        reply = self._call(lambda rid: p.Clear(rid), "clear")
+        assert isinstance(reply, p.Cleared)
+        return reply.num_chunks
+
+    def status(self) -> dict[str, object]:
+        reply = self._call(lambda rid: p.GetStatus(rid), "status")
+        assert isinstance(reply, p.StatusReply)
+        return reply.status
+
+    # ------------------------------------------------------------ transport
+
+    def send_raw(self, frames: Sequence[bytes]) -> None:
+        """Send arbitrary frames (tests use it to prove the server survives garbage)."""
+        assert self._sock is not None, "not connected"
+        self._sock.send_multipart(list(frames))
+
+    def _call(self, make: object, op: str) -> p.Reply:
+        with self._lock:
+            if self._sock is None:
+                raise LmcdError(f"{op}: the client is closed; call connect() first")
+            rid = next(self._rids)
+            request = make(rid)  # type: ignore[operator]
+            deadline = time.monotonic() + self.timeout_s
+            if not self._sock.poll(self._ms_left(deadline), zmq.POLLOUT):
+                raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {self.timeout_s:.1f} s;"
+                                    " is `lmcache server` running there?")
+            self._sock.send(p.encoder.encode(request))
+            while True:
+                if not self._sock.poll(self._ms_left(deadline), zmq.POLLIN):
+                    raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url} within "
+                                        f"{self.timeout_s:.1f} s")
+                reply = p.reply_decoder.decode(self._sock.recv())
+                if reply.rid == rid:
+                    break  # anything else answers a request that already timed out
+        if isinstance(reply, p.Error):
+            raise ServerError(reply.code, reply.message, op)
+        return reply
+
+    @staticmethod
+    def _ms_left(deadline: float) -> int:
+        return max(0, int((deadline - time.monotonic()) * 1000))

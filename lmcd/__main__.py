@@ -1,0 +1,5 @@
+import sys
+
+from lmcd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,277 @@
+"""The lmcd wire protocol: every message that crosses between a client and the server.
+
+Transport: one ZMQ ROUTER socket on the server (``tcp://host:port`` or ``ipc://path``), one
+DEALER socket per client session. Every message is ONE frame holding one msgpack-encoded
+``Request`` (client -> server) or ``Reply`` (server -> client). Every request gets exactly one
+reply carrying the same ``rid``; failures are ``Error`` replies, never silence.
+
+Evolution rules (read before you edit):
+  1. ``PROTOCOL_VERSION`` changes only when an old peer would misread a new message.
+  2. Every message is ``array_like``: fields are positional. New fields go at the END and
+     carry a default, so an older peer's shorter array still decodes.
+  3. No field is ever retyped, reordered or removed; retire a field by ignoring it.
+  4. Tags are stable strings; a new operation is a new Struct with a new tag.
+  5. The first request of a session is ``Hello``; anything else before it gets
+     ``Error(ErrorCode.NOT_HELLO)``.
+
+Why array_like everywhere: lookup/store/retrieve and their replies are on the hot path of
+every inference step (array encoding is smaller and faster than maps), and msgspec needs
+every Struct of one tagged union to share one encoding, so the cold messages follow.
+``gc=False`` is set on the hot messages: they hold only bytes/ints/lists of them, never cycles.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+HASH_ALGORITHM = "blake2b-256-chain-u32le"
+HASH_BYTES = 32
+
+# Bounds that make a hostile or broken frame fail to decode instead of costing memory.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_CHUNKS_PER_REQUEST = 65536
+MAX_BLOCKS_PER_REQUEST = 1 << 20
+MAX_SEGMENTS = 4096
+MAX_LAYERS = 4096
+MAX_TEXT = 4096
+
+ChunkHashWire = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]
+HashList = Annotated[list[ChunkHashWire], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)]
+BlockIdList = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BLOCKS_PER_REQUEST)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1  # not one decodable frame
+    BAD_REQUEST = 2  # decodable, but values are invalid
+    NOT_HELLO = 3  # an operation before Hello
+    VERSION_MISMATCH = 4
+    AUTH_FAILED = 5
+    UNKNOWN_WORKER = 6
+    UNKNOWN_LEASE = 7
+    BLOCK_OUT_OF_RANGE = 8
+    SEGMENT_ERROR = 9  # a worker's SHM segment cannot be mapped or is too small
+    LAYOUT_MISMATCH = 10  # chunk bytes differ from what the namespace already holds
+    SHUTTING_DOWN = 11
+    INTERNAL = 12
+
+
+class Role(enum.IntEnum):
+    CLIENT = 0  # tools, tests, bench
+    SCHEDULER = 1  # vLLM scheduler: lookups for every rank
+    WORKER = 2  # one vLLM rank: registers KV memory, stores, retrieves
+
+
+class ChunkStatus(enum.IntEnum):
+    """Outcome of one chunk of a store."""
+
+    STORED = 0
+    PRESENT = 1  # already cached (or being stored by someone else): nothing copied
+    REFUSED_FULL = 2  # no free slot and nothing evictable (every chunk pinned)
+    REFUSED_TOO_LARGE = 3  # chunk bytes exceed the pool's slab size
+    FAILED = 4  # the copy failed (message in the reply)
+
+
+class Namespace(msgspec.Struct, array_like=True, frozen=True):
+    """Everything that changes the bytes of a chunk. Chunks of two namespaces never mix.
+
+    ``rank`` is None for a scheduler session, which looks up on behalf of every rank.
+    """
+
+    model: Text
+    kv_dtype: Text
+    geometry: Text  # the engine's page geometry, e.g. "L12.H8.N128.C128.LBHNC"
+    world_size: Positive = 1
+    rank: NonNeg | None = None
+
+
+class KVLayout(msgspec.Struct, array_like=True, frozen=True):
+    """Where a worker's KV pages live inside its SHM segments.
+
+    Page (layer l, block b) is ``page_bytes`` contiguous bytes at
+    ``segments[layer_segments[l]] + layer_offsets[l] + b * block_stride``::
+
+        segment k:  |<- layer_offsets[l] ->|page b=0|...|page b=1|...   (block_stride apart)
+    """
+
+    num_layers: Positive
+    num_blocks: Positive
+    block_size: Positive  # tokens per block
+    page_bytes: Positive
+    block_stride: Positive
+    layer_offsets: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_LAYERS)]
+    layer_segments: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_LAYERS)]
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Hello(msgspec.Struct, array_like=True, tag="hello"):
+    rid: int
+    version: int
+    role: Role
+    namespace: Namespace
+    auth_token: Text | None = None
+    client_name: Text = ""
+    pid: int = 0
+
+
+class Ping(msgspec.Struct, array_like=True, tag="ping"):
+    rid: int
+
+
+class RegisterWorker(msgspec.Struct, array_like=True, tag="register"):
+    """Share a worker's KV memory: POSIX SHM segment names the server maps.
+
+    The server maps each named segment and then unlinks the name (the memory lives on in
+    both mappings), so nothing is left in /dev/shm whatever happens to either process.
+    """
+
+    rid: int
+    layout: KVLayout
+    segment_names: Annotated[list[Text], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
+    segment_sizes: Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
+    device: Text = "cpu"
+
+
+class UnregisterWorker(msgspec.Struct, array_like=True, tag="unregister"):
+    rid: int
+    worker_id: int
+
+
+class Lookup(msgspec.Struct, array_like=True, gc=False, tag="lookup"):
+    """How many leading chunks are cached for every rank; pins them under a lease if asked."""
+
+    rid: int
+    chunk_hashes: HashList
+    lease: bool = True
+
+
+class Store(msgspec.Struct, array_like=True, gc=False, tag="store"):
+    """Copy blocks into the pool. ``block_ids`` holds chunk_size/block_size ids per chunk."""
+
+    rid: int
+    worker_id: int
+    chunk_hashes: HashList
+    block_ids: BlockIdList
+
+
+class Retrieve(msgspec.Struct, array_like=True, gc=False, tag="retrieve"):
+    """Copy cached chunks into blocks; consumes this rank's part of ``lease_id`` if given."""
+
+    rid: int
+    worker_id: int
+    chunk_hashes: HashList
+    block_ids: BlockIdList
+    lease_id: int | None = None
+
+
+class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
+    rid: int
+    lease_id: int
+
+
+class Clear(msgspec.Struct, array_like=True, tag="clear"):
+    rid: int
+
+
+class GetStatus(msgspec.Struct, array_like=True, tag="status"):
+    rid: int
+
+
+Request = Union[
+    Hello, Ping, RegisterWorker, UnregisterWorker, Lookup, Store, Retrieve, Release, Clear, GetStatus
+]
+
+# ---------------------------------------------------------------- replies
+
+
+class Error(msgspec.Struct, array_like=True, tag="error"):
+    rid: int
+    code: ErrorCode
+    message: str
+
+
+class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
+    rid: int
+    server_version: str
+    protocol_version: int
+    chunk_size: int
+    hash_algorithm: str
+    capabilities: list[str]
+    session_id: int
+
+
+class Pong(msgspec.Struct, array_like=True, tag="pong"):
+    rid: int
+
+
+class Registered(msgspec.Struct, array_like=True, tag="registered"):
+    rid: int
+    worker_id: int
+    chunk_bytes: int
+
+
+class Unregistered(msgspec.Struct, array_like=True, tag="unregistered"):
+    rid: int
+
+
+class LookupReply(msgspec.Struct, array_like=True, gc=False, tag="lookup_ok"):
+    rid: int
+    num_hit_chunks: int
+    lease_id: int | None
+
+
+class StoreReply(msgspec.Struct, array_like=True, gc=False, tag="store_ok"):
+    rid: int
+    statuses: list[ChunkStatus]  # one per requested chunk, in order
+    message: str = ""  # why any chunk was refused or failed
+
+
+class RetrieveReply(msgspec.Struct, array_like=True, gc=False, tag="retrieve_ok"):
+    """``num_retrieved_chunks`` leading chunks were copied; the rest were not cached."""
+
+    rid: int
+    num_retrieved_chunks: int
+
+
+class Released(msgspec.Struct, array_like=True, gc=False, tag="released"):
+    rid: int
+    num_unpinned: int
+
+
+class Cleared(msgspec.Struct, array_like=True, tag="cleared"):
+    rid: int
+    num_chunks: int
+
+
+class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
+    rid: int
+    status: dict[str, object]
+
+
+Reply = Union[
+    Error, HelloReply, Pong, Registered, Unregistered, LookupReply, StoreReply, RetrieveReply, Released,
+    Cleared, StatusReply,
+]
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
+reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)  # type: ignore[arg-type]
+
+
+def peek_rid(frame: bytes) -> int:
+    """Best-effort request id of an undecodable frame, so its Error reply can be matched (else 0)."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        return 0
+    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
+        return raw[1]
+    return 0

@@ -1,0 +1,335 @@
+"""The server process: sockets, the request loop, signals and the HTTP sidecar.
+
+Lifecycle: ``startup()`` -> ``serve_forever()`` -> ``shutdown()``.
+
+Threads: the loop thread (the caller of ``serve_forever``) owns the ROUTER socket and every
+piece of cache state. Copy threads and the HTTP thread never touch that state: they hand
+callables to the loop with ``post`` (a queue plus a wake-up pipe the loop polls), and the
+HTTP thread waits for the answer with ``call`` and a deadline.
+
+Sessions: one per client DEALER socket (ZMQ routing id). A socket monitor reports every
+disconnect with the connection's file descriptor; the first frame of a session tells its
+descriptor (ZMQ_SRCFD), so a disconnect releases that session's leases and workers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import msgspec
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from lmcd import __version__
+from lmcd import protocol as p
+from lmcd.server.config import ServerConfig
+from lmcd.server.metrics import Metrics
+from lmcd.server.pool import Pool
+from lmcd.server.service import CacheService, RequestError, Session
+
+log = logging.getLogger("lmcd.server")
+T = TypeVar("T")
+MAX_FRAMES_PER_TURN = 256
+
+
+def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq.Socket:
+    """The one place sockets are made: options every lmcd socket needs."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        # detect dead peers (host gone, cable cut) as well as closed connections
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+    if bind:
+        sock.bind(url)
+    else:
+        sock.connect(url)
+    return sock
+
+
+class CacheServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.started_at = time.monotonic()
+        self._stack = contextlib.ExitStack()
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopping = False
+        self._sessions: dict[bytes, Session] = {}
+        self._fd_to_routing_id: dict[int, bytes] = {}
+        self._stale_fds: set[int] = set()
+        self._session_ids = itertools.count(1)
+        self.loop_thread: threading.Thread | None = None
+        self.url = ""
+        self.http_url = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def startup(self) -> None:
+        cfg = self.config
+        log.info("Starting lmcd %s (LMCache-compatible cache server), pid %d", __version__, os.getpid())
+        log.info("L1 pool: allocating %.2f GiB (%s)", cfg.l1_size_gb or 0, "touching every page" if cfg.touch_pool
+                 else "pages faulted on first use")
+        self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool)
+        self._stack.callback(self.pool.close)
+        self.service = CacheService(cfg, self.pool, self._send_reply, self.post)
+        self._stack.callback(self.service.workers.close_all)
+        self._stack.callback(self.service.copies.shutdown)
+        self.service.full_status = self.status
+        self.metrics = Metrics(self.service.stats, self._gauges)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stack.callback(os.close, self._wake_r)
+        self._stack.callback(os.close, self._wake_w)
+        self.ctx = zmq.Context()
+        self._stack.callback(self.ctx.term)
+        try:
+            self.router = make_zmq_socket(self.ctx, zmq.ROUTER, cfg.zmq_url, bind=True)
+        except zmq.ZMQError as exc:
+            raise OSError(f"cannot bind the ZMQ socket {cfg.zmq_url}: {exc}; pick another --port or --host") from None
+        self._stack.callback(self.router.close, 0)
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._stack.callback(self.monitor.close, 0)
+        self._stack.callback(self.router.disable_monitor)
+        self.url = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("ZMQ server bound to %s (chunk size %d tokens, eviction %s, %d copy threads, lease timeout %.0f s)",
+                 self.url, cfg.chunk_size, cfg.eviction_policy, cfg.max_workers, cfg.lease_timeout_s)
+        from lmcd.server.http import HttpSidecar  # fastapi/uvicorn load only where a server runs
+
+        self.http = HttpSidecar(self)
+        self.http_url = self.http.start()
+        self._stack.callback(self.http.stop)
+        log.info("HTTP sidecar on %s (/healthcheck /status /metrics /clear-cache)", self.http_url)
+
+    def serve_forever(self) -> None:
+        self.loop_thread = threading.current_thread()
+        if self.loop_thread is threading.main_thread():
+            self._install_signal_handlers()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        log.info("LMCache cache server is running on %s (pool %.2f GiB, HTTP %s)", self.url,
+                 self.pool.capacity_bytes / 2**30, self.http_url)
+        while not self._stopping:
+            ready = dict(poller.poll(self._poll_timeout_ms()))
+            if self.monitor in ready:
+                self._drain_monitor()
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            self._run_calls()
+            if self.router in ready:
+                self._drain_router()
+            self.service.expire_leases(time.monotonic())
+
+    def shutdown(self) -> None:
+        """Finish copies in flight (their replies go out), then close everything startup opened."""
+        service = getattr(self, "service", None)
+        if service is not None and service.pending_copies:
+            log.info("Shutting down: waiting for %d copies in flight", service.pending_copies)
+            deadline = time.monotonic() + 30
+            while service.pending_copies and time.monotonic() < deadline:
+                time.sleep(0.005)
+                self._run_calls()
+        self._stack.close()
+        log.info("LMCache cache server stopped")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """Ask the loop to stop (any thread, or a signal handler)."""
+        self._stopping = True
+        self._wake()
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: (log.info("Received %s", signal.Signals(signum).name),
+                                                       self.stop()))
+
+    # ------------------------------------------------------------ cross-thread calls
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread soon. Thread-safe."""
+        self._calls.put(fn)
+        self._wake()
+
+    def call(self, fn: Callable[[], T], timeout_s: float) -> T:
+        """Run ``fn`` on the loop thread and wait for its result; TimeoutError if the loop is stuck."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, which re-raises
+                    future.set_exception(exc)
+
+        self.post(run)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except Exception:
+                log.exception("Internal error in a loop callback")
+
+    def _poll_timeout_ms(self) -> int:
+        expiry = self.service.leases.next_expiry()
+        if expiry is None:
+            return 1000
+        return max(0, min(1000, int((expiry - time.monotonic()) * 1000) + 1))
+
+    # ------------------------------------------------------------ requests
+
+    def _drain_router(self) -> None:
+        for _ in range(MAX_FRAMES_PER_TURN):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        started = time.perf_counter()
+        routing_id = frames[0].bytes
+        session = self._sessions.get(routing_id)
+        if session is None:
+            session = self._new_session(routing_id, frames[-1])
+        if len(frames) != 2:
+            self._bad_frame(session, 0, f"expected exactly one frame per request, got {len(frames) - 1}", started)
+            return
+        payload = frames[1].bytes
+        try:
+            request = p.request_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._bad_frame(session, p.peek_rid(payload), f"cannot decode request: {exc}", started)
+            return
+        op = type(request).__name__.lower()
+        self.service.stats.requests[op] += 1
+        try:
+            reply = self.service.handle(session, request, started)
+        except RequestError as exc:
+            reply = p.Error(request.rid, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("Internal error handling %s", op)
+            reply = p.Error(request.rid, p.ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        if reply is not None:
+            self._send_reply(session, reply, op, started)
+
+    def _bad_frame(self, session: Session, rid: int, message: str, started: float) -> None:
+        self.service.stats.bad_frames += 1
+        self._send_reply(session, p.Error(rid, p.ErrorCode.BAD_FRAME, message[:1000]), "bad_frame", started)
+
+    def _send_reply(self, session: Session, reply: p.Reply, op: str, started: float) -> None:
+        if isinstance(reply, p.Error):
+            self.service.stats.errors[reply.code.name] += 1
+        try:
+            self.router.send_multipart([session.routing_id, p.encoder.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer is gone; its disconnect cleans up
+            log.debug("Reply to session %d dropped: %s", session.session_id, exc)
+        self.metrics.latency.labels(op).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------ sessions
+
+    def _new_session(self, routing_id: bytes, frame: zmq.Frame) -> Session:
+        fd: int | None
+        try:
+            fd = int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            fd = None
+        if fd is not None:
+            previous = self._fd_to_routing_id.get(fd)
+            if previous is not None and previous in self._sessions:
+                # fd reused: the old connection closed before its monitor event reached us
+                self._stale_fds.add(fd)
+                self._end_session(self._sessions[previous])
+            self._fd_to_routing_id[fd] = routing_id
+        session = Session(next(self._session_ids), routing_id, fd)
+        self._sessions[routing_id] = session
+        return session
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            fd = int(event["value"])
+            if fd in self._stale_fds:
+                self._stale_fds.discard(fd)
+                continue
+            routing_id = self._fd_to_routing_id.pop(fd, None)
+            session = self._sessions.get(routing_id) if routing_id is not None else None
+            if session is not None:
+                self._end_session(session)
+
+    def _end_session(self, session: Session) -> None:
+        self._sessions.pop(session.routing_id, None)
+        if session.fd is not None and self._fd_to_routing_id.get(session.fd) == session.routing_id:
+            del self._fd_to_routing_id[session.fd]
+        self.service.disconnect(session)
+
+    # ------------------------------------------------------------ read by the HTTP thread
+
+    def _gauges(self) -> dict[str, tuple[str, float]]:
+        pool = self.pool
+        return {
+            "pool_capacity_bytes": ("L1 pool capacity", pool.capacity_bytes),
+            "pool_used_bytes": ("L1 pool bytes in use", pool.used_bytes),
+            "pool_chunks": ("Chunks in the index", len(self.service.index)),
+            "pool_usage_ratio": ("Used over capacity", pool.used_bytes / pool.capacity_bytes),
+            "workers": ("Registered workers", len(self.service.workers.workers)),
+            "sessions": ("Connected client sessions", len(self._sessions)),
+            "leases": ("Open leases", len(self.service.leases)),
+            "uptime_seconds": ("Seconds since start", time.monotonic() - self.started_at),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Full status, built on the loop thread (call it through ``call``)."""
+        out: dict[str, Any] = {
+            "version": __version__, "protocol_version": p.PROTOCOL_VERSION,
+            "uptime_s": round(time.monotonic() - self.started_at, 3), "zmq_url": self.url,
+            "http_url": self.http_url, "chunk_size": self.config.chunk_size,
+            "eviction_policy": self.config.eviction_policy, "hash_algorithm": p.HASH_ALGORITHM,
+        }
+        out.update(self.service.status())
+        now = time.monotonic()
+        out["sessions"] = [
+            {"session_id": s.session_id, "role": s.hello.role.name.lower() if s.hello else None,
+             "pid": s.hello.pid if s.hello else None, "client_name": s.hello.client_name if s.hello else None,
+             "namespace": msgspec.structs.asdict(s.hello.namespace) if s.hello else None,
+             "connected_s": round(now - s.connected_at, 3)}
+            for s in self._sessions.values()
+        ]
+        return out

@@ -1,0 +1,97 @@
+"""Counters of one server, exported to Prometheus and to ``/status`` from one source of truth.
+
+Ownership: ``Stats`` is written only by the request loop thread; scrapes (HTTP thread) read
+plain ints, which may be a moment stale but never torn. Each server has its own registry,
+so several servers can share a process (tests do).
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(slots=True)
+class Stats:
+    lookups: int = 0
+    lookup_hit_chunks: int = 0
+    lookup_miss_chunks: int = 0
+    stores: int = 0
+    stored_chunks: int = 0
+    store_present_chunks: int = 0
+    store_refused_chunks: int = 0
+    retrieves: int = 0
+    retrieved_chunks: int = 0
+    stored_bytes: int = 0
+    retrieved_bytes: int = 0
+    evicted_chunks: int = 0
+    expired_leases: int = 0
+    bad_frames: int = 0
+    disconnects: int = 0
+    requests: Tally[str] = field(default_factory=Tally)  # by op
+    errors: Tally[str] = field(default_factory=Tally)  # by error code name
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["requests"] = dict(self.requests)
+        out["errors"] = dict(self.errors)
+        return out
+
+
+COUNTER_HELP = {
+    "lookups": "Lookup requests",
+    "lookup_hit_chunks": "Chunks found by lookups",
+    "lookup_miss_chunks": "Chunks asked for by lookups but not found",
+    "stores": "Store requests",
+    "stored_chunks": "Chunks stored",
+    "store_present_chunks": "Chunks a store found already cached",
+    "store_refused_chunks": "Chunks a store refused (pool full of pinned chunks, or too large)",
+    "retrieves": "Retrieve requests",
+    "retrieved_chunks": "Chunks retrieved",
+    "stored_bytes": "Bytes copied into the pool",
+    "retrieved_bytes": "Bytes copied out of the pool",
+    "evicted_chunks": "Chunks evicted to make room",
+    "expired_leases": "Leases released because they timed out",
+    "bad_frames": "Frames that could not be decoded as a request",
+    "disconnects": "Client sessions that disconnected",
+}
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.stats = stats
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text in COUNTER_HELP.items():
+            yield CounterMetricFamily(f"lmcd_{name}", help_text, value=getattr(self.stats, name))
+        requests = CounterMetricFamily("lmcd_requests", "Requests handled, by operation", labels=["op"])
+        for op, n in sorted(self.stats.requests.items()):
+            requests.add_metric([op], n)
+        yield requests
+        errors = CounterMetricFamily("lmcd_request_errors", "Error replies, by error code", labels=["code"])
+        for code, n in sorted(self.stats.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        for name, (help_text, value) in self.gauges().items():
+            yield GaugeMetricFamily(f"lmcd_{name}", help_text, value=value)
+
+
+class Metrics:
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(stats, gauges))
+        self.latency = Histogram("lmcd_request_seconds", "Request latency from receipt to reply, by operation",
+                                 ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.copy_seconds = Histogram("lmcd_copy_seconds", "Copy time of one store or retrieve, by direction",
+                                      ["direction"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

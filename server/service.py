@@ -1,0 +1,381 @@
+"""The cache service: what each request does to the pool, index, leases and workers.
+
+Ownership: every method runs on the request loop thread (copy completions are posted back
+to it), so the state here needs no locks. ``handle`` returns the reply, or None when the
+reply is sent later (after a copy) through ``send``. Every request gets exactly one reply.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmcd import __version__
+from lmcd import protocol as p
+from lmcd.server.config import ServerConfig
+from lmcd.server.index import ChunkIndex, ChunkKey, Entry
+from lmcd.server.leases import LeaseTable
+from lmcd.server.metrics import Stats
+from lmcd.server.pool import Pool
+from lmcd.server.transfer import CopyEngine, plan
+from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
+
+log = logging.getLogger("lmcd.server")
+
+CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk"]
+
+
+class RequestError(Exception):
+    """Raised by a handler to answer with ``Error(code, message)``."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    session_id: int
+    routing_id: bytes
+    fd: int | None
+    connected_at: float = field(default_factory=time.monotonic)
+    hello: p.Hello | None = None
+    ns_id: int | None = None
+
+
+Send = Callable[[Session, p.Reply, str, float], None]  # (session, reply, op, start time)
+Post = Callable[[Callable[[], None]], None]  # run a callable on the loop thread (thread-safe)
+
+
+class CacheService:
+    def __init__(self, config: ServerConfig, pool: Pool, send: Send, post: Post) -> None:
+        self.config = config
+        self.pool = pool
+        self.index = ChunkIndex(pool)
+        self.leases = LeaseTable(config.lease_timeout_s)
+        self.workers = WorkerRegistry()
+        self.copies = CopyEngine(config.max_workers or 1)
+        self.stats = Stats()
+        self._send = send
+        self._post = post
+        self._namespaces: dict[tuple[str, str, str, int], int] = {}
+        self._namespace_chunk_bytes: dict[int, int] = {}
+        self.pending_copies = 0
+        self.full_status: Callable[[], dict[str, object]] = self.status  # the server adds sessions etc.
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, session: Session, request: p.Request, started: float) -> p.Reply | None:
+        if session.hello is None and not isinstance(request, p.Hello):
+            raise RequestError(p.ErrorCode.NOT_HELLO, "the first request of a session must be Hello")
+        match request:
+            case p.Hello():
+                return self.hello(session, request)
+            case p.Ping(rid=rid):
+                return p.Pong(rid)
+            case p.RegisterWorker():
+                return self.register(session, request)
+            case p.UnregisterWorker(rid=rid, worker_id=worker_id):
+                self.workers.remove(self._worker(session, worker_id))
+                return p.Unregistered(rid)
+            case p.Lookup():
+                return self.lookup(session, request)
+            case p.Store():
+                return self.store(session, request, started)
+            case p.Retrieve():
+                return self.retrieve(session, request, started)
+            case p.Release(rid=rid, lease_id=lease_id):
+                entries = self.leases.release(lease_id)
+                if entries is None:
+                    raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or already over")
+                self._unpin(entries)
+                return p.Released(rid, len(entries))
+            case p.Clear(rid=rid):
+                return p.Cleared(rid, self.clear())
+            case p.GetStatus(rid=rid):
+                return p.StatusReply(rid, self.full_status())
+        raise AssertionError(f"unhandled request type {type(request).__name__}")
+
+    # ------------------------------------------------------------ sessions
+
+    def hello(self, session: Session, req: p.Hello) -> p.HelloReply:
+        if req.version != p.PROTOCOL_VERSION:
+            raise RequestError(
+                p.ErrorCode.VERSION_MISMATCH,
+                f"client speaks protocol version {req.version}, this server (lmcd {__version__}) speaks "
+                f"{p.PROTOCOL_VERSION}; install matching lmcd versions on both sides",
+            )
+        token = self.config.auth_token
+        if token is not None and not hmac.compare_digest((req.auth_token or "").encode(), token.encode()):
+            raise RequestError(
+                p.ErrorCode.AUTH_FAILED,
+                "auth token missing or wrong: pass the server's --auth-token / LMCD_AUTH_TOKEN "
+                "(connector key lmcache.mp.auth_token)",
+            )
+        ns = req.namespace
+        if ns.rank is not None and ns.rank >= ns.world_size:
+            raise RequestError(p.ErrorCode.BAD_REQUEST, f"rank {ns.rank} is not below world size {ns.world_size}")
+        if req.role == p.Role.WORKER and ns.rank is None:
+            raise RequestError(p.ErrorCode.BAD_REQUEST, "a worker session must give its rank in the namespace")
+        key = (ns.model, ns.kv_dtype, ns.geometry, ns.world_size)
+        session.ns_id = self._namespaces.setdefault(key, len(self._namespaces) + 1)
+        session.hello = req
+        log.debug("Session %d hello: role=%s pid=%d namespace=%s", session.session_id, req.role.name, req.pid, ns)
+        return p.HelloReply(req.rid, __version__, p.PROTOCOL_VERSION, self.config.chunk_size,
+                            p.HASH_ALGORITHM, CAPABILITIES, session.session_id)
+
+    def disconnect(self, session: Session) -> None:
+        """The session's peer is gone: release its leases and workers at once."""
+        self.stats.disconnects += 1
+        released = self.leases.release_session(session.session_id)
+        self._unpin(released)
+        workers = self.workers.for_session(session.session_id)
+        for worker in workers:
+            self.workers.remove(worker)
+        if session.hello is not None:
+            log.info("Session %d (%s, pid %d) disconnected: released %d pinned chunks, %d workers",
+                     session.session_id, session.hello.role.name.lower(), session.hello.pid,
+                     len(released), len(workers))
+
+    # ------------------------------------------------------------ workers
+
+    def register(self, session: Session, req: p.RegisterWorker) -> p.Registered:
+        assert session.hello is not None and session.ns_id is not None
+        rank = session.hello.namespace.rank
+        if rank is None:
+            raise RequestError(p.ErrorCode.BAD_REQUEST,
+                               "register needs a session whose namespace names its rank (role worker)")
+        try:
+            worker = self.workers.register(session.session_id, session.hello.pid, req.device, req.layout,
+                                           req.segment_names, req.segment_sizes, self.config.chunk_size,
+                                           ns_id=session.ns_id, rank=rank)
+        except RegistrationError as exc:
+            raise RequestError(p.ErrorCode.SEGMENT_ERROR, str(exc)) from None
+        problem = self._chunk_bytes_problem(session.ns_id, worker.chunk_bytes)
+        if problem:
+            self.workers.remove(worker)
+            raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, problem)
+        self._namespace_chunk_bytes.setdefault(session.ns_id, worker.chunk_bytes)
+        layout = req.layout
+        log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %d SHM "
+                 "segments, rank %d)", req.device.upper(), session.hello.pid, layout.num_layers, layout.num_blocks,
+                 layout.block_size, sum(req.segment_sizes) / 2**20, len(req.segment_names), rank)
+        return p.Registered(req.rid, worker.worker_id, worker.chunk_bytes)
+
+    def _chunk_bytes_problem(self, ns_id: int, chunk_bytes: int) -> str | None:
+        if not self.pool.can_ever_fit(chunk_bytes):
+            return (f"one chunk of this layout takes {chunk_bytes / 2**20:.1f} MiB, more than the pool's slab of "
+                    f"{self.pool.slab_bytes / 2**20:.1f} MiB: lower --chunk-size or raise --l1-size-gb")
+        known = self._namespace_chunk_bytes.get(ns_id)
+        if known is not None and known != chunk_bytes:
+            return (f"this namespace already holds chunks of {known} bytes, this layout makes {chunk_bytes}: "
+                    "put the page geometry into the namespace so that different layouts never share chunks")
+        return None
+
+    def _worker(self, session: Session, worker_id: int) -> Worker:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.session_id != session.session_id:
+            raise RequestError(p.ErrorCode.UNKNOWN_WORKER,
+                               f"worker {worker_id} is not registered by this session; register first")
+        return worker
+
+    def _blocks(self, worker: Worker, hashes: list[bytes], block_ids: list[int]) -> np.ndarray:
+        expected = len(hashes) * worker.blocks_per_chunk
+        if len(block_ids) != expected:
+            raise RequestError(p.ErrorCode.BAD_REQUEST,
+                               f"{len(hashes)} chunks need {expected} block ids "
+                               f"({worker.blocks_per_chunk} per chunk), got {len(block_ids)}")
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        if blocks.size and int(blocks.max()) >= worker.layout.num_blocks:
+            bad = int(blocks.max())
+            raise RequestError(p.ErrorCode.BLOCK_OUT_OF_RANGE,
+                               f"block id {bad} is out of range: worker {worker.worker_id} registered "
+                               f"{worker.layout.num_blocks} blocks (0..{worker.layout.num_blocks - 1})")
+        return blocks
+
+    # ------------------------------------------------------------ lookup
+
+    def lookup(self, session: Session, req: p.Lookup) -> p.LookupReply:
+        assert session.hello is not None and session.ns_id is not None
+        ns = session.hello.namespace
+        ranks = range(ns.world_size) if ns.rank is None else (ns.rank,)
+        found: dict[int, list[Entry]] = {rank: [] for rank in ranks}
+        num_hits = 0
+        for chunk_hash in req.chunk_hashes:
+            hit = [self.index.get_ready((session.ns_id, rank, chunk_hash)) for rank in ranks]
+            if any(entry is None for entry in hit):
+                break
+            for rank, entry in zip(ranks, hit, strict=True):
+                assert entry is not None
+                found[rank].append(entry)
+            num_hits += 1
+        self.stats.lookups += 1
+        self.stats.lookup_hit_chunks += num_hits
+        self.stats.lookup_miss_chunks += len(req.chunk_hashes) - num_hits
+        lease_id = None
+        if num_hits and req.lease:
+            for part in found.values():
+                for entry in part:
+                    self.index.pin(entry)
+            lease_id = self.leases.create(session.session_id, found).lease_id
+        else:
+            for part in found.values():
+                for entry in part:
+                    if entry.pins == 0:
+                        self.index.lru.move_to_end(entry.key)
+        return p.LookupReply(req.rid, num_hits, lease_id)
+
+    # ------------------------------------------------------------ store
+
+    def store(self, session: Session, req: p.Store, started: float) -> p.Reply | None:
+        worker = self._worker(session, req.worker_id)
+        blocks = self._blocks(worker, req.chunk_hashes, req.block_ids)
+        self.stats.stores += 1
+        evictions_before = self.index.num_evictions
+        statuses: list[p.ChunkStatus] = []
+        writing: list[tuple[Entry, int]] = []
+        for i, chunk_hash in enumerate(req.chunk_hashes):
+            entry, status = self.index.begin_store(self._key(worker, chunk_hash), worker.chunk_bytes)
+            statuses.append(status)
+            if entry is not None:
+                writing.append((entry, i))
+        self.stats.evicted_chunks += self.index.num_evictions - evictions_before
+        self.stats.store_present_chunks += statuses.count(p.ChunkStatus.PRESENT)
+        refused = len(statuses) - len(writing) - statuses.count(p.ChunkStatus.PRESENT)
+        self.stats.store_refused_chunks += refused
+        message = ("pool is full of pinned or in-flight chunks; retry later or raise --l1-size-gb"
+                   if refused else "")
+        if not writing:
+            return p.StoreReply(req.rid, statuses, message)
+        copy_plan = self._plan(worker, [e for e, _ in writing], blocks, [i for _, i in writing], to_pool=True)
+
+        def finish(error: BaseException | None) -> None:
+            for entry, i in writing:
+                self.index.finish_store(entry, error is None)
+                if error is not None:
+                    statuses[i] = p.ChunkStatus.FAILED
+            self.workers.copy_done(worker)
+            self.pending_copies -= 1
+            if error is None:
+                self.stats.stored_chunks += len(writing)
+                self.stats.stored_bytes += copy_plan.num_bytes
+                self._log_copy("Stored", len(writing), copy_plan.num_bytes, started)
+            else:
+                log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
+            text = f"copy failed: {error}" if error is not None else message
+            self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
+
+        self._submit(worker, copy_plan, finish)
+        return None
+
+    # ------------------------------------------------------------ retrieve
+
+    def retrieve(self, session: Session, req: p.Retrieve, started: float) -> p.Reply | None:
+        worker = self._worker(session, req.worker_id)
+        blocks = self._blocks(worker, req.chunk_hashes, req.block_ids)
+        self.stats.retrieves += 1
+        leased: dict[ChunkKey, Entry] = {}
+        if req.lease_id is not None:
+            part = self.leases.take(req.lease_id, worker.rank)
+            if part is None:
+                raise RequestError(p.ErrorCode.UNKNOWN_LEASE,
+                                   f"lease {req.lease_id} is unknown or expired; look up again")
+            leased = {entry.key: entry for entry in part}
+        pinned: list[Entry] = []  # every entry in here holds one pin owned by this retrieve
+        for chunk_hash in req.chunk_hashes:
+            key = self._key(worker, chunk_hash)
+            entry = leased.pop(key, None)
+            if entry is None:
+                entry = self.index.get_ready(key)
+                if entry is None:
+                    break
+                self.index.pin(entry)
+            pinned.append(entry)
+        self._unpin(list(leased.values()))  # leased chunks this retrieve did not ask for
+        if not pinned:
+            return p.RetrieveReply(req.rid, 0)
+        if any(entry.nbytes != worker.chunk_bytes for entry in pinned):
+            self._unpin(pinned)
+            raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, "cached chunk size differs from this worker's layout")
+        copy_plan = self._plan(worker, pinned, blocks, list(range(len(pinned))), to_pool=False)
+
+        def finish(error: BaseException | None) -> None:
+            self._unpin(pinned)
+            self.workers.copy_done(worker)
+            self.pending_copies -= 1
+            if error is not None:
+                log.error("Retrieve copy failed for worker %d: %s", worker.worker_id, error)
+                self._send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"),
+                           "retrieve", started)
+                return
+            self.stats.retrieved_chunks += len(pinned)
+            self.stats.retrieved_bytes += copy_plan.num_bytes
+            self._log_copy("Retrieved", len(pinned), copy_plan.num_bytes, started)
+            self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
+
+        self._submit(worker, copy_plan, finish)
+        return None
+
+    # ------------------------------------------------------------ helpers
+
+    def _key(self, worker: Worker, chunk_hash: bytes) -> ChunkKey:
+        return (worker.ns_id, worker.rank, chunk_hash)
+
+    def _plan(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
+              to_pool: bool):  # noqa: ANN202
+        bpc = worker.blocks_per_chunk
+        chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
+        slots = np.fromiter((entry.slot for entry in entries), dtype=np.int64, count=len(entries))
+        return plan(worker.layout, worker.layer_addresses, slots + self.pool.base_address, chosen, to_pool)
+
+    def _submit(self, worker: Worker, copy_plan, finish: Callable[[BaseException | None], None]) -> None:  # noqa: ANN001
+        worker.inflight += 1
+        self.pending_copies += 1
+        self.copies.submit(copy_plan, lambda error: self._post(lambda: finish(error)))
+
+    def _unpin(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.index.unpin(entry)
+
+    def _log_copy(self, verb: str, num_chunks: int, num_bytes: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        tokens = num_chunks * self.config.chunk_size
+        log.info("%s %d tokens in %.4f seconds (%.2f GB/s, %.1f MiB)", verb, tokens, seconds,
+                 num_bytes / seconds / 1e9 if seconds > 0 else 0.0, num_bytes / 2**20)
+
+    def expire_leases(self, now: float) -> None:
+        before = self.leases.num_expired
+        self._unpin(self.leases.expire(now))
+        self.stats.expired_leases += self.leases.num_expired - before
+
+    def clear(self) -> int:
+        num_chunks = self.index.clear()
+        log.info("Cleared %d chunks from the L1 pool", num_chunks)
+        return num_chunks
+
+    def status(self) -> dict[str, object]:
+        pool = self.pool
+        return {
+            "pool": {
+                "capacity_bytes": pool.capacity_bytes, "used_bytes": pool.used_bytes,
+                "free_bytes": pool.capacity_bytes - pool.used_bytes, "num_chunks": len(self.index),
+                "slab_bytes": pool.slab_bytes, "num_slabs": pool.num_slabs, "num_free_slabs": pool.num_free_slabs,
+            },
+            "counters": self.stats.as_dict(),
+            "leases": len(self.leases),
+            "workers": [
+                {"worker_id": w.worker_id, "session_id": w.session_id, "pid": w.pid, "device": w.device,
+                 "rank": w.rank, "num_layers": w.layout.num_layers,
+                 "num_blocks": w.layout.num_blocks, "block_size": w.layout.block_size,
+                 "page_bytes": w.layout.page_bytes, "chunk_bytes": w.chunk_bytes, "copies_in_flight": w.inflight}
+                for w in self.workers.workers.values()
+            ],
+            "server_pid": os.getpid(),
+        }

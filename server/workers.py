@@ -1,0 +1,185 @@
+"""Registered workers: each one's KV memory, mapped from its POSIX SHM segments.
+
+Ownership: the registry is touched only by the request loop thread. Copy threads read a
+worker's ``layer_addresses`` and the mapped bytes while ``inflight > 0``; the loop never
+unmaps a worker with copies in flight (it marks it ``closing`` and unmaps when the last
+copy ends).
+
+Segment names: the worker links its (anonymous) segment under ``/dev/shm/<name>`` just for
+registration; the server opens and maps it, then unlinks the name. The memory lives on in
+both mappings and disappears when the last one goes, so a crash of either side leaves
+nothing behind in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmcd.protocol import KVLayout
+
+log = logging.getLogger("lmcd.workers")
+
+SHM_DIR = "/dev/shm"
+SEGMENT_NAME = re.compile(r"^/?(lmcache_kv_[A-Za-z0-9_.-]{1,200})$")
+
+
+class RegistrationError(ValueError):
+    """A registration request that cannot be honoured; the message says why and what to do."""
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    worker_id: int
+    session_id: int
+    pid: int
+    ns_id: int
+    rank: int
+    device: str
+    layout: KVLayout
+    blocks_per_chunk: int
+    chunk_bytes: int
+    layer_addresses: np.ndarray  # int64 absolute address of page (layer, block 0)
+    mmaps: list[mmap.mmap] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)
+    inflight: int = 0
+    closing: bool = False
+
+    def unmap(self) -> None:
+        assert self.inflight == 0, "unmap with copies in flight"
+        self.views.clear()
+        for mapping in self.mmaps:
+            mapping.close()
+        self.mmaps.clear()
+
+
+def validate_layout(layout: KVLayout, segment_sizes: list[int], chunk_size: int) -> int:
+    """Check the page geometry against the segments; returns blocks per chunk."""
+    if chunk_size % layout.block_size:
+        raise RegistrationError(
+            f"the server's chunk size ({chunk_size} tokens) is not a multiple of the engine's block size "
+            f"({layout.block_size}); start the server with --chunk-size a multiple of {layout.block_size}"
+        )
+    if len(layout.layer_offsets) != layout.num_layers or len(layout.layer_segments) != layout.num_layers:
+        raise RegistrationError(
+            f"layout lists {len(layout.layer_offsets)} layer offsets and {len(layout.layer_segments)} layer "
+            f"segments for {layout.num_layers} layers; they must match"
+        )
+    if layout.page_bytes > layout.block_stride and layout.num_blocks > 1:
+        raise RegistrationError(f"page_bytes {layout.page_bytes} exceeds block_stride {layout.block_stride}")
+    span = (layout.num_blocks - 1) * layout.block_stride + layout.page_bytes
+    for layer, (offset, seg) in enumerate(zip(layout.layer_offsets, layout.layer_segments, strict=True)):
+        if seg >= len(segment_sizes):
+            raise RegistrationError(f"layer {layer} names segment {seg}, but only {len(segment_sizes)} were sent")
+        if offset + span > segment_sizes[seg]:
+            raise RegistrationError(
+                f"layer {layer} needs bytes up to {offset + span} of segment {seg}, "
+                f"which holds {segment_sizes[seg]} bytes"
+            )
+    return chunk_size // layout.block_size
+
+
+def map_segment(name: str, declared_size: int) -> mmap.mmap:
+    """Open, map and unlink one worker segment."""
+    match = SEGMENT_NAME.match(name)
+    if match is None:
+        raise RegistrationError(
+            f"segment name {name!r} is not allowed: names must look like /lmcache_kv_<pid>_<idx>"
+        )
+    path = os.path.join(SHM_DIR, match.group(1))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RegistrationError(
+            f"cannot open SHM segment {name}: {exc.strerror}; the worker and the server must share "
+            "/dev/shm (same host; in Docker run both with --ipc host)"
+        ) from exc
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < declared_size:
+            raise RegistrationError(f"segment {name} holds {actual} bytes, {declared_size} were declared")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, declared_size, flags=flags)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class WorkerRegistry:
+    def __init__(self) -> None:
+        self.workers: dict[int, Worker] = {}
+        self._ids = itertools.count(1)
+
+    def register(
+        self, session_id: int, pid: int, device: str, layout: KVLayout,
+        names: list[str], sizes: list[int], chunk_size: int, *, ns_id: int, rank: int,
+    ) -> Worker:
+        if device != "cpu":
+            raise RegistrationError(
+                f"device {device!r} is not supported by this server build; register CPU memory (device 'cpu')"
+            )
+        if len(names) != len(sizes):
+            raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")
+        blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
+        mmaps: list[mmap.mmap] = []
+        try:
+            for name, size in zip(names, sizes, strict=True):
+                mmaps.append(map_segment(name, size))
+        except BaseException:
+            for mapping in mmaps:
+                mapping.close()
+            for name in names:  # the worker's names must not outlive a failed registration
+                _unlink_quietly(name)
+            raise
+        views = [np.frombuffer(mapping, dtype=np.uint8) for mapping in mmaps]
+        seg_base = np.array([view.ctypes.data for view in views], dtype=np.int64)
+        layer_addresses = seg_base[np.asarray(layout.layer_segments)] + np.asarray(layout.layer_offsets, np.int64)
+        worker = Worker(
+            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device=device, layout=layout,
+            blocks_per_chunk=blocks_per_chunk,
+            chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
+            layer_addresses=layer_addresses, mmaps=mmaps, views=views,
+        )
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    def get(self, worker_id: int) -> Worker | None:
+        worker = self.workers.get(worker_id)
+        return None if worker is None or worker.closing else worker
+
+    def remove(self, worker: Worker) -> None:
+        """Forget a worker; unmap now, or when its last copy ends."""
+        self.workers.pop(worker.worker_id, None)
+        worker.closing = True
+        if worker.inflight == 0:
+            worker.unmap()
+
+    def copy_done(self, worker: Worker) -> None:
+        worker.inflight -= 1
+        if worker.closing and worker.inflight == 0:
+            worker.unmap()
+
+    def for_session(self, session_id: int) -> list[Worker]:
+        return [w for w in self.workers.values() if w.session_id == session_id]
+
+    def close_all(self) -> None:
+        for worker in list(self.workers.values()):
+            self.remove(worker)
+
+
+def _unlink_quietly(name: str) -> None:
+    match = SEGMENT_NAME.match(name)
+    if match is not None:
+        try:
+            os.unlink(os.path.join(SHM_DIR, match.group(1)))
+        except OSError:
+            pass
