@@ -91,8 +91,11 @@ class ShmSegment:
             self.unlink_name()
             self.name = None
         del self.array
-        self._mmap.close()
         os.close(self._fd)
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # views of it are still alive; the memory goes when they do (it has no name left)
 
 
 class CpuKVCache:

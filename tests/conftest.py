@@ -1,0 +1,127 @@
+"""Shared fixtures: real `lmcache server` processes on 127.0.0.1, real clients, real SHM.
+
+``server_factory(*flags)`` starts ``python -m lmcd server --port 0 --http-port 0 ...`` and waits
+for its "LMCache cache server is running on <url> ... HTTP <http_url>" line. Every server is
+stopped with SIGTERM at teardown (SIGKILL if it does not exit in time).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from lmcd import protocol as p
+from lmcd.connector.client import CacheClient
+
+RUNNING = re.compile(r"LMCache cache server is running on (\S+) \(pool .*HTTP (\S+?)\)")
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen[str]
+    url: str = ""
+    http_url: str = ""
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = regex.search(line)
+                if m:
+                    return m
+            time.sleep(0.02)
+        raise AssertionError(f"log line {pattern!r} not seen within {timeout} s; log:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self.proc.returncode
+
+
+def server_command(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+            *flags]
+
+
+def start_server(*flags: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> RunningServer:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(server_command(*flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env)
+    server = RunningServer(proc)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line)
+
+    server._reader = threading.Thread(target=read, daemon=True)
+    server._reader.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(server.lines):
+            m = RUNNING.search(line)
+            if m:
+                server.url, server.http_url = m.group(1), m.group(2)
+                return server
+        if proc.poll() is not None:
+            server.stop()
+            raise AssertionError(f"server exited with {proc.returncode} before running:\n{server.log()}")
+        time.sleep(0.02)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"server not running within {timeout} s:\n{server.log()}")
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., RunningServer]]:
+    started: list[RunningServer] = []
+
+    def factory(*flags: str, env: dict[str, str] | None = None) -> RunningServer:
+        server = start_server(*flags, env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    return server_factory("--l1-size-gb", "0.25")
+
+
+def namespace(model: str | None = None, geometry: str = "test", rank: int | None = 0, world_size: int = 1,
+              kv_dtype: str = "bf16") -> p.Namespace:
+    return p.Namespace(model or f"test-{uuid.uuid4().hex[:8]}", kv_dtype, geometry, world_size, rank)
+
+
+def connect(url: str, ns: p.Namespace | None = None, role: p.Role = p.Role.WORKER, **kwargs: object) -> CacheClient:
+    return CacheClient(url, ns or namespace(), role=role, timeout_s=kwargs.pop("timeout_s", 10.0),  # type: ignore[arg-type]
+                       **kwargs)  # type: ignore[arg-type]
+
+
+def shm_names() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("lmcache_kv_")}

@@ -1,0 +1,37 @@
+"""The shortest end-to-end path: start, hello, store, lookup, retrieve, exact bytes, clean stop."""
+
+import numpy as np
+
+from lmcd import protocol as p
+from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.shm import CpuKVCache
+from tests.conftest import connect, namespace, shm_names
+
+
+def test_store_lookup_retrieve_roundtrip(server):
+    kv = CpuKVCache(num_layers=2, num_blocks=16, block_size=128, num_kv_heads=2, head_size=32)
+    rng = np.random.default_rng(1)
+    for seg in kv.segments:
+        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+    ns = namespace(geometry=kv.geometry)
+    with connect(server.url, ns) as client:
+        info = kv.register(client)
+        assert info.chunk_bytes == 2 * 2 * kv.page_bytes
+        hashes = chunk_hashes(list(range(1000)), client.chunk_size)
+        assert len(hashes) == 3
+        result = client.store(info.worker_id, hashes, [0, 1, 5, 4, 9, 2])
+        assert result.statuses == [p.ChunkStatus.STORED] * 3
+        assert client.store(info.worker_id, hashes, [0, 1, 5, 4, 9, 2]).statuses == [p.ChunkStatus.PRESENT] * 3
+        with connect(server.url, namespace(ns.model, kv.geometry, rank=None), role=p.Role.SCHEDULER) as sched:
+            hit = sched.lookup(hashes)
+            assert hit.num_hit_chunks == 3 and hit.lease_id is not None
+        got = client.retrieve(info.worker_id, hashes, [10, 11, 12, 13, 14, 15], lease_id=None)
+        assert got == 3
+        for layer in range(2):
+            pages = kv.pages(layer)
+            assert np.array_equal(pages[[0, 1, 5, 4, 9, 2]], pages[[10, 11, 12, 13, 14, 15]])
+    kv.close()
+    assert shm_names() == set()
+    assert server.stop() == 0
+    assert "Stored 768 tokens" in server.log()
+    assert "Retrieved 768 tokens" in server.log()
