@@ -37,7 +37,7 @@ class Geometry:
         return self.layers * self.kv_heads * 2 * self.head_size * self.dtype_bytes
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="measure store/retrieve/lookup against a running server",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--host", default="localhost", help="server host, IP, tcp://host or ipc:///path")
@@ -145,7 +145,9 @@ def _run(url: str, args: argparse.Namespace, geo: Geometry, sizes: list[int]) ->
     ns_base = p.Namespace(f"lmcd-bench-{uuid.uuid4().hex[:8]}", f"{8 * geo.dtype_bytes}bit", "", 1, 0)
     probe = CacheClient(url, ns_base, auth_token=args.auth_token, timeout_s=args.timeout)
     chunk = probe.chunk_size
-    capacity = int(probe.status()["pool"]["capacity_bytes"])  # type: ignore[index]
+    pool = probe.status()["pool"]
+    assert isinstance(pool, dict)
+    capacity = int(pool["capacity_bytes"])
     probe.close()
     sizes = [t - t % chunk for t in sizes if t >= chunk]
     biggest = max(sizes) * geo.bytes_per_token

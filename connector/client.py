@@ -90,7 +90,7 @@ class CacheClient:
         self.hello: p.HelloReply | None = None
         self._rids = itertools.count(1)
         self._lock = threading.Lock()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         if connect:
             self.connect()

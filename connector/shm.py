@@ -1,10 +1,12 @@
 """Worker KV memory in POSIX shared memory, shared with the server once at registration.
 
-A segment is created anonymous (``O_TMPFILE`` in /dev/shm): it has no name until
-registration links it as ``/lmcache_kv_<pid>_<idx>``; the server maps it and unlinks the
-name, and the worker unlinks it too if the server did not. So nothing stays in /dev/shm
-whatever crashes, and the same memory can be registered again with a restarted server.
-Where ``O_TMPFILE`` is missing, a named segment is used and unlinked on ``close()``.
+A segment lives under ``/dev/shm/lmcache_kv_<pid>_<idx>`` for exactly as long as its
+worker: it is created anonymous (``O_TMPFILE``), share-locked with ``flock`` and only then
+linked under its name, and ``close()`` unlinks it. The server maps it by name. The lock is
+how the server tells a live owner from a dead one: when a worker disconnects, the server
+unlinks those of its segments whose lock it can take exclusively (the owner died), so
+nothing stays in /dev/shm after a crash, while a live worker's names survive a server
+restart and can be registered again.
 
 ``CpuKVCache`` lays KV out as vLLM's CPU backend does (layout LBHNC): per layer a tensor
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, so page (layer, block) is one
@@ -13,8 +15,10 @@ contiguous run of ``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` by
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -33,69 +37,77 @@ _indices = itertools.count()
 
 
 class ShmSegment:
-    """``nbytes`` of shared memory mapped in this process; ``array`` is a uint8 view of it."""
+    """``nbytes`` of shared memory mapped in this process and named in /dev/shm until ``close()``.
+
+    ``array`` is a uint8 view of it. The segment's fd stays open holding a shared flock.
+    """
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
         self.index = next(_indices)
-        self.name: str | None = None  # linked name, while one exists
-        self._anonymous = hasattr(os, "O_TMPFILE")
         try:
-            fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, 0o600) if self._anonymous else -1
-        except OSError:
-            self._anonymous = False
-        if not self._anonymous:
-            self.name = self._fresh_name()
-            fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, 0o600)
+            anonymous = True
+        except (AttributeError, OSError):
+            anonymous = False
         try:
-            os.ftruncate(fd, nbytes)
+            if anonymous:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # locked before it has a name: no window for a sweeper
+                os.ftruncate(fd, nbytes)
+                self.name = self._link(fd)
+            else:
+                self.name, fd = self._create_named()
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                os.ftruncate(fd, nbytes)
             self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
         except BaseException:
-            os.close(fd)
-            self.unlink_name()
+            with contextlib.suppress(UnboundLocalError, OSError):
+                os.close(fd)
+            if getattr(self, "name", None):
+                self._unlink()
             raise
         self._fd = fd
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
 
-    def _fresh_name(self, attempt: int = 0) -> str:
-        suffix = f"_{attempt}" if attempt else ""
-        return f"lmcache_kv_{os.getpid()}_{self.index}{suffix}"
+    @property
+    def shm_name(self) -> str:
+        """The POSIX SHM name, with its leading '/'."""
+        return "/" + self.name
 
-    def link_name(self) -> str:
-        """Give the segment a name in /dev/shm (for registration); returns it with a leading '/'."""
-        if self.name is not None:
-            return "/" + self.name
-        for attempt in range(100):
-            name = self._fresh_name(attempt)
+    def _names(self) -> list[str]:
+        base = f"lmcache_kv_{os.getpid()}_{self.index}"
+        return [base] + [f"{base}_{attempt}" for attempt in range(1, 100)]
+
+    def _link(self, fd: int) -> str:
+        source = f"/proc/self/fd/{fd}".encode()
+        for name in self._names():
             target = os.path.join(SHM_DIR, name).encode()
-            source = f"/proc/self/fd/{self._fd}".encode()
             if _libc.linkat(_AT_FDCWD, source, _AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
-                self.name = name
-                return "/" + name
+                return name
             err = ctypes.get_errno()
             if err != errno.EEXIST:
-                raise OSError(err, f"cannot link SHM segment as /dev/shm/{name}: {os.strerror(err)}")
+                raise OSError(err, f"cannot name SHM segment /dev/shm/{name}: {os.strerror(err)}")
         raise OSError(errno.EEXIST, "no free /dev/shm/lmcache_kv_* name")
 
-    def unlink_name(self) -> None:
-        if self.name is not None:
+    def _create_named(self) -> tuple[str, int]:
+        for name in self._names():
             try:
-                os.unlink(os.path.join(SHM_DIR, self.name))
-            except FileNotFoundError:
-                pass
-            if self._anonymous:
-                self.name = None
+                return name, os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:
+                continue
+        raise OSError(errno.EEXIST, "no free /dev/shm/lmcache_kv_* name")
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, self.name))
 
     def close(self) -> None:
-        if self.name is not None:
-            self.unlink_name()
-            self.name = None
+        self._unlink()
         del self.array
-        os.close(self._fd)
-        try:
+        # views of it may still be alive; then the memory goes when they do (it has no name left)
+        with contextlib.suppress(BufferError):
             self._mmap.close()
-        except BufferError:
-            pass  # views of it are still alive; the memory goes when they do (it has no name left)
+        os.close(self._fd)
 
 
 class CpuKVCache:
@@ -129,11 +141,5 @@ class CpuKVCache:
 
 
 def register_segments(client: CacheClient, layout: KVLayout, segments: Sequence[ShmSegment]) -> WorkerInfo:
-    """Register KV memory with the server; the names exist only while the server maps them."""
-    try:
-        names = [seg.link_name() for seg in segments]
-        return client.register_worker(layout, names, [seg.nbytes for seg in segments])
-    finally:
-        for seg in segments:
-            if seg._anonymous:
-                seg.unlink_name()
+    """Register KV memory with the server, which maps the segments by name."""
+    return client.register_worker(layout, [seg.shm_name for seg in segments], [seg.nbytes for seg in segments])

@@ -23,7 +23,7 @@ every Struct of one tagged union to share one encoding, so the cold messages fol
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -185,9 +185,7 @@ class GetStatus(msgspec.Struct, array_like=True, tag="status"):
     rid: int
 
 
-Request = Union[
-    Hello, Ping, RegisterWorker, UnregisterWorker, Lookup, Store, Retrieve, Release, Clear, GetStatus
-]
+Request = Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Clear | GetStatus
 
 # ---------------------------------------------------------------- replies
 
@@ -256,21 +254,21 @@ class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
     status: dict[str, object]
 
 
-Reply = Union[
-    Error, HelloReply, Pong, Registered, Unregistered, LookupReply, StoreReply, RetrieveReply, Released,
-    Cleared, StatusReply,
-]
+Reply = (
+    Error | HelloReply | Pong | Registered | Unregistered | LookupReply | StoreReply | RetrieveReply | Released
+    | Cleared | StatusReply
+)
 
 encoder = msgspec.msgpack.Encoder()
-request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
-reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)  # type: ignore[arg-type]
+request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
 
 
 def peek_rid(frame: bytes) -> int:
     """Best-effort request id of an undecodable frame, so its Error reply can be matched (else 0)."""
     try:
         raw = msgspec.msgpack.decode(frame)
-    except (msgspec.DecodeError, ValueError, TypeError):
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):  # deep nesting: RecursionError
         return 0
     if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
         return raw[1]

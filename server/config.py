@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -101,10 +101,12 @@ class ServerConfig:
     auth_token: str | None = None
     log_level: str = "INFO"
     touch_pool: bool = True
+    l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.l1_size_gb is None:
             object.__setattr__(self, "l1_size_gb", default_l1_size_gb())
+            object.__setattr__(self, "l1_size_is_default", True)
         if self.max_workers is None:
             object.__setattr__(self, "max_workers", default_max_workers())
         object.__setattr__(self, "eviction_policy", self.eviction_policy.upper())
@@ -112,12 +114,12 @@ class ServerConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def fail(field: str, why: str) -> None:
-            raise ConfigError(f"{BY_FIELD[field].flag} {getattr(self, field)!r}: {why}")
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f"{BY_FIELD[name].flag} {getattr(self, name)!r}: {why}")
 
-        for field in ("port", "http_port"):
-            if not 0 <= getattr(self, field) <= 65535:
-                fail(field, "a port must be between 0 and 65535")
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                fail(name, "a port must be between 0 and 65535")
         size = self.l1_size_gb
         assert size is not None
         if not size > 0:
@@ -215,5 +217,5 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
             values[s.field] = _parse(s, environ[s.env], f"environment {s.env}")
         elif s.field in from_file:
             values[s.field] = _parse(s, from_file[s.field], f"{config_path}")
-    known = {f.name for f in fields(ServerConfig)}
+    known = {f.name for f in fields(ServerConfig) if f.init}
     return ServerConfig(**{k: v for k, v in values.items() if k in known})

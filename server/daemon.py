@@ -60,6 +60,18 @@ def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq
     return sock
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class CacheServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -80,8 +92,10 @@ class CacheServer:
     def startup(self) -> None:
         cfg = self.config
         log.info("Starting lmcd %s (LMCache-compatible cache server), pid %d", __version__, os.getpid())
-        log.info("L1 pool: allocating %.2f GiB (%s)", cfg.l1_size_gb or 0, "touching every page" if cfg.touch_pool
-                 else "pages faulted on first use")
+        log.info("L1 pool: allocating %.2f GiB%s (%s)", cfg.l1_size_gb or 0,
+                 " (default: the smaller of 4 GiB and a quarter of available memory; set --l1-size-gb)"
+                 if cfg.l1_size_is_default else "",
+                 "touching every page" if cfg.touch_pool else "pages faulted on first use")
         self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool)
         self._stack.callback(self.pool.close)
         self.service = CacheService(cfg, self.pool, self._send_reply, self.post)
@@ -122,8 +136,9 @@ class CacheServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        log.info("LMCache cache server is running on %s (pool %.2f GiB, HTTP %s)", self.url,
-                 self.pool.capacity_bytes / 2**30, self.http_url)
+        log.info("LMCache cache server is running on %s (pool %.2f GiB in %d slabs, process holds %.2f GiB; HTTP %s)",
+                 self.url, self.pool.capacity_bytes / 2**30, self.pool.num_slabs, resident_bytes() / 2**30,
+                 self.http_url)
         while not self._stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             if self.monitor in ready:
@@ -134,7 +149,9 @@ class CacheServer:
             self._run_calls()
             if self.router in ready:
                 self._drain_router()
-            self.service.expire_leases(time.monotonic())
+            now = time.monotonic()
+            self.service.expire_leases(now)
+            self.service.workers.recheck(now)
 
     def shutdown(self) -> None:
         """Finish copies in flight (their replies go out), then close everything startup opened."""
@@ -158,9 +175,12 @@ class CacheServer:
         self._wake()
 
     def _install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("Received %s: shutting down", signal.Signals(signum).name)
+            self.stop()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: (log.info("Received %s", signal.Signals(signum).name),
-                                                       self.stop()))
+            signal.signal(sig, on_signal)
 
     # ------------------------------------------------------------ cross-thread calls
 
@@ -203,6 +223,8 @@ class CacheServer:
                 log.exception("Internal error in a loop callback")
 
     def _poll_timeout_ms(self) -> int:
+        if self.service.workers.has_rechecks:
+            return 50
         expiry = self.service.leases.next_expiry()
         if expiry is None:
             return 1000
@@ -216,7 +238,10 @@ class CacheServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._on_frames(frames)
+            try:
+                self._on_frames(frames)
+            except Exception:  # a bug must cost one request, never the loop
+                log.exception("Internal error on an incoming frame")
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         started = time.perf_counter()
@@ -230,7 +255,7 @@ class CacheServer:
         payload = frames[1].bytes
         try:
             request = p.request_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. UnicodeDecodeError in a tag
             self._bad_frame(session, p.peek_rid(payload), f"cannot decode request: {exc}", started)
             return
         op = type(request).__name__.lower()

@@ -1,6 +1,6 @@
 """The HTTP sidecar (FastAPI on uvicorn, in its own thread of the server process).
 
-It only reads state and calls server methods on the loop thread (``CacheServer.call``) with
+It only reads state and runs server methods on the loop thread (``CacheServer.post``) with
 a deadline, so a stuck loop shows as 503 on /healthcheck instead of a hung probe.
 Endpoints: GET /healthcheck, GET /status, GET /metrics, POST /clear-cache (and /cache/clear).
 With an auth token set, everything but /healthcheck needs ``Authorization: Bearer <token>``.
@@ -9,6 +9,7 @@ With an auth token set, everything but /healthcheck needs ``Authorization: Beare
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
@@ -45,7 +46,36 @@ def build_app(server: CacheServer) -> FastAPI:
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     async def on_loop(fn: Any, deadline_s: float) -> Any:
-        return await asyncio.to_thread(server.call, fn, deadline_s)
+        """Run ``fn`` on the request loop; TimeoutError after ``deadline_s``. No thread waits for the
+        answer (a thread per waiting request would let a few slow /status calls on a stuck loop use
+        up the default executor, so /healthcheck could not even start its deadline)."""
+        aio_loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = aio_loop.create_future()
+        gave_up = threading.Event()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if not answer.done():
+                if error is not None:
+                    answer.set_exception(error)
+                else:
+                    answer.set_result(result)
+
+        def run() -> None:  # on the request loop thread
+            if gave_up.is_set():
+                return
+            try:
+                result, error = fn(), None
+            except Exception as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the HTTP loop is closed: nobody is waiting
+                aio_loop.call_soon_threadsafe(settle, result, error)
+
+        server.post(run)
+        try:
+            return await asyncio.wait_for(answer, deadline_s)
+        except TimeoutError:
+            gave_up.set()
+            raise
 
     @app.get("/healthcheck")
     async def healthcheck() -> JSONResponse:

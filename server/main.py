@@ -11,7 +11,7 @@ from lmcd.server.config import ConfigError, add_arguments, resolve
 LOG_FORMAT = "[%(asctime)s] LMCache %(levelname)s: %(message)s"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "server", help="run the cache server daemon",
         description="Run the lmcd cache server: one per node, owning the L1 pool of KV-cache chunks.",

@@ -134,6 +134,7 @@ class Pool:
 
     def free(self, slot: SlotId) -> None:
         slab = self._slabs[slot // self.slab_bytes]
+        assert slab.slot_bytes, f"free of a slot that is not allocated (its slab is free): {slot}"
         index, rest = divmod(slot % self.slab_bytes, slab.slot_bytes)
         assert rest == 0 and slab.used > 0, f"free of a slot that is not allocated: {slot}"
         cls = self._classes[slab.slot_bytes]

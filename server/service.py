@@ -29,6 +29,7 @@ from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 log = logging.getLogger("lmcd.server")
 
 CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk"]
+MAX_WORLD_SIZE = 4096
 
 
 class RequestError(Exception):
@@ -120,6 +121,8 @@ class CacheService:
                 "(connector key lmcache.mp.auth_token)",
             )
         ns = req.namespace
+        if ns.world_size > MAX_WORLD_SIZE:  # a scheduler's lookup walks every rank
+            raise RequestError(p.ErrorCode.BAD_REQUEST, f"world size {ns.world_size} exceeds {MAX_WORLD_SIZE}")
         if ns.rank is not None and ns.rank >= ns.world_size:
             raise RequestError(p.ErrorCode.BAD_REQUEST, f"rank {ns.rank} is not below world size {ns.world_size}")
         if req.role == p.Role.WORKER and ns.rank is None:
@@ -192,9 +195,12 @@ class CacheService:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
                                f"{len(hashes)} chunks need {expected} block ids "
                                f"({worker.blocks_per_chunk} per chunk), got {len(block_ids)}")
-        blocks = np.asarray(block_ids, dtype=np.int64)
-        if blocks.size and int(blocks.max()) >= worker.layout.num_blocks:
-            bad = int(blocks.max())
+        try:
+            blocks: np.ndarray | None = np.asarray(block_ids, dtype=np.int64)
+        except OverflowError:  # an id beyond int64 (msgpack carries up to uint64)
+            blocks = None
+        if blocks is None or (blocks.size and int(blocks.max()) >= worker.layout.num_blocks):
+            bad = max(block_ids)
             raise RequestError(p.ErrorCode.BLOCK_OUT_OF_RANGE,
                                f"block id {bad} is out of range: worker {worker.worker_id} registered "
                                f"{worker.layout.num_blocks} blocks (0..{worker.layout.num_blocks - 1})")

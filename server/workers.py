@@ -5,19 +5,25 @@ worker's ``layer_addresses`` and the mapped bytes while ``inflight > 0``; the lo
 unmaps a worker with copies in flight (it marks it ``closing`` and unmaps when the last
 copy ends).
 
-Segment names: the worker links its (anonymous) segment under ``/dev/shm/<name>`` just for
-registration; the server opens and maps it, then unlinks the name. The memory lives on in
-both mappings and disappears when the last one goes, so a crash of either side leaves
-nothing behind in /dev/shm.
+Segment names: a worker's segment is named ``/dev/shm/lmcache_kv_<pid>_<idx>`` for the
+worker's lifetime, and the worker holds a shared ``flock`` on it. The server maps it by
+name. When a worker goes (unregister, disconnect, server shutdown), the server unlinks
+each of its segments whose lock it can take exclusively: the owner is dead, so nothing is
+left in /dev/shm after a crash; a live owner keeps its names (and unlinks them itself).
+Process exit releases the lock a moment after the socket closes, so a segment still locked
+at disconnect is checked again a few times (``recheck``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import logging
 import mmap
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +33,36 @@ from lmcd.protocol import KVLayout
 log = logging.getLogger("lmcd.workers")
 
 SHM_DIR = "/dev/shm"
+RECHECK_DELAYS_S = (0.05, 0.25, 1.0, 3.0)
 SEGMENT_NAME = re.compile(r"^/?(lmcache_kv_[A-Za-z0-9_.-]{1,200})$")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentFile:
+    path: str
+    dev: int
+    ino: int
+
+    def unlink_if_orphaned(self) -> bool | None:
+        """Unlink the name if its owner is dead: True if unlinked, False if the owner lives,
+        None if the name is gone or now names another file."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return True
+        finally:
+            os.close(fd)
 
 
 class RegistrationError(ValueError):
@@ -46,6 +81,7 @@ class Worker:
     blocks_per_chunk: int
     chunk_bytes: int
     layer_addresses: np.ndarray  # int64 absolute address of page (layer, block 0)
+    files: list[SegmentFile] = field(default_factory=list)
     mmaps: list[mmap.mmap] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
     inflight: int = 0
@@ -85,8 +121,8 @@ def validate_layout(layout: KVLayout, segment_sizes: list[int], chunk_size: int)
     return chunk_size // layout.block_size
 
 
-def map_segment(name: str, declared_size: int) -> mmap.mmap:
-    """Open, map and unlink one worker segment."""
+def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
+    """Open and map one worker segment by name."""
     match = SEGMENT_NAME.match(name)
     if match is None:
         raise RegistrationError(
@@ -101,23 +137,20 @@ def map_segment(name: str, declared_size: int) -> mmap.mmap:
             "/dev/shm (same host; in Docker run both with --ipc host)"
         ) from exc
     try:
-        actual = os.fstat(fd).st_size
-        if actual < declared_size:
-            raise RegistrationError(f"segment {name} holds {actual} bytes, {declared_size} were declared")
+        st = os.fstat(fd)
+        if st.st_size < declared_size:
+            raise RegistrationError(f"segment {name} holds {st.st_size} bytes, {declared_size} were declared")
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, declared_size, flags=flags)
+        return mmap.mmap(fd, declared_size, flags=flags), SegmentFile(path, st.st_dev, st.st_ino)
     finally:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 class WorkerRegistry:
     def __init__(self) -> None:
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)
+        self._rechecks: list[tuple[float, int, SegmentFile]] = []  # (when, attempt, file)
 
     def register(
         self, session_id: int, pid: int, device: str, layout: KVLayout,
@@ -131,23 +164,25 @@ class WorkerRegistry:
             raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")
         blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
         mmaps: list[mmap.mmap] = []
+        files: list[SegmentFile] = []
         try:
             for name, size in zip(names, sizes, strict=True):
-                mmaps.append(map_segment(name, size))
+                mapping, segment_file = map_segment(name, size)
+                mmaps.append(mapping)
+                files.append(segment_file)
         except BaseException:
             for mapping in mmaps:
                 mapping.close()
-            for name in names:  # the worker's names must not outlive a failed registration
-                _unlink_quietly(name)
             raise
         views = [np.frombuffer(mapping, dtype=np.uint8) for mapping in mmaps]
         seg_base = np.array([view.ctypes.data for view in views], dtype=np.int64)
         layer_addresses = seg_base[np.asarray(layout.layer_segments)] + np.asarray(layout.layer_offsets, np.int64)
         worker = Worker(
-            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device=device, layout=layout,
+            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device=device,
+            layout=layout,
             blocks_per_chunk=blocks_per_chunk,
             chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
-            layer_addresses=layer_addresses, mmaps=mmaps, views=views,
+            layer_addresses=layer_addresses, files=files, mmaps=mmaps, views=views,
         )
         self.workers[worker.worker_id] = worker
         return worker
@@ -162,6 +197,24 @@ class WorkerRegistry:
         worker.closing = True
         if worker.inflight == 0:
             worker.unmap()
+        now = time.monotonic()
+        for segment_file in worker.files:
+            if segment_file.unlink_if_orphaned() is False:
+                self._rechecks.append((now + RECHECK_DELAYS_S[0], 0, segment_file))
+
+    @property
+    def has_rechecks(self) -> bool:
+        return bool(self._rechecks)
+
+    def recheck(self, now: float) -> None:
+        """Unlink segments of departed workers whose owner has died since (see module docstring)."""
+        due = [item for item in self._rechecks if item[0] <= now]
+        if not due:
+            return
+        self._rechecks = [item for item in self._rechecks if item[0] > now]
+        for _, attempt, segment_file in due:
+            if segment_file.unlink_if_orphaned() is False and attempt + 1 < len(RECHECK_DELAYS_S):
+                self._rechecks.append((now + RECHECK_DELAYS_S[attempt + 1], attempt + 1, segment_file))
 
     def copy_done(self, worker: Worker) -> None:
         worker.inflight -= 1
@@ -174,12 +227,3 @@ class WorkerRegistry:
     def close_all(self) -> None:
         for worker in list(self.workers.values()):
             self.remove(worker)
-
-
-def _unlink_quietly(name: str) -> None:
-    match = SEGMENT_NAME.match(name)
-    if match is not None:
-        try:
-            os.unlink(os.path.join(SHM_DIR, match.group(1)))
-        except OSError:
-            pass
