@@ -11,7 +11,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -110,9 +110,12 @@ class CacheClient:
         self.hello = self._say_hello()
         return self.hello
 
+    def _hello_request(self, rid: int) -> p.Hello:
+        return p.Hello(rid, p.PROTOCOL_VERSION, self.role, self.namespace, self.auth_token, self.client_name,
+                       os.getpid())
+
     def _say_hello(self) -> p.HelloReply:
-        reply = self._call(lambda rid: p.Hello(rid, p.PROTOCOL_VERSION, self.role, self.namespace, self.auth_token,
-                                               self.client_name, os.getpid()), "hello")
+        reply = self._call(self._hello_request, "hello")
         assert isinstance(reply, p.HelloReply)
         return reply
 
@@ -190,27 +193,36 @@ class CacheClient:
         assert self._sock is not None, "not connected"
         self._sock.send_multipart(list(frames))
 
-    def _call(self, make: object, op: str) -> p.Reply:
+    def _call(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
         with self._lock:
-            if self._sock is None:
-                raise LmcdError(f"{op}: the client is closed; call connect() first")
-            rid = next(self._rids)
-            request = make(rid)  # type: ignore[operator]
-            deadline = time.monotonic() + self.timeout_s
-            if not self._sock.poll(self._ms_left(deadline), zmq.POLLOUT):
-                raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {self.timeout_s:.1f} s;"
-                                    " is `lmcache server` running there?")
-            self._sock.send(p.encoder.encode(request))
-            while True:
-                if not self._sock.poll(self._ms_left(deadline), zmq.POLLIN):
-                    raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url} within "
-                                        f"{self.timeout_s:.1f} s")
-                reply = p.reply_decoder.decode(self._sock.recv())
-                if reply.rid == rid:
-                    break  # anything else answers a request that already timed out
+            reply = self._exchange(make, op)
+            if isinstance(reply, p.Error) and reply.code == p.ErrorCode.NOT_HELLO and op != "hello":
+                # the server restarted (a new session): say Hello again, then retry once
+                hello = self._exchange(self._hello_request, "hello")
+                if isinstance(hello, p.HelloReply):
+                    self.hello = hello
+                    reply = self._exchange(make, op)
         if isinstance(reply, p.Error):
             raise ServerError(reply.code, reply.message, op)
         return reply
+
+    def _exchange(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
+        """One request, one reply (the caller holds the lock)."""
+        if self._sock is None:
+            raise LmcdError(f"{op}: the client is closed; call connect() first")
+        rid = next(self._rids)
+        deadline = time.monotonic() + self.timeout_s
+        if not self._sock.poll(self._ms_left(deadline), zmq.POLLOUT):
+            raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {self.timeout_s:.1f} s;"
+                                " is `lmcache server` running there?")
+        self._sock.send(p.encoder.encode(make(rid)))
+        while True:
+            if not self._sock.poll(self._ms_left(deadline), zmq.POLLIN):
+                raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url} within "
+                                    f"{self.timeout_s:.1f} s")
+            reply = p.reply_decoder.decode(self._sock.recv())
+            if reply.rid == rid:
+                return reply  # anything else answers a request that already timed out
 
     @staticmethod
     def _ms_left(deadline: float) -> int:

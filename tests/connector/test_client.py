@@ -67,3 +67,47 @@ def test_segments_are_named_while_their_worker_lives(server):
         assert second.worker_id != first.worker_id
     kv.close()
     assert shm_names() == before
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_client_and_worker_memory_survive_a_server_restart(how):
+    import signal
+
+    from lmcd.connector.client import ServerError
+    from tests.conftest import start_server
+
+    port = str(free_port())
+    flags = ("--l1-size-gb", "0.1", "--touch-pool", "false")
+    first = start_server(*flags[:2], *flags[2:], "--port", port)
+    kv = CpuKVCache(num_layers=2, num_blocks=4, block_size=256, num_kv_heads=1, head_size=32)
+    kv.segments[0].array[:] = 3
+    ns = namespace(geometry=kv.geometry)
+    second = None
+    try:
+        client = connect(f"tcp://127.0.0.1:{port}", ns, timeout_s=10.0)
+        info = kv.register(client)
+        keys = chunk_hashes(range(256), client.chunk_size)
+        assert client.store(info.worker_id, keys, [0]).num_stored == 1
+        assert first.stop(getattr(signal, how)) in (0, -9)
+        second = start_server(*flags, "--port", port)
+        assert client.lookup(keys, lease=False).num_hit_chunks == 0  # re-said Hello by itself
+        with pytest.raises(ServerError) as err:
+            client.store(info.worker_id, keys, [0])
+        assert err.value.code == p.ErrorCode.UNKNOWN_WORKER
+        again = kv.register(client)  # the worker's names outlived the old server
+        assert client.store(again.worker_id, keys, [0]).num_stored == 1
+        client.close()
+    finally:
+        kv.close()
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0
+    assert shm_names() == set()
