@@ -180,6 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _parse(setting: Setting, raw: Any, source: str) -> Any:
     if raw is None:
         return None
+    # YAML gives typed values: int(1.5) or int(True) would silently turn them into something else.
+    if setting.parse in (int, float) and (
+            isinstance(raw, bool) or (setting.parse is int and isinstance(raw, float) and not raw.is_integer())):
+        raise ConfigError(f"{setting.flag} (from {source}): invalid value {raw!r}: expected {setting.parse.__name__}")
     try:
         return setting.parse(raw) if isinstance(raw, str) or setting.parse is not str else str(raw)
     except (TypeError, ValueError) as exc:

@@ -53,10 +53,14 @@ def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq
         # detect dead peers (host gone, cable cut) as well as closed connections
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
-    if bind:
-        sock.bind(url)
-    else:
-        sock.connect(url)
+    try:
+        if bind:
+            sock.bind(url)
+        else:
+            sock.connect(url)
+    except zmq.ZMQError:
+        sock.close(0)  # an open socket would make ctx.term() in shutdown block forever
+        raise
     return sock
 
 

@@ -9,8 +9,11 @@ An entry is always in exactly one of these states::
     orphan   -- removed from the index (cleared) while pinned or writing; its slot is freed
                 when the last pin drops or the write finishes
 
-``lru`` holds exactly the ready, indexed, unpinned entries, oldest first, so eviction is
-O(1): pop the oldest. Pinning removes an entry from ``lru``; unpinning puts it back as newest.
+``lru`` holds exactly the ready, indexed, unpinned entries, oldest first (``lru_by_size``
+holds the same entries split by chunk size), so eviction is O(1). Pinning removes an entry
+from ``lru``; unpinning puts it back as newest. The victim is the least recently used chunk
+of the size being stored, which frees a usable slot at once; only if no chunk of that size
+is evictable does the oldest chunk of any size go, until a whole slab frees up.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class ChunkIndex:
         self.pool = pool
         self.entries: dict[ChunkKey, Entry] = {}
         self.lru: OrderedDict[ChunkKey, Entry] = OrderedDict()
+        self.lru_by_size: dict[int, OrderedDict[ChunkKey, Entry]] = {}
         self.num_evictions = 0
         self.evicted_bytes = 0
 
@@ -55,9 +59,26 @@ class ChunkIndex:
 
     # ------------------------------------------------------------ pins
 
+    def _lru_add(self, entry: Entry) -> None:
+        self.lru[entry.key] = entry
+        self.lru_by_size.setdefault(entry.nbytes, OrderedDict())[entry.key] = entry
+
+    def _lru_remove(self, entry: Entry) -> None:
+        if self.lru.pop(entry.key, None) is not None:
+            same = self.lru_by_size[entry.nbytes]
+            del same[entry.key]
+            if not same:
+                del self.lru_by_size[entry.nbytes]
+
+    def touch(self, entry: Entry) -> None:
+        """Mark a ready, unpinned entry as just used."""
+        if entry.key in self.lru:
+            self.lru.move_to_end(entry.key)
+            self.lru_by_size[entry.nbytes].move_to_end(entry.key)
+
     def pin(self, entry: Entry) -> None:
         if entry.pins == 0 and entry.indexed:
-            self.lru.pop(entry.key, None)
+            self._lru_remove(entry)
         entry.pins += 1
 
     def unpin(self, entry: Entry) -> None:
@@ -67,7 +88,7 @@ class ChunkIndex:
             if not entry.indexed:
                 self.pool.free(entry.slot)
             elif entry.ready:
-                self.lru[entry.key] = entry  # newest: it was just used
+                self._lru_add(entry)  # newest: it was just used
 
     # ------------------------------------------------------------ store
 
@@ -75,8 +96,7 @@ class ChunkIndex:
         """Reserve a slot for ``key`` (evicting LRU chunks if needed); the entry starts writing."""
         existing = self.entries.get(key)
         if existing is not None:
-            if existing.ready and existing.pins == 0:
-                self.lru.move_to_end(key)
+            self.touch(existing)
             return None, ChunkStatus.PRESENT
         if not self.pool.can_ever_fit(nbytes):
             return None, ChunkStatus.REFUSED_TOO_LARGE
@@ -100,16 +120,21 @@ class ChunkIndex:
             return
         entry.ready = True
         if entry.pins == 0:
-            self.lru[entry.key] = entry
+            self._lru_add(entry)
 
     def _allocate(self, nbytes: int) -> SlotId | None:
         while True:
             slot = self.pool.allocate(nbytes)
             if slot is not None:
                 return slot
-            if not self.lru:
+            same = self.lru_by_size.get(nbytes)
+            if same:
+                victim = next(iter(same.values()))
+            elif self.lru:
+                victim = next(iter(self.lru.values()))
+            else:
                 return None
-            _, victim = self.lru.popitem(last=False)
+            self._lru_remove(victim)
             del self.entries[victim.key]
             victim.indexed = False
             self.pool.free(victim.slot)
@@ -128,4 +153,5 @@ class ChunkIndex:
                 self.pool.free(entry.slot)
         self.entries.clear()
         self.lru.clear()
+        self.lru_by_size.clear()
         return num_chunks

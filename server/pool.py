@@ -44,6 +44,7 @@ class _Slab:
     slot_bytes: int = 0
     num_slots: int = 0
     free: list[int] = field(default_factory=list)  # free slot indices within the slab
+    allocated: bytearray = field(default_factory=bytearray)  # 1 per allocated slot: catches double frees
 
     @property
     def used(self) -> int:
@@ -122,10 +123,12 @@ class Pool:
             slab.slot_bytes = nbytes
             slab.num_slots = self.slab_bytes // nbytes
             slab.free = list(range(slab.num_slots - 1, -1, -1))
+            slab.allocated = bytearray(slab.num_slots)
             cls.partial[slab.index] = slab
         else:
             return None
         index = slab.free.pop()
+        slab.allocated[index] = 1
         if not slab.free:
             del cls.partial[slab.index]
         self.used_bytes += nbytes
@@ -136,7 +139,8 @@ class Pool:
         slab = self._slabs[slot // self.slab_bytes]
         assert slab.slot_bytes, f"free of a slot that is not allocated (its slab is free): {slot}"
         index, rest = divmod(slot % self.slab_bytes, slab.slot_bytes)
-        assert rest == 0 and slab.used > 0, f"free of a slot that is not allocated: {slot}"
+        assert rest == 0 and slab.allocated[index], f"free of a slot that is not allocated: {slot}"
+        slab.allocated[index] = 0
         cls = self._classes[slab.slot_bytes]
         was_full = not slab.free
         slab.free.append(index)
@@ -146,6 +150,7 @@ class Pool:
             cls.partial.pop(slab.index, None)
             slab.slot_bytes = slab.num_slots = 0
             slab.free = []
+            slab.allocated = bytearray()
             self._free_slabs.append(slab.index)
         elif was_full:
             cls.partial[slab.index] = slab

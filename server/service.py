@@ -234,8 +234,7 @@ class CacheService:
         else:
             for part in found.values():
                 for entry in part:
-                    if entry.pins == 0:
-                        self.index.lru.move_to_end(entry.key)
+                    self.index.touch(entry)
         return p.LookupReply(req.rid, num_hits, lease_id)
 
     # ------------------------------------------------------------ store

@@ -1,0 +1,691 @@
+"""In-process unit tests of the slab pool, the chunk index, the lease table and copy plans.
+
+Pools are made with ``touch=False``: their arenas are only reserved (virtual memory), so even a
+1 GiB pool costs nothing as long as the test does not write its bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lmcd.protocol import ChunkStatus, KVLayout
+from lmcd.server.index import ChunkIndex, Entry
+from lmcd.server.leases import LeaseTable
+from lmcd.server.pool import MAX_SLAB_BYTES, PAGE, Pool, slab_bytes_for
+from lmcd.server.transfer import CopyEngine, CopyPlan, plan
+
+MiB = 1 << 20
+
+
+def key(i: int, ns: int = 1, rank: int = 0) -> tuple[int, int, bytes]:
+    return (ns, rank, i.to_bytes(32, "little"))
+
+
+@pytest.fixture
+def pools():
+    made: list[Pool] = []
+
+    def make(capacity: int) -> Pool:
+        pool = Pool(capacity, touch=False)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+# ---------------------------------------------------------------- slab_bytes_for / Pool geometry
+
+
+@pytest.mark.parametrize(
+    ("capacity", "slab"),
+    [
+        (PAGE, PAGE),
+        (PAGE + 100, PAGE),
+        (64 * MiB, 64 * MiB),
+        (MAX_SLAB_BYTES, MAX_SLAB_BYTES),
+        (MAX_SLAB_BYTES + 1, MAX_SLAB_BYTES // 2 // PAGE * PAGE + 0),
+        (600 * MiB, 200 * MiB),
+        (1 << 30, MAX_SLAB_BYTES),
+        (4 << 30, MAX_SLAB_BYTES),
+        (3 * MAX_SLAB_BYTES + 12345, (3 * MAX_SLAB_BYTES + 12345) // 4 // PAGE * PAGE),
+    ],
+)
+def test_slab_bytes_for(capacity: int, slab: int) -> None:
+    got = slab_bytes_for(capacity)
+    assert got == slab
+    assert got % PAGE == 0 and PAGE <= got <= MAX_SLAB_BYTES
+    num_slabs = capacity // got
+    # the slabs tile the arena with less than one page (per slab) left over
+    assert 0 <= capacity - num_slabs * got < PAGE * max(1, num_slabs)
+
+
+def test_pool_geometry(pools) -> None:
+    pool = pools(600 * MiB + 777)
+    assert pool.slab_bytes == 200 * MiB
+    assert pool.num_slabs == 3
+    assert pool.capacity_bytes == 600 * MiB
+    assert pool.num_free_slabs == 3
+    assert pool.used_bytes == 0 and pool.num_slots_used == 0
+    assert len(pool.array) == pool.capacity_bytes
+    with pytest.raises(ValueError, match="below one page"):
+        Pool(PAGE - 1, touch=False)
+
+
+def test_pool_touch_small_arena() -> None:
+    pool = Pool(8 * PAGE, touch=True)
+    try:
+        assert pool.capacity_bytes == 8 * PAGE
+        slot = pool.allocate(PAGE)
+        assert slot is not None
+        pool.slot_array(slot, PAGE)[:] = 7
+        assert int(pool.array[slot : slot + PAGE].sum()) == 7 * PAGE
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def test_allocate_fills_a_slab_before_taking_another(pools) -> None:
+    pool = pools(1 << 30)  # 4 slabs of 256 MiB
+    size = 64 * MiB
+    slots = [pool.allocate(size) for _ in range(4)]
+    assert slots == [0, size, 2 * size, 3 * size]  # one slab, consecutive slots
+    assert pool.num_free_slabs == 3
+    fifth = pool.allocate(size)
+    assert fifth == MAX_SLAB_BYTES  # the next slab
+    assert pool.num_free_slabs == 2
+    assert pool.used_bytes == 5 * size and pool.num_slots_used == 5
+
+
+def test_size_classes_use_separate_slabs(pools) -> None:
+    pool = pools(1 << 30)
+    a = pool.allocate(3 * MiB)
+    b = pool.allocate(5 * MiB)
+    c = pool.allocate(3 * MiB)
+    assert a is not None and b is not None and c is not None
+    assert a // pool.slab_bytes == c // pool.slab_bytes != b // pool.slab_bytes
+    assert c == a + 3 * MiB
+    assert pool.num_free_slabs == 2
+    assert pool.used_bytes == 11 * MiB
+
+
+def test_slot_size_not_dividing_slab_leaves_waste_unused(pools) -> None:
+    pool = pools(MAX_SLAB_BYTES)  # one slab
+    size = 100 * MiB  # 2 slots, 56 MiB waste
+    assert pool.allocate(size) == 0
+    assert pool.allocate(size) == size
+    assert pool.allocate(size) is None  # the waste is never handed out
+    assert pool.allocate(MiB) is None  # and no other class can have the slab
+    assert pool.used_bytes == 2 * size
+
+
+def test_freed_slab_is_reused_by_another_size_class(pools) -> None:
+    pool = pools(2 * MAX_SLAB_BYTES)  # 2 slabs
+    small = [pool.allocate(64 * MiB) for _ in range(8)]  # both slabs full of 64 MiB slots
+    assert None not in small and pool.num_free_slabs == 0
+    assert pool.allocate(128 * MiB) is None  # no slab for a new class
+    for slot in small[:3]:  # slab 0 still has one used slot
+        assert slot is not None
+        pool.free(slot)
+    assert pool.num_free_slabs == 0
+    assert pool.allocate(128 * MiB) is None
+    assert small[3] is not None
+    pool.free(small[3])  # slab 0 is now empty: back on the free list
+    assert pool.num_free_slabs == 1
+    big = pool.allocate(128 * MiB)
+    assert big == 0  # the freed slab, now in the 128 MiB class
+    assert pool.allocate(128 * MiB) == 128 * MiB
+    assert pool.allocate(128 * MiB) is None
+    assert pool.allocate(64 * MiB) is None  # slab 1 is full of 64 MiB slots
+    assert pool.used_bytes == 4 * 64 * MiB + 2 * 128 * MiB == pool.capacity_bytes
+
+
+def test_full_slab_becomes_partial_again_after_a_free(pools) -> None:
+    pool = pools(MAX_SLAB_BYTES)
+    slots = [pool.allocate(64 * MiB) for _ in range(4)]
+    assert pool.allocate(64 * MiB) is None
+    assert slots[2] is not None
+    pool.free(slots[2])
+    assert pool.allocate(64 * MiB) == slots[2]  # the freed slot, not a new slab
+    assert pool.allocate(64 * MiB) is None
+
+
+def test_allocate_too_large_raises_and_can_ever_fit(pools) -> None:
+    pool = pools(64 * MiB)
+    assert pool.can_ever_fit(64 * MiB) and pool.can_ever_fit(1)
+    assert not pool.can_ever_fit(64 * MiB + 1)
+    assert not pool.can_ever_fit(0)
+    with pytest.raises(ValueError, match="exceeds the slab size"):
+        pool.allocate(64 * MiB + 1)
+    assert pool.used_bytes == 0
+
+
+def test_double_free_of_last_slot_is_caught(pools) -> None:
+    pool = pools(MAX_SLAB_BYTES)
+    slot = pool.allocate(MiB)
+    assert slot is not None
+    pool.free(slot)
+    with pytest.raises(AssertionError):
+        pool.free(slot)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_allocate_free_matches_model(pools, seed: int) -> None:
+    """Property test: the pool agrees with a simple model of slabs after every step."""
+    rng = random.Random(seed)
+    pool = pools(1 << 30)  # 4 slabs of 256 MiB
+    slab = pool.slab_bytes
+    sizes = [PAGE, 3 * MiB + PAGE, 40 * MiB, 100 * MiB, 256 * MiB]
+    live: dict[int, int] = {}  # slot -> size
+    model_slabs: list[tuple[int, int]] = [(0, 0)] * pool.num_slabs  # (slot size, used slots)
+    for step in range(4000):
+        if live and (rng.random() < 0.45 or len(live) > 3000):
+            slot = rng.choice(list(live))
+            size = live.pop(slot)
+            pool.free(slot)  # type: ignore[arg-type]
+            s = slot // slab
+            cls, used = model_slabs[s]
+            model_slabs[s] = (0, 0) if used == 1 else (cls, used - 1)
+        else:
+            size = rng.choice(sizes)
+            room = any(c == size and u < slab // size for c, u in model_slabs) or any(u == 0 for _, u in model_slabs)
+            slot = pool.allocate(size)
+            if not room:
+                assert slot is None, f"step {step}: allocated {size} with no room"
+                continue
+            assert slot is not None, f"step {step}: {size} refused although the model has room"
+            assert slot not in live
+            s, offset = divmod(slot, slab)
+            cls, used = model_slabs[s]
+            assert cls in (0, size), f"step {step}: slab {s} holds class {cls}, got a {size} slot"
+            assert offset % size == 0 and offset + size <= slab
+            model_slabs[s] = (size, used + 1)
+            live[slot] = size
+        assert pool.used_bytes == sum(live.values())
+        assert pool.num_slots_used == len(live)
+        assert pool.num_free_slabs == sum(u == 0 for _, u in model_slabs)
+        assert pool.used_bytes <= pool.capacity_bytes
+    # no two live slots overlap
+    spans = sorted((slot, slot + size) for slot, size in live.items())
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+    for slot in list(live):
+        pool.free(slot)  # type: ignore[arg-type]
+    assert pool.used_bytes == 0 and pool.num_slots_used == 0
+    assert pool.num_free_slabs == pool.num_slabs
+
+
+def test_allocate_and_free_are_constant_time(pools) -> None:
+    """Allocation must not scan: with 262144 small slots, the last allocations cost what the first did."""
+    pool = pools(1 << 30)
+    per_slab = pool.slab_bytes // PAGE
+    total = pool.num_slabs * per_slab
+    batch = 4000
+
+    def timed(n: int) -> tuple[float, list[int]]:
+        started = time.perf_counter()
+        got = [pool.allocate(PAGE) for _ in range(n)]
+        return time.perf_counter() - started, got  # type: ignore[return-value]
+
+    first = min(_refill(pool, timed, batch) for _ in range(3))
+    slots: list[int] = []
+    _, slots = timed(total - batch)
+    assert None not in slots
+    last, tail = timed(batch)
+    assert None not in tail
+    assert pool.allocate(PAGE) is None
+    assert pool.used_bytes == pool.capacity_bytes
+    for _ in range(2):  # free and allocate the tail again: best of three, the machine is shared
+        for slot in tail:
+            pool.free(slot)  # type: ignore[arg-type]
+        seconds, tail = timed(batch)
+        last = min(last, seconds)
+    assert last < 10 * first + 0.05, f"first {batch} allocations took {first:.4f} s, last {batch} took {last:.4f} s"
+    started = time.perf_counter()
+    for slot in slots + tail:
+        pool.free(slot)  # type: ignore[arg-type]
+    per_free = (time.perf_counter() - started) / total
+    assert per_free < 50e-6
+    assert pool.used_bytes == 0 and pool.num_free_slabs == pool.num_slabs
+
+
+def _refill(pool: Pool, timed, n: int) -> float:  # noqa: ANN001
+    seconds, got = timed(n)
+    for slot in got:
+        pool.free(slot)
+    return seconds
+
+
+# ---------------------------------------------------------------- ChunkIndex
+
+
+def stored(index: ChunkIndex, i: int, nbytes: int = PAGE) -> Entry:
+    entry, status = index.begin_store(key(i), nbytes)
+    assert status == ChunkStatus.STORED and entry is not None
+    index.finish_store(entry, True)
+    return entry
+
+
+def small_index(pools, slots: int = 8) -> ChunkIndex:
+    return ChunkIndex(pools(slots * PAGE))
+
+
+def test_store_present_and_invisible_while_writing(pools) -> None:
+    index = small_index(pools)
+    entry, status = index.begin_store(key(1), PAGE)
+    assert status == ChunkStatus.STORED and entry is not None
+    assert index.get_ready(key(1)) is None  # writing: invisible
+    assert index.begin_store(key(1), PAGE) == (None, ChunkStatus.PRESENT)
+    assert key(1) not in index.lru
+    index.finish_store(entry, True)
+    assert index.get_ready(key(1)) is entry
+    assert list(index.lru) == [key(1)]
+    assert index.pool.used_bytes == PAGE and len(index) == 1
+
+
+def test_failed_store_frees_its_slot(pools) -> None:
+    index = small_index(pools)
+    entry, _ = index.begin_store(key(1), PAGE)
+    assert entry is not None
+    index.finish_store(entry, False)
+    assert index.get_ready(key(1)) is None and len(index) == 0
+    assert index.pool.used_bytes == 0 and not index.lru
+    again, status = index.begin_store(key(1), PAGE)
+    assert status == ChunkStatus.STORED and again is not None
+
+
+def test_lru_evicts_oldest_first(pools) -> None:
+    index = small_index(pools, 8)
+    for i in range(8):
+        stored(index, i)
+    assert index.pool.used_bytes == 8 * PAGE == index.pool.capacity_bytes
+    for i in range(8, 12):
+        stored(index, i)
+    assert sorted(k[2][0] for k in index.entries) == list(range(4, 12))
+    assert index.num_evictions == 4 and index.evicted_bytes == 4 * PAGE
+    assert index.pool.used_bytes == 8 * PAGE
+
+
+def test_lru_order_follows_use(pools) -> None:
+    index = small_index(pools, 4)
+    entries = [stored(index, i) for i in range(4)]
+    assert index.begin_store(key(0), PAGE) == (None, ChunkStatus.PRESENT)  # a repeated store is a use
+    index.pin(entries[1])  # a lookup with lease ...
+    index.unpin(entries[1])  # ... and its retrieve: now the newest
+    assert list(index.lru) == [key(2), key(3), key(0), key(1)]
+    stored(index, 10)
+    assert index.get_ready(key(2)) is None
+    stored(index, 11)
+    assert index.get_ready(key(3)) is None
+    assert {k[2][0] for k in index.entries} == {0, 1, 10, 11}
+
+
+def test_pinned_entries_are_never_evicted(pools) -> None:
+    index = small_index(pools, 4)
+    entries = [stored(index, i) for i in range(4)]
+    index.pin(entries[0])
+    index.pin(entries[2])
+    index.pin(entries[2])
+    for i in range(10, 30):
+        stored(index, i)
+    assert index.get_ready(key(0)) is entries[0]
+    assert index.get_ready(key(2)) is entries[2]
+    assert len(index) == 4 and index.pool.used_bytes == 4 * PAGE
+    assert key(0) not in index.lru and key(2) not in index.lru
+    index.unpin(entries[2])
+    assert key(2) not in index.lru  # still one pin
+    index.unpin(entries[2])
+    assert list(index.lru)[-1] == key(2)
+
+
+def test_refused_full_when_every_chunk_is_pinned_or_writing(pools) -> None:
+    index = small_index(pools, 4)
+    entries = [stored(index, i) for i in range(3)]
+    writing, status = index.begin_store(key(3), PAGE)
+    assert status == ChunkStatus.STORED and writing is not None
+    for entry in entries:
+        index.pin(entry)
+    assert index.begin_store(key(99), PAGE) == (None, ChunkStatus.REFUSED_FULL)
+    assert index.num_evictions == 0 and len(index) == 4
+    assert index.pool.used_bytes == 4 * PAGE
+    index.finish_store(writing, True)  # now evictable
+    entry, status = index.begin_store(key(99), PAGE)
+    assert status == ChunkStatus.STORED and entry is not None
+    assert index.get_ready(key(3)) is None and index.num_evictions == 1
+    index.finish_store(entry, True)
+    assert index.begin_store(key(100), PAGE)[1] == ChunkStatus.STORED  # evicts 99
+
+
+def test_refused_too_large(pools) -> None:
+    index = small_index(pools, 4)
+    stored(index, 1)
+    assert index.begin_store(key(2), 4 * PAGE + 1) == (None, ChunkStatus.REFUSED_TOO_LARGE)
+    assert index.begin_store(key(3), 0) == (None, ChunkStatus.REFUSED_TOO_LARGE)
+    assert len(index) == 1 and index.num_evictions == 0  # nothing evicted for a hopeless store
+    assert index.begin_store(key(4), 4 * PAGE)[1] == ChunkStatus.STORED  # exactly one slab fits (evicts 1)
+    assert index.get_ready(key(1)) is None
+
+
+def test_other_size_class_evicts_until_a_slab_frees(pools) -> None:
+    index = ChunkIndex(pools(2 * MAX_SLAB_BYTES))  # 2 slabs
+    for i in range(8):
+        stored(index, i, 64 * MiB)  # fills both slabs
+    entry, status = index.begin_store(key(100), 128 * MiB)
+    assert status == ChunkStatus.STORED and entry is not None
+    # the 4 oldest (all of slab 0) had to go so that slab could change class
+    assert index.num_evictions == 4
+    assert {k[2][0] for k in index.entries} == {4, 5, 6, 7, 100}
+    assert entry.slot == 0
+    index.finish_store(entry, True)
+    assert index.pool.used_bytes == 4 * 64 * MiB + 128 * MiB
+
+
+def test_clear_frees_unpinned_now_and_pinned_when_unpinned(pools) -> None:
+    index = small_index(pools, 8)
+    entries = [stored(index, i) for i in range(4)]
+    index.pin(entries[1])
+    index.pin(entries[1])
+    writing, _ = index.begin_store(key(50), PAGE)
+    assert writing is not None
+    assert index.clear() == 5
+    assert len(index) == 0 and not index.lru and index.get_ready(key(0)) is None
+    # 1 pinned + 1 writing keep their slots
+    assert index.pool.used_bytes == 2 * PAGE
+    # the key can be stored again at once, in a different slot
+    fresh = stored(index, 1)
+    assert fresh.slot not in (entries[1].slot, writing.slot)
+    assert index.pool.used_bytes == 3 * PAGE
+    index.unpin(entries[1])
+    assert index.pool.used_bytes == 3 * PAGE  # one pin left
+    index.unpin(entries[1])
+    assert index.pool.used_bytes == 2 * PAGE
+    assert index.get_ready(key(1)) is fresh  # the orphan never touched the new entry
+    assert list(index.lru) == [key(1)]
+    index.finish_store(writing, True)
+    assert index.pool.used_bytes == PAGE
+    assert index.get_ready(key(50)) is None and len(index) == 1
+
+
+def test_clear_while_writing_failed_copy(pools) -> None:
+    index = small_index(pools, 2)
+    writing, _ = index.begin_store(key(1), PAGE)
+    assert writing is not None
+    index.clear()
+    index.finish_store(writing, False)
+    assert index.pool.used_bytes == 0 and len(index) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_index_random_operations_keep_accounting(pools, seed: int) -> None:
+    rng = random.Random(seed)
+    index = small_index(pools, 16)
+    pins: list[Entry] = []
+    writing: list[Entry] = []
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.5:
+            entry, status = index.begin_store(key(rng.randrange(64)), PAGE)
+            if entry is not None:
+                writing.append(entry)
+            elif status == ChunkStatus.REFUSED_FULL:
+                assert not index.lru  # refused only when nothing is evictable
+        elif op < 0.7 and writing:
+            index.finish_store(writing.pop(rng.randrange(len(writing))), rng.random() < 0.9)
+        elif op < 0.8:
+            entry = index.get_ready(key(rng.randrange(64)))
+            if entry is not None:
+                index.pin(entry)
+                pins.append(entry)
+        elif op < 0.95 and pins:
+            index.unpin(pins.pop(rng.randrange(len(pins))))
+        elif op > 0.995:
+            index.clear()
+        live = {id(e): e for e in index.entries.values()}
+        for e in pins + writing:
+            live[id(e)] = e
+        assert index.pool.used_bytes == PAGE * len(live)
+        assert all(e.ready and e.pins == 0 and e.indexed for e in index.lru.values())
+        assert set(index.lru) == {k for k, e in index.entries.items() if e.ready and e.pins == 0}
+        assert index.pool.used_bytes <= index.pool.capacity_bytes
+
+
+# ---------------------------------------------------------------- LeaseTable
+
+
+def entries_for(n: int, rank: int = 0) -> list[Entry]:
+    return [Entry(key(i, rank=rank), i * PAGE, PAGE) for i in range(n)]  # type: ignore[arg-type]
+
+
+def test_lease_take_per_rank_and_release() -> None:
+    table = LeaseTable(60.0)
+    r0, r1 = entries_for(2, 0), entries_for(3, 1)
+    lease = table.create(7, {0: r0, 1: r1})
+    assert len(table) == 1 and table.exists(lease.lease_id)
+    assert table.take(lease.lease_id, 0) == r0
+    assert table.exists(lease.lease_id)  # rank 1 has not taken its part
+    assert table.take(lease.lease_id, 0) == []  # taken already
+    assert table.take(lease.lease_id, 1) == r1
+    assert not table.exists(lease.lease_id) and len(table) == 0
+    assert table.take(lease.lease_id, 1) is None
+    other = table.create(7, {0: entries_for(1)})
+    assert other.lease_id != lease.lease_id
+    assert table.release(other.lease_id) == other.entries()
+    assert table.release(other.lease_id) is None
+    assert len(table) == 0
+
+
+def test_lease_expire_in_order() -> None:
+    table = LeaseTable(0.5)
+    a = table.create(1, {0: entries_for(2)})
+    b = table.create(2, {0: entries_for(1)})
+    assert table.next_expiry() == a.expires_at
+    assert a.expires_at <= b.expires_at
+    assert table.expire(a.expires_at - 0.01) == [] and len(table) == 2
+    assert table.expire(a.expires_at) == a.entries()
+    assert table.num_expired == 1 and not table.exists(a.lease_id) and table.exists(b.lease_id)
+    assert table.next_expiry() == b.expires_at
+    assert len(table.expire(b.expires_at + 100)) == 1
+    assert table.num_expired == 2 and table.next_expiry() is None
+    assert table.take(b.lease_id, 0) is None
+
+
+def test_lease_release_session() -> None:
+    table = LeaseTable(60.0)
+    mine = [table.create(5, {0: entries_for(2)}) for _ in range(3)]
+    theirs = table.create(6, {0: entries_for(4)})
+    table.take(mine[0].lease_id, 0)  # consumed already
+    released = table.release_session(5)
+    assert len(released) == 4  # two open leases of 2 entries
+    assert len(table) == 1 and table.exists(theirs.lease_id)
+    assert table.release_session(5) == []
+    assert table.release_session(999) == []
+    assert table.num_expired == 0
+
+
+# ---------------------------------------------------------------- transfer.plan
+
+
+def make_engine(num_layers: int, num_blocks: int, page: int, stride: int, one_segment: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    layer_bytes = num_blocks * stride
+    if one_segment:
+        segs = [rng.integers(0, 256, num_layers * layer_bytes + 64, dtype=np.uint8)]
+        offsets, seg_of = [i * layer_bytes for i in range(num_layers)], [0] * num_layers
+    else:
+        segs = [rng.integers(0, 256, layer_bytes + 64, dtype=np.uint8) for _ in range(num_layers)]
+        offsets, seg_of = [0] * num_layers, list(range(num_layers))
+    layout = KVLayout(num_layers, num_blocks, 16, page, stride, offsets, seg_of)
+    addresses = np.array([segs[s].ctypes.data + o for s, o in zip(seg_of, offsets, strict=True)], dtype=np.int64)
+    return layout, segs, addresses
+
+
+def engine_page(segs, layout: KVLayout, layer: int, block: int) -> bytes:
+    start = layout.layer_offsets[layer] + block * layout.block_stride
+    return segs[layout.layer_segments[layer]][start : start + layout.page_bytes].tobytes()
+
+
+def execute(copy_plan: CopyPlan) -> None:
+    for s, d, n in zip(copy_plan.src.tolist(), copy_plan.dst.tolist(), copy_plan.size.tolist(), strict=True):
+        ctypes.memmove(d, s, n)
+
+
+@pytest.mark.parametrize("one_segment", [False, True])
+@pytest.mark.parametrize("stride_pad", [0, 64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_roundtrip_exact_bytes(one_segment: bool, stride_pad: int, seed: int) -> None:
+    num_layers, num_blocks, page, bpc, num_chunks = 3, 40, 256, 4, 5
+    layout, segs, addresses = make_engine(num_layers, num_blocks, page, page + stride_pad, one_segment, seed)
+    rng = np.random.default_rng(seed + 100)
+    chunk_bytes = num_layers * bpc * page
+    arena = np.zeros(8 * chunk_bytes, dtype=np.uint8)
+    slot_index = rng.permutation(8)[:num_chunks]
+    slots = slot_index.astype(np.int64) * chunk_bytes + arena.ctypes.data
+    perm = rng.permutation(num_blocks)
+    src_blocks, dst_blocks = perm[: num_chunks * bpc], perm[num_chunks * bpc : 2 * num_chunks * bpc]
+    before = [s.copy() for s in segs]
+
+    to_pool = plan(layout, addresses, slots, src_blocks, True)
+    assert to_pool.num_bytes == num_chunks * chunk_bytes
+    execute(to_pool)
+    for j in range(num_chunks):
+        slot = arena[slot_index[j] * chunk_bytes : (slot_index[j] + 1) * chunk_bytes]
+        for layer in range(num_layers):
+            for k in range(bpc):
+                within = (layer * bpc + k) * page
+                assert slot[within : within + page].tobytes() == engine_page(
+                    before, layout, layer, int(src_blocks[j * bpc + k]))
+    unused = np.setdiff1d(np.arange(8), slot_index)
+    for u in unused:
+        assert not arena[u * chunk_bytes : (u + 1) * chunk_bytes].any()
+    for seg, old in zip(segs, before, strict=True):
+        assert np.array_equal(seg, old)  # a store never writes the engine
+
+    from_pool = plan(layout, addresses, slots, dst_blocks, False)
+    assert from_pool.num_bytes == num_chunks * chunk_bytes
+    execute(from_pool)
+    written = set(dst_blocks.tolist())
+    for j in range(num_chunks):
+        for layer in range(num_layers):
+            for k in range(bpc):
+                assert engine_page(segs, layout, layer, int(dst_blocks[j * bpc + k])) == engine_page(
+                    before, layout, layer, int(src_blocks[j * bpc + k]))
+    for layer in range(num_layers):
+        for block in range(num_blocks):
+            if block not in written:
+                assert engine_page(segs, layout, layer, block) == engine_page(before, layout, layer, block)
+    # padding between pages (stride > page) and the segment tails are never touched
+    for seg, old in zip(segs, before, strict=True):
+        assert np.array_equal(seg[-64:], old[-64:])
+        if stride_pad:
+            pad_mask = np.zeros(len(seg), dtype=bool)
+            for layer in range(num_layers):
+                if segs[layout.layer_segments[layer]] is not seg:
+                    continue
+                base = layout.layer_offsets[layer]
+                for block in range(num_blocks):
+                    start = base + block * layout.block_stride + page
+                    pad_mask[start : start + stride_pad] = True
+            assert np.array_equal(seg[pad_mask], old[pad_mask])
+
+
+def test_plan_merges_contiguous_runs() -> None:
+    num_layers, page, bpc = 2, 128, 4
+    layout, segs, addresses = make_engine(num_layers, 32, page, page, False, 3)
+    base = 1 << 20
+    chunk_bytes = num_layers * bpc * page
+    # one chunk, consecutive blocks: one run per layer (layers live in different segments)
+    p = plan(layout, addresses, np.array([base]), np.array([8, 9, 10, 11]), True)
+    assert p.size.tolist() == [bpc * page] * num_layers
+    assert p.src.tolist() == [int(addresses[0]) + 8 * page, int(addresses[1]) + 8 * page]
+    assert p.dst.tolist() == [base, base + bpc * page]
+    # broken runs split exactly where the block ids jump
+    p = plan(layout, addresses, np.array([base]), np.array([8, 9, 3, 4]), True)
+    assert p.size.tolist() == [2 * page, 2 * page] * num_layers
+    assert p.src.tolist()[:2] == [int(addresses[0]) + 8 * page, int(addresses[0]) + 3 * page]
+    assert p.dst.tolist()[:2] == [base, base + 2 * page]
+    # descending ids never merge
+    p = plan(layout, addresses, np.array([base]), np.array([7, 6, 5, 4]), False)
+    assert len(p.size) == bpc * num_layers and set(p.size.tolist()) == {page}
+    assert p.dst.tolist()[:4] == [int(addresses[0]) + b * page for b in (7, 6, 5, 4)]
+    assert p.src.tolist()[:4] == [base + k * page for k in range(4)]
+    # two chunks in adjacent slots with consecutive blocks still split per layer
+    p = plan(layout, addresses, np.array([base, base + chunk_bytes]), np.arange(8), True)
+    assert p.num_bytes == 2 * chunk_bytes and len(p.size) == 4
+    # stride > page: never contiguous on the engine side
+    padded, _, padded_addresses = make_engine(num_layers, 32, page, page + 16, False, 4)
+    p = plan(padded, padded_addresses, np.array([base]), np.array([8, 9, 10, 11]), True)
+    assert len(p.size) == bpc * num_layers
+
+
+def test_plan_merges_across_layers_in_one_segment() -> None:
+    """Layers back to back in one segment and all blocks in order: the whole chunk is one copy."""
+    num_layers, num_blocks, page = 3, 4, 64
+    layout, segs, addresses = make_engine(num_layers, num_blocks, page, page, True, 5)
+    arena = np.zeros(num_layers * num_blocks * page, dtype=np.uint8)
+    p = plan(layout, addresses, np.array([arena.ctypes.data]), np.arange(num_blocks), True)
+    assert p.size.tolist() == [num_layers * num_blocks * page]
+    assert p.src.tolist() == [segs[0].ctypes.data]
+    execute(p)
+    assert np.array_equal(arena, segs[0][: len(arena)])
+
+
+def test_copy_engine_splits_and_reports_once() -> None:
+    num_layers, page, bpc, num_chunks = 2, 64 << 10, 16, 4  # 8 MiB: split over threads
+    layout, segs, addresses = make_engine(num_layers, 128, page, page, True, 6)
+    chunk_bytes = num_layers * bpc * page
+    arena = np.zeros(num_chunks * chunk_bytes, dtype=np.uint8)
+    slots = np.arange(num_chunks, dtype=np.int64) * chunk_bytes + arena.ctypes.data
+    blocks = np.random.default_rng(6).permutation(128)[: num_chunks * bpc]
+    blocks[:bpc] = np.arange(bpc)  # one long run too
+    engine = CopyEngine(3)
+    try:
+        calls: list[BaseException | None] = []
+        done = threading.Event()
+
+        def finished(error: BaseException | None) -> None:
+            calls.append(error)
+            done.set()
+
+        copy_plan = plan(layout, addresses, slots, blocks, True)
+        assert len(engine._split(copy_plan)) > 1
+        engine.submit(copy_plan, finished)
+        assert done.wait(30)
+        time.sleep(0.05)
+        assert calls == [None]
+        reference = np.zeros_like(arena)
+        ref_slots = np.arange(num_chunks, dtype=np.int64) * chunk_bytes + reference.ctypes.data
+        execute(plan(layout, addresses, ref_slots, blocks, True))
+        assert np.array_equal(arena, reference)
+    finally:
+        engine.shutdown()
+
+
+def test_double_free_is_caught_while_the_slab_is_in_use(pools) -> None:
+    pool = pools(MAX_SLAB_BYTES)
+    a, b = pool.allocate(64 * MiB), pool.allocate(64 * MiB)
+    assert a is not None and b is not None
+    pool.free(a)
+    with pytest.raises(AssertionError, match="not allocated"):
+        pool.free(a)
+    assert pool.used_bytes == 64 * MiB and pool.num_slots_used == 1
+
+
+def test_eviction_prefers_the_size_being_stored(pools) -> None:
+    index = ChunkIndex(pools(2 * MAX_SLAB_BYTES))  # 2 slabs
+    for i in range(4):
+        stored(index, i, 64 * MiB)  # slab 0: four 64 MiB chunks (oldest)
+    for i in range(4, 6):
+        stored(index, i, 128 * MiB)  # slab 1: two 128 MiB chunks
+    entry, status = index.begin_store(key(100), 128 * MiB)
+    assert status == ChunkStatus.STORED and entry is not None
+    # the oldest 128 MiB chunk goes (one eviction), not the four older 64 MiB ones
+    assert index.num_evictions == 1
+    assert {k[2][0] for k in index.entries} == {0, 1, 2, 3, 5, 100}
