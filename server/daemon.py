@@ -36,6 +36,7 @@ from lmcd.server.config import ServerConfig
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService, RequestError, Session
+from lmcd.server.workers import sweep_orphans
 
 log = logging.getLogger("lmcd.server")
 T = TypeVar("T")
@@ -102,6 +103,10 @@ class CacheServer:
                  "touching every page" if cfg.touch_pool else "pages faulted on first use")
         self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool)
         self._stack.callback(self.pool.close)
+        removed = sweep_orphans()
+        if removed:
+            log.info("Removed %d stale SHM segments of workers that died earlier: %s", len(removed),
+                     ", ".join(removed[:8]))
         self.service = CacheService(cfg, self.pool, self._send_reply, self.post)
         self._stack.callback(self.service.workers.close_all)
         self._stack.callback(self.service.copies.shutdown)

@@ -65,6 +65,29 @@ class SegmentFile:
             os.close(fd)
 
 
+def sweep_orphans() -> list[str]:
+    """Unlink every /dev/shm/lmcache_kv_* segment whose owner is dead (no process holds its lock).
+
+    Catches workers that crashed while no server was running. Returns the names removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if SEGMENT_NAME.match(name) is None:
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        if SegmentFile(path, st.st_dev, st.st_ino).unlink_if_orphaned():
+            removed.append(name)
+    return removed
+
+
 class RegistrationError(ValueError):
     """A registration request that cannot be honoured; the message says why and what to do."""
 
@@ -227,3 +250,7 @@ class WorkerRegistry:
     def close_all(self) -> None:
         for worker in list(self.workers.values()):
             self.remove(worker)
+        self._rechecks.clear()
+        removed = sweep_orphans()
+        if removed:
+            log.info("Removed %d SHM segments of workers that died: %s", len(removed), ", ".join(removed[:8]))

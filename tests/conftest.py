@@ -125,5 +125,7 @@ def connect(url: str, ns: p.Namespace | None = None, role: p.Role = p.Role.WORKE
                        **kwargs)  # type: ignore[arg-type]
 
 
-def shm_names() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("lmcache_kv_")}
+def shm_names(pid: int | None = None) -> set[str]:
+    """lmcd segment names in /dev/shm (of one process, if ``pid`` is given)."""
+    prefix = "lmcache_kv_" if pid is None else f"lmcache_kv_{pid}_"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}

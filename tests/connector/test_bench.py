@@ -8,6 +8,7 @@ from tests.conftest import shm_names
 
 
 def test_bench_json_output(server_factory):
+    before = shm_names()
     srv = server_factory("--l1-size-gb", "0.25")
     port = srv.url.rsplit(":", 1)[1]
     out = subprocess.run(
@@ -24,7 +25,7 @@ def test_bench_json_output(server_factory):
     for r in result["results"]:
         assert r["store_gbps"] > 0 and r["retrieve_gbps"] > 0 and r["memcpy_gbps"] > 0
     assert 0 < result["lookup_p50_ms"] <= result["lookup_p99_ms"]
-    assert shm_names() == set()
+    assert shm_names() <= before  # the bench's worker removed its segments
 
 
 def test_bench_reports_a_pool_too_small(server_factory):

@@ -1,5 +1,7 @@
 """Client behaviour that does not need a particular server state."""
 
+import os
+
 import pytest
 
 from lmcd import protocol as p
@@ -55,18 +57,19 @@ def test_hello_reply_describes_the_server(server):
 
 
 def test_segments_are_named_while_their_worker_lives(server):
-    before = shm_names()
+    me = os.getpid()
+    before = shm_names(me)
     kv = CpuKVCache(num_layers=3, num_blocks=4, block_size=128, num_kv_heads=1, head_size=32)
     names = {seg.name for seg in kv.segments}
-    assert len(names) == 3 and shm_names() == before | names
+    assert len(names) == 3 and shm_names(me) == before | names
     with connect(server.url, namespace(geometry=kv.geometry)) as client:
         first = kv.register(client)
         client.unregister_worker(first.worker_id)
-        assert shm_names() == before | names  # the owner lives: the server leaves its names alone
+        assert shm_names(me) == before | names  # the owner lives: the server leaves its names alone
         second = kv.register(client)  # the same memory can be registered again
         assert second.worker_id != first.worker_id
     kv.close()
-    assert shm_names() == before
+    assert shm_names(me) == before
 
 
 def free_port() -> int:
@@ -110,4 +113,4 @@ def test_client_and_worker_memory_survive_a_server_restart(how):
         first.stop()
         if second is not None:
             assert second.stop() == 0
-    assert shm_names() == set()
+    assert shm_names(os.getpid()) == set()

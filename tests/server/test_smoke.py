@@ -1,5 +1,7 @@
 """The shortest end-to-end path: start, hello, store, lookup, retrieve, exact bytes, clean stop."""
 
+import os
+
 import numpy as np
 
 from lmcd import protocol as p
@@ -31,7 +33,7 @@ def test_store_lookup_retrieve_roundtrip(server):
             pages = kv.pages(layer)
             assert np.array_equal(pages[[0, 1, 5, 4, 9, 2]], pages[[10, 11, 12, 13, 14, 15]])
     kv.close()
-    assert shm_names() == set()
+    assert shm_names(os.getpid()) == set()
     assert server.stop() == 0
     assert "Stored 768 tokens" in server.log()
     assert "Retrieved 768 tokens" in server.log()
