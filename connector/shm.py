@@ -60,6 +60,8 @@ class ShmSegment:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 os.ftruncate(fd, nbytes)
             self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+            with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
+                self._mmap.madvise(mmap.MADV_HUGEPAGE)
         except BaseException:
             with contextlib.suppress(UnboundLocalError, OSError):
                 os.close(fd)

@@ -112,6 +112,8 @@ class CacheServer:
         self._stack.callback(self.service.copies.shutdown)
         self.service.full_status = self.status
         self.metrics = Metrics(self.service.stats, self._gauges)
+        self.service.observe_copy = lambda direction, seconds: self.metrics.copy_seconds.labels(direction).observe(
+            seconds)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

@@ -57,6 +57,27 @@ class ChunkIndex:
         entry = self.entries.get(key)
         return entry if entry is not None and entry.ready else None
 
+    def leading_ready(self, ns_id: int, ranks: list[int], hashes: list[bytes]) -> list[list[Entry]]:
+        """Per rank, the entries of the leading chunks that are ready for EVERY rank (hot path)."""
+        entries = self.entries
+        if len(ranks) == 1:
+            rank = ranks[0]
+            part: list[Entry] = []
+            for chunk_hash in hashes:
+                entry = entries.get((ns_id, rank, chunk_hash))
+                if entry is None or not entry.ready:
+                    break
+                part.append(entry)
+            return [part]
+        parts: list[list[Entry]] = [[] for _ in ranks]
+        for chunk_hash in hashes:
+            row = [entries.get((ns_id, rank, chunk_hash)) for rank in ranks]
+            if not all(entry is not None and entry.ready for entry in row):
+                break
+            for part, entry in zip(parts, row, strict=True):
+                part.append(entry)  # type: ignore[arg-type]
+        return parts
+
     # ------------------------------------------------------------ pins
 
     def _lru_add(self, entry: Entry) -> None:
@@ -80,6 +101,13 @@ class ChunkIndex:
         if entry.pins == 0 and entry.indexed:
             self._lru_remove(entry)
         entry.pins += 1
+
+    def pin_many(self, entries: list[Entry]) -> None:
+        lru_remove = self._lru_remove
+        for entry in entries:
+            if entry.pins == 0 and entry.indexed:
+                lru_remove(entry)
+            entry.pins += 1
 
     def unpin(self, entry: Entry) -> None:
         assert entry.pins > 0, "unpin of an unpinned entry"

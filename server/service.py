@@ -23,7 +23,7 @@ from lmcd.server.index import ChunkIndex, ChunkKey, Entry
 from lmcd.server.leases import LeaseTable
 from lmcd.server.metrics import Stats
 from lmcd.server.pool import Pool
-from lmcd.server.transfer import CopyEngine, plan
+from lmcd.server.transfer import CopyEngine, CopyPlan, plan
 from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 
 log = logging.getLogger("lmcd.server")
@@ -70,6 +70,7 @@ class CacheService:
         self._namespace_chunk_bytes: dict[int, int] = {}
         self.pending_copies = 0
         self.full_status: Callable[[], dict[str, object]] = self.status  # the server adds sessions etc.
+        self.observe_copy: Callable[[str, float], None] = lambda direction, seconds: None  # thread-safe hook
 
     # ------------------------------------------------------------ dispatch
 
@@ -211,28 +212,19 @@ class CacheService:
     def lookup(self, session: Session, req: p.Lookup) -> p.LookupReply:
         assert session.hello is not None and session.ns_id is not None
         ns = session.hello.namespace
-        ranks = range(ns.world_size) if ns.rank is None else (ns.rank,)
-        found: dict[int, list[Entry]] = {rank: [] for rank in ranks}
-        num_hits = 0
-        for chunk_hash in req.chunk_hashes:
-            hit = [self.index.get_ready((session.ns_id, rank, chunk_hash)) for rank in ranks]
-            if any(entry is None for entry in hit):
-                break
-            for rank, entry in zip(ranks, hit, strict=True):
-                assert entry is not None
-                found[rank].append(entry)
-            num_hits += 1
+        ranks = list(range(ns.world_size)) if ns.rank is None else [ns.rank]
+        parts = self.index.leading_ready(session.ns_id, ranks, req.chunk_hashes)
+        num_hits = len(parts[0])
         self.stats.lookups += 1
         self.stats.lookup_hit_chunks += num_hits
         self.stats.lookup_miss_chunks += len(req.chunk_hashes) - num_hits
         lease_id = None
         if num_hits and req.lease:
-            for part in found.values():
-                for entry in part:
-                    self.index.pin(entry)
-            lease_id = self.leases.create(session.session_id, found).lease_id
+            for part in parts:
+                self.index.pin_many(part)
+            lease_id = self.leases.create(session.session_id, dict(zip(ranks, parts, strict=True))).lease_id
         else:
-            for part in found.values():
+            for part in parts:
                 for entry in part:
                     self.index.touch(entry)
         return p.LookupReply(req.rid, num_hits, lease_id)
@@ -277,7 +269,7 @@ class CacheService:
             text = f"copy failed: {error}" if error is not None else message
             self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
 
-        self._submit(worker, copy_plan, finish)
+        self._submit(worker, copy_plan, "store", finish)
         return None
 
     # ------------------------------------------------------------ retrieve
@@ -325,7 +317,7 @@ class CacheService:
             self._log_copy("Retrieved", len(pinned), copy_plan.num_bytes, started)
             self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
 
-        self._submit(worker, copy_plan, finish)
+        self._submit(worker, copy_plan, "retrieve", finish)
         return None
 
     # ------------------------------------------------------------ helpers
@@ -334,16 +326,22 @@ class CacheService:
         return (worker.ns_id, worker.rank, chunk_hash)
 
     def _plan(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
-              to_pool: bool):  # noqa: ANN202
+              to_pool: bool) -> CopyPlan:
         bpc = worker.blocks_per_chunk
         chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
         slots = np.fromiter((entry.slot for entry in entries), dtype=np.int64, count=len(entries))
         return plan(worker.layout, worker.layer_addresses, slots + self.pool.base_address, chosen, to_pool)
 
-    def _submit(self, worker: Worker, copy_plan, finish: Callable[[BaseException | None], None]) -> None:  # noqa: ANN001
+    def _submit(self, worker: Worker, copy_plan: CopyPlan, direction: str,
+                finish: Callable[[BaseException | None], None]) -> None:
         worker.inflight += 1
         self.pending_copies += 1
-        self.copies.submit(copy_plan, lambda error: self._post(lambda: finish(error)))
+
+        def done(error: BaseException | None, seconds: float) -> None:  # on a copy thread
+            self.observe_copy(direction, seconds)
+            self._post(lambda: finish(error))
+
+        self.copies.submit(copy_plan, done)
 
     def _unpin(self, entries: list[Entry]) -> None:
         for entry in entries:

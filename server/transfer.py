@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,14 +80,15 @@ def _run(src: list[int], dst: list[int], size: list[int]) -> None:
 
 
 class CopyEngine:
-    """A few threads that execute copy plans. ``submit`` returns at once; ``done(error)`` is
-    called exactly once per plan, from a copy thread, when every piece has finished."""
+    """A few threads that execute copy plans. ``submit`` returns at once; ``done(error, seconds)``
+    is called exactly once per plan, from a copy thread, when every piece has finished."""
 
     def __init__(self, num_threads: int) -> None:
         self.num_threads = max(1, num_threads)
         self._executor = ThreadPoolExecutor(self.num_threads, thread_name_prefix="lmcd-copy")
 
-    def submit(self, copy_plan: CopyPlan, done: Callable[[BaseException | None], None]) -> None:
+    def submit(self, copy_plan: CopyPlan, done: Callable[[BaseException | None, float], None]) -> None:
+        started = time.perf_counter()
         parts = self._split(copy_plan)
         remaining = [len(parts)]
         errors: list[BaseException] = []
@@ -101,7 +103,7 @@ class CopyEngine:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
-                done(errors[0] if errors else None)
+                done(errors[0] if errors else None, time.perf_counter() - started)
 
         for part in parts:
             self._executor.submit(run_part, *part)

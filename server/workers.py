@@ -164,7 +164,10 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
         if st.st_size < declared_size:
             raise RegistrationError(f"segment {name} holds {st.st_size} bytes, {declared_size} were declared")
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, declared_size, flags=flags), SegmentFile(path, st.st_dev, st.st_ino)
+        mapping = mmap.mmap(fd, declared_size, flags=flags)
+        with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        return mapping, SegmentFile(path, st.st_dev, st.st_ino)
     finally:
         os.close(fd)
 

@@ -650,7 +650,8 @@ def test_copy_engine_splits_and_reports_once() -> None:
         calls: list[BaseException | None] = []
         done = threading.Event()
 
-        def finished(error: BaseException | None) -> None:
+        def finished(error: BaseException | None, seconds: float) -> None:
+            assert seconds > 0
             calls.append(error)
             done.set()
 

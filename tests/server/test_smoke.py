@@ -2,6 +2,7 @@
 
 import os
 
+import httpx
 import numpy as np
 
 from lmcd import protocol as p
@@ -32,6 +33,9 @@ def test_store_lookup_retrieve_roundtrip(server):
         for layer in range(2):
             pages = kv.pages(layer)
             assert np.array_equal(pages[[0, 1, 5, 4, 9, 2]], pages[[10, 11, 12, 13, 14, 15]])
+    metrics = httpx.get(f"{server.http_url}/metrics").text
+    assert 'lmcd_copy_seconds_count{direction="store"} 1.0' in metrics
+    assert 'lmcd_copy_seconds_count{direction="retrieve"} 1.0' in metrics
     kv.close()
     assert shm_names(os.getpid()) == set()
     assert server.stop() == 0
