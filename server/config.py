@@ -24,15 +24,21 @@ class ConfigError(ValueError):
     pass
 
 
-def available_memory_bytes() -> int:
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``Key:  N kB`` line of a /proc file, None where it is missing."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
+
+
+def available_memory_bytes() -> int:
+    found = proc_kib_field("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def default_l1_size_gb() -> float:

@@ -32,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from lmcd import __version__
 from lmcd import protocol as p
-from lmcd.server.config import ServerConfig
+from lmcd.server.config import ServerConfig, proc_kib_field
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService, RequestError, Session
@@ -63,18 +63,6 @@ def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq
         sock.close(0)  # an open socket would make ctx.term() in shutdown block forever
         raise
     return sock
-
-
-def resident_bytes() -> int:
-    """This process's resident memory (VmRSS), 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class CacheServer:
@@ -147,9 +135,9 @@ class CacheServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        resident = proc_kib_field("/proc/self/status", "VmRSS") or 0
         log.info("LMCache cache server is running on %s (pool %.2f GiB in %d slabs, process holds %.2f GiB; HTTP %s)",
-                 self.url, self.pool.capacity_bytes / 2**30, self.pool.num_slabs, resident_bytes() / 2**30,
-                 self.http_url)
+                 self.url, self.pool.capacity_bytes / 2**30, self.pool.num_slabs, resident / 2**30, self.http_url)
         while not self._stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             if self.monitor in ready:
