@@ -41,3 +41,14 @@ def test_store_lookup_retrieve_roundtrip(server):
     assert server.stop() == 0
     assert "Stored 768 tokens" in server.log()
     assert "Retrieved 768 tokens" in server.log()
+
+
+def test_the_server_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lmcd.cli, lmcd.server.daemon, lmcd.server.http, lmcd.server.main; "
+            "lmcd.cli.build_parser(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
