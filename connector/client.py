@@ -164,10 +164,11 @@ class CacheClient:
         return StoreResult(list(reply.statuses), reply.message)
 
     def retrieve(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int],
-                 lease_id: int | None = None) -> int:
-        """Copies the leading cached chunks into ``block_ids``; returns how many chunks it copied."""
-        reply = self._call(lambda rid: p.Retrieve(rid, worker_id, list(chunk_hashes), list(block_ids), lease_id),
-                           "retrieve")
+                 lease_id: int | None = None, skip_blocks: int = 0) -> int:
+        """Copies the leading cached chunks into ``block_ids`` (leaving out the first ``skip_blocks``
+        blocks of the first chunk); returns how many chunks it found and copied."""
+        reply = self._call(lambda rid: p.Retrieve(rid, worker_id, list(chunk_hashes), list(block_ids), lease_id,
+                                                  skip_blocks), "retrieve")
         assert isinstance(reply, p.RetrieveReply)
         return reply.num_retrieved_chunks
 

@@ -170,6 +170,7 @@ class Retrieve(msgspec.Struct, array_like=True, gc=False, tag="retrieve"):
     chunk_hashes: HashList
     block_ids: BlockIdList
     lease_id: int | None = None
+    skip_blocks: NonNeg = 0  # leading blocks of the first chunk not to write (the engine has them)
 
 
 class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):

@@ -277,6 +277,9 @@ class CacheService:
     def retrieve(self, session: Session, req: p.Retrieve, started: float) -> p.Reply | None:
         worker = self._worker(session, req.worker_id)
         blocks = self._blocks(worker, req.chunk_hashes, req.block_ids)
+        if req.skip_blocks >= worker.blocks_per_chunk:
+            raise RequestError(p.ErrorCode.BAD_REQUEST, f"skip_blocks {req.skip_blocks} must be below the "
+                               f"{worker.blocks_per_chunk} blocks of a chunk")
         self.stats.retrieves += 1
         leased: dict[ChunkKey, Entry] = {}
         if req.lease_id is not None:
@@ -301,7 +304,8 @@ class CacheService:
         if any(entry.nbytes != worker.chunk_bytes for entry in pinned):
             self._unpin(pinned)
             raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, "cached chunk size differs from this worker's layout")
-        copy_plan = self._plan(worker, pinned, blocks, list(range(len(pinned))), to_pool=False)
+        copy_plan = self._plan(worker, pinned, blocks, list(range(len(pinned))), to_pool=False,
+                               skip_blocks=req.skip_blocks)
 
         def finish(error: BaseException | None) -> None:
             self._unpin(pinned)
@@ -326,11 +330,12 @@ class CacheService:
         return (worker.ns_id, worker.rank, chunk_hash)
 
     def _plan(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
-              to_pool: bool) -> CopyPlan:
+              to_pool: bool, skip_blocks: int = 0) -> CopyPlan:
         bpc = worker.blocks_per_chunk
         chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
         slots = np.fromiter((entry.slot for entry in entries), dtype=np.int64, count=len(entries))
-        return plan(worker.layout, worker.layer_addresses, slots + self.pool.base_address, chosen, to_pool)
+        return plan(worker.layout, worker.layer_addresses, slots + self.pool.base_address, chosen, to_pool,
+                    skip_blocks)
 
     def _submit(self, worker: Worker, copy_plan: CopyPlan, direction: str,
                 finish: Callable[[BaseException | None], None]) -> None:

@@ -42,9 +42,12 @@ class CopyPlan:
 
 def plan(
     layout: KVLayout, layer_addresses: np.ndarray, slot_addresses: np.ndarray, block_ids: np.ndarray,
-    to_pool: bool,
+    to_pool: bool, skip_blocks: int = 0,
 ) -> CopyPlan:
-    """Copy triples for chunks at ``slot_addresses`` and their ``block_ids`` (validated by the caller)."""
+    """Copy triples for chunks at ``slot_addresses`` and their ``block_ids`` (validated by the caller).
+
+    ``skip_blocks`` leaves out the first ``skip_blocks`` blocks of the first chunk (every layer).
+    """
     num_chunks = len(slot_addresses)
     bpc = len(block_ids) // num_chunks
     page = layout.page_bytes
@@ -53,7 +56,12 @@ def plan(
     within = (np.arange(layout.num_layers, dtype=np.int64).reshape(1, -1, 1) * bpc
               + np.arange(bpc, dtype=np.int64).reshape(1, 1, -1)) * page
     pool = slot_addresses.reshape(-1, 1, 1).astype(np.int64) + within
-    engine, pool = engine.ravel(), pool.ravel()
+    if skip_blocks:
+        keep = np.ones(engine.shape, dtype=bool)
+        keep[0, :, :skip_blocks] = False
+        engine, pool = engine[keep], pool[keep]
+    else:
+        engine, pool = engine.ravel(), pool.ravel()
     src, dst = (engine, pool) if to_pool else (pool, engine)
     # merge i into i-1 when both sides continue exactly where i-1 ended
     joins = (src[1:] == src[:-1] + page) & (dst[1:] == dst[:-1] + page)

@@ -649,3 +649,27 @@ def test_clean_shutdown(server_factory, sig: int) -> None:
     kv.close()
     assert own_shm_names(os.getpid()) == set()
     assert own_shm_names(server.proc.pid) == set()
+
+
+def test_retrieve_skips_the_leading_blocks_the_engine_has(server):
+    """skip_blocks leaves the first blocks of the first chunk untouched in every layer."""
+    kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=64, num_kv_heads=1, head_size=32)
+    rng = np.random.default_rng(3)
+    for seg in kv.segments:
+        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+    with connect(server.url, namespace(geometry=kv.geometry)) as client:
+        info = kv.register(client)
+        keys = [bytes([i]) * 32 for i in range(2)]  # 2 chunks of 4 blocks
+        assert client.store(info.worker_id, keys, [0, 1, 2, 3, 4, 5, 6, 7]).num_stored == 2
+        before = [kv.pages(layer).copy() for layer in range(2)]
+        for layer in range(2):
+            kv.pages(layer)[:] = 0
+        with pytest.raises(ServerError) as err:
+            client.retrieve(info.worker_id, keys, list(range(8)), skip_blocks=4)
+        assert err.value.code == p.ErrorCode.BAD_REQUEST
+        assert client.retrieve(info.worker_id, keys, list(range(8)), skip_blocks=3) == 2
+        for layer in range(2):
+            pages = kv.pages(layer)
+            assert not pages[:3].any()  # skipped: still zero
+            assert np.array_equal(pages[3:], before[layer][3:])
+    kv.close()

@@ -1,0 +1,168 @@
+"""Scheduler-side bookkeeping: which chunks a request can load, and which it must store.
+
+Pure Python (no vLLM import), so it is tested on its own. The vLLM connector feeds it the
+scheduler's calls and ships the ``RequestPlan``s it returns to every worker.
+
+Token arithmetic for one request (C = chunk size, B = block size, C % B == 0)::
+
+    prompt:   |chunk 0 |chunk 1 |chunk 2 |chunk 3 |par|      only full chunks have keys
+    cached:   |<---- hit_chunks * C ----->|                  from the server's lookup
+    local:    |<- vLLM prefix cache ->|                      num_computed_tokens (B-aligned)
+    load:                             |<->|                  to_load = usable hit - local
+    load = the chunks overlapping [local, local + to_load); the first one skips its
+    (local - first * C) // B leading blocks, which vLLM already has.
+
+vLLM must compute at least one prompt token, so a hit of the whole prompt is cut to
+``len(prompt) - 1`` tokens (the last chunk is loaded; its last token is recomputed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lmcd.connector.keys import chunk_hashes
+
+log = logging.getLogger("lmcd.connector")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    chunk_hashes: list[bytes]
+    block_ids: list[int]  # blocks_per_chunk ids per chunk
+    skip_blocks: int  # leading blocks of the first chunk that vLLM already computed
+    lease_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    chunk_hashes: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What every worker does for one request in one step (crosses to the workers)."""
+
+    req_id: str
+    load: LoadSpec | None = None
+    store: StoreSpec | None = None
+
+
+@dataclass(slots=True)
+class _Tracker:
+    req_id: str
+    prompt: list[int]
+    hashes: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    num_stored_chunks: int = 0  # chunks cached or already planned for a store
+    lease_id: int | None = None
+    hit_chunks: int = 0
+    computed_at_lookup: int = 0
+    pending_load: tuple[int, int] | None = None  # token range [start, end) to load
+
+
+LookupFn = Callable[[list[bytes]], tuple[int, int | None]]  # hashes -> (hit chunks, lease id)
+ReleaseFn = Callable[[int], None]
+
+
+class SchedulerState:
+    """Per-request state between ``get_num_new_matched_tokens`` and ``request_finished``."""
+
+    def __init__(self, chunk_size: int, block_size: int, lookup: LookupFn, release: ReleaseFn) -> None:
+        if chunk_size % block_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of vLLM's block size {block_size}; "
+                             f"start the server with --chunk-size a multiple of {block_size}")
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.blocks_per_chunk = chunk_size // block_size
+        self._lookup = lookup
+        self._release = release
+        self._trackers: dict[str, _Tracker] = {}
+
+    def _tracker(self, req_id: str, prompt: Sequence[int]) -> _Tracker:
+        tracker = self._trackers.get(req_id)
+        if tracker is None:
+            prompt = list(prompt)
+            tracker = _Tracker(req_id, prompt, chunk_hashes(prompt, self.chunk_size))
+            self._trackers[req_id] = tracker
+        return tracker
+
+    def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], num_computed_tokens: int) -> int:
+        """Tokens vLLM may take from the cache beyond ``num_computed_tokens`` (never more than allowed)."""
+        tracker = self._tracker(req_id, prompt)
+        self._drop_lease(tracker)  # asked again: the previous answer's pins are not needed
+        hit_chunks, lease_id = self._lookup(tracker.hashes) if tracker.hashes else (0, None)
+        tracker.hit_chunks, tracker.lease_id = hit_chunks, lease_id
+        tracker.num_stored_chunks = max(tracker.num_stored_chunks, hit_chunks)
+        hit_tokens = hit_chunks * self.chunk_size
+        usable = min(hit_tokens, len(tracker.prompt) - 1)
+        to_load = max(0, usable - num_computed_tokens)
+        tracker.computed_at_lookup = num_computed_tokens
+        log.info("Reqid: %s, Total tokens %d, LMCache hit tokens: %d, need to load: %d", req_id,
+                 len(tracker.prompt), hit_tokens, to_load)
+        if to_load == 0:
+            self._drop_lease(tracker)
+        return to_load
+
+    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+        tracker = self._trackers.get(req_id)
+        if tracker is None:
+            return
+        if num_external_tokens > 0:
+            start = tracker.computed_at_lookup
+            tracker.pending_load = (start, start + num_external_tokens)
+        else:
+            tracker.pending_load = None
+            self._drop_lease(tracker)
+
+    def plan_step(self, req_id: str, prompt: Sequence[int] | None, block_ids: Sequence[int] | None,
+                  replace_blocks: bool, num_computed_tokens: int, num_scheduled_tokens: int) -> RequestPlan | None:
+        """Loads and stores of one request for the step being scheduled."""
+        tracker = self._trackers.get(req_id)
+        if tracker is None:
+            if prompt is None:
+                return None
+            tracker = self._tracker(req_id, prompt)
+        if block_ids is not None:
+            tracker.block_ids = list(block_ids) if replace_blocks else tracker.block_ids + list(block_ids)
+        load = self._plan_load(tracker)
+        store = self._plan_store(tracker, num_computed_tokens + num_scheduled_tokens)
+        if load is None and store is None:
+            return None
+        return RequestPlan(req_id, load, store)
+
+    def _plan_load(self, tracker: _Tracker) -> LoadSpec | None:
+        if tracker.pending_load is None:
+            return None
+        start, end = tracker.pending_load
+        tracker.pending_load = None
+        first, last = start // self.chunk_size, -(-end // self.chunk_size)
+        bpc = self.blocks_per_chunk
+        lease_id, tracker.lease_id = tracker.lease_id, None  # the workers consume it
+        return LoadSpec(tracker.hashes[first:last], tracker.block_ids[first * bpc : last * bpc],
+                        (start - first * self.chunk_size) // self.block_size, lease_id)
+
+    def _plan_store(self, tracker: _Tracker, num_tokens_after_step: int) -> StoreSpec | None:
+        full = min(num_tokens_after_step, len(tracker.prompt)) // self.chunk_size
+        full = min(full, len(tracker.block_ids) // self.blocks_per_chunk)
+        start = tracker.num_stored_chunks
+        if full <= start:
+            return None
+        tracker.num_stored_chunks = full
+        bpc = self.blocks_per_chunk
+        return StoreSpec(tracker.hashes[start:full], tracker.block_ids[start * bpc : full * bpc])
+
+    def finished(self, req_id: str) -> None:
+        tracker = self._trackers.pop(req_id, None)
+        if tracker is not None:
+            self._drop_lease(tracker)
+
+    def _drop_lease(self, tracker: _Tracker) -> None:
+        if tracker.lease_id is not None:
+            lease_id, tracker.lease_id = tracker.lease_id, None
+            self._release(lease_id)
+
+    def __len__(self) -> int:
+        return len(self._trackers)
