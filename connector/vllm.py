@@ -1,0 +1,230 @@
+"""The vLLM KV connector: ``LMCacheMPConnector`` (and ``LMCacheConnectorV1`` for embedded use).
+
+Load it with vLLM's ``--kv-transfer-config``::
+
+    {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+     "kv_connector_module_path": "lmcd.connector.vllm",
+     "kv_connector_extra_config": {"lmcache.mp.host": "tcp://localhost", "lmcache.mp.port": 5555}}
+
+Scheduler role: looks up the prompt's full chunks (one lease per lookup), tells vLLM how many
+tokens it may load, and plans per step which chunks each worker loads (before the forward)
+and stores (after it). Worker role: moves the KV tensors into POSIX SHM at registration and
+asks the server to copy between those pages and its pool. Loads and stores are synchronous
+within the step, so a finished request's blocks can be freed at once. If the server is
+unreachable, vLLM recomputes (``kv_load_failure_policy`` recompute) and the connector
+reconnects when the server returns.
+
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from lmcd import protocol as p
+from lmcd.connector.autostart import ensure_local_server
+from lmcd.connector.scheduler import RequestPlan, SchedulerState
+from lmcd.connector.session import ServerSession
+from lmcd.connector.settings import ConnectorSettings, EmbeddedSettings
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+    from lmcd.connector.worker import WorkerState
+
+log = logging.getLogger("lmcd.connector")
+LOG_FORMAT = "[%(asctime)s] LMCache %(levelname)s: %(message)s"
+
+
+@dataclass
+class LmcdConnectorMetadata(KVConnectorMetadata):
+    plans: list[RequestPlan] = field(default_factory=list)
+
+
+def _setup_logging() -> None:
+    """Our INFO lines (the ones LMCache users look for) go to stderr like vLLM's own."""
+    lmcd_log = logging.getLogger("lmcd")
+    if not lmcd_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        lmcd_log.addHandler(handler)
+        lmcd_log.setLevel(logging.INFO)
+        lmcd_log.propagate = False
+
+
+def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: int | None) -> p.Namespace:
+    """Everything that changes a chunk's bytes, identical on the scheduler and on every worker."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(f"this connector supports models with one KV cache group, this one has {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    layout = kv_cache_config.kv_cache_layout or "default"
+    geometry = (f"{type(spec).__name__}.L{len(groups[0].layer_names)}.N{spec.block_size}"
+                f".H{getattr(spec, 'num_kv_heads', 0)}.D{getattr(spec, 'head_size', 0)}.P{spec.page_size_bytes}"
+                f".{layout}")
+    parallel = vllm_config.parallel_config
+    world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    dtype = str(getattr(spec, "dtype", vllm_config.cache_config.cache_dtype)).removeprefix("torch.")
+    return p.Namespace(str(vllm_config.model_config.model), f"{dtype}/{vllm_config.cache_config.cache_dtype}",
+                       geometry, world_size, rank)
+
+
+def _global_rank(vllm_config: VllmConfig) -> int:
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return get_tensor_model_parallel_rank() + tp * get_pp_group().rank_in_group
+
+
+class LMCacheMPConnector(KVConnectorBase_V1):
+    autostart_default = False
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _setup_logging()
+        transfer = self._kv_transfer_config
+        self.settings = ConnectorSettings.from_extra_config(transfer.kv_connector_extra_config,
+                                                            autostart_default=self.autostart_default)
+        self.block_size = vllm_config.cache_config.block_size
+        if self.settings.autostart:
+            self.settings = ensure_local_server(self.settings, EmbeddedSettings.from_env())
+        log.info("lmcache.mp.mp_transfer_mode = %s; server %s", self.settings.transfer_mode, self.settings.url)
+        self._scheduler: SchedulerState | None = None
+        self._session: ServerSession | None = None
+        self._worker: WorkerState | None = None
+        self._load_errors: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            if self.settings.load_failure_policy == "recompute":
+                transfer.kv_load_failure_policy = "recompute"  # read by vLLM's scheduler after this
+            self._session = ServerSession(self.settings, _namespace(vllm_config, kv_cache_config, None),
+                                          p.Role.SCHEDULER, "the vLLM scheduler")
+        else:
+            from lmcd.connector.worker import WorkerState
+
+            rank = _global_rank(vllm_config)
+            self._worker = WorkerState(self.settings, _namespace(vllm_config, kv_cache_config, rank),
+                                       f"vLLM worker rank {rank}")
+
+    # ------------------------------------------------------------ scheduler role
+
+    def _state(self) -> SchedulerState | None:
+        if self._scheduler is None:
+            assert self._session is not None
+            chunk_size = self._session.call(lambda client: client.chunk_size, None, "hello")
+            if chunk_size is None:
+                return None
+            self._scheduler = SchedulerState(chunk_size, self.block_size, self._lookup, self._release)
+        return self._scheduler
+
+    def _lookup(self, hashes: list[bytes]) -> tuple[int, int | None]:
+        assert self._session is not None
+        result = self._session.call(lambda client: client.lookup(hashes), None, "lookup")
+        return (0, None) if result is None else (result.num_hit_chunks, result.lease_id)
+
+    def _release(self, lease_id: int) -> None:
+        assert self._session is not None
+        self._session.call(lambda client: client.release(lease_id), 0, "release")
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state()
+        if state is None:
+            return 0, False
+        prompt = request.prompt_token_ids or []
+        return state.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self._scheduler is not None:
+            self._scheduler.after_alloc(request.request_id, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LmcdConnectorMetadata()
+        state = self._scheduler
+        if state is None:
+            return meta
+        counts = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            plan = state.plan_step(new.req_id, new.prompt_token_ids, new.block_ids[0], True,
+                                   new.num_computed_tokens, counts.get(new.req_id, 0))
+            if plan is not None:
+                meta.plans.append(plan)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_blocks = cached.new_block_ids[i]
+            plan = state.plan_step(req_id, None, new_blocks[0] if new_blocks is not None else None,
+                                   req_id in cached.resumed_req_ids, cached.num_computed_tokens[i],
+                                   counts.get(req_id, 0))
+            if plan is not None:
+                meta.plans.append(plan)
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._scheduler is not None:
+            self._scheduler.finished(request.request_id)
+        return False, None  # stores finish within their step: the blocks can go now
+
+    # ------------------------------------------------------------ worker role
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        log.info("Registering kv caches!")
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, self.block_size)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self._worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LmcdConnectorMetadata)
+        bpc = None
+        for plan in meta.plans:
+            if plan.load is not None:
+                if bpc is None:
+                    bpc = len(plan.load.block_ids) // max(1, len(plan.load.chunk_hashes))
+                self._load_errors |= self._worker.load(plan.load, bpc)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
+        return  # whole chunks are stored after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self._worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LmcdConnectorMetadata)
+        for plan in meta.plans:
+            if plan.store is not None:
+                self._worker.store(plan.store)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        if self._session is not None:
+            self._session.close()
+
+
+class LMCacheConnectorV1(LMCacheMPConnector):
+    """Embedded use, as in LMCache's in-process quick starts: starts a local server if none answers."""
+
+    autostart_default = True

@@ -1,0 +1,133 @@
+"""Scheduler-side planning: what vLLM may load, and which chunks each step loads and stores."""
+
+import pytest
+
+from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.scheduler import SchedulerState
+from lmcd.connector.settings import ConnectorSettings, EmbeddedSettings, SettingsError
+
+C, B = 256, 128  # chunk size, vLLM block size: 2 blocks per chunk
+
+
+class FakeServer:
+    """The lookup/release pair a SchedulerState calls, over a set of cached chunk keys."""
+
+    def __init__(self, cached: set[bytes]):
+        self.cached = cached
+        self.leases: dict[int, int] = {}
+        self.next_lease = 1
+
+    def lookup(self, hashes):
+        n = 0
+        while n < len(hashes) and hashes[n] in self.cached:
+            n += 1
+        if not n:
+            return 0, None
+        self.leases[self.next_lease] = n
+        self.next_lease += 1
+        return n, self.next_lease - 1
+
+    def release(self, lease_id):
+        del self.leases[lease_id]
+
+
+def state_for(prompt, cached_chunks):
+    server = FakeServer(set(chunk_hashes(prompt, C)[:cached_chunks]))
+    return SchedulerState(C, B, server.lookup, server.release), server
+
+
+def test_miss_stores_every_full_prompt_chunk_once():
+    prompt = list(range(1000))  # 3 full chunks + 232 tokens
+    state, server = state_for(prompt, 0)
+    assert state.num_new_matched_tokens("r", prompt, 0) == 0
+    state.after_alloc("r", 0)
+    blocks = list(range(10, 18))
+    plan = state.plan_step("r", prompt, blocks, True, 0, 1000)
+    assert plan is not None and plan.load is None
+    assert plan.store.chunk_hashes == chunk_hashes(prompt, C)
+    assert plan.store.block_ids == blocks[:6]
+    assert state.plan_step("r", None, [18], False, 1000, 1) is None  # decode: nothing new to store
+    state.finished("r")
+    assert len(state) == 0 and not server.leases
+
+
+def test_chunked_prefill_stores_chunks_as_they_fill():
+    prompt = list(range(600))
+    state, _ = state_for(prompt, 0)
+    state.num_new_matched_tokens("r", prompt, 0)
+    state.after_alloc("r", 0)
+    first = state.plan_step("r", prompt, [0, 1], True, 0, 300)
+    assert len(first.store.chunk_hashes) == 1 and first.store.block_ids == [0, 1]
+    second = state.plan_step("r", None, [2, 3, 4], False, 300, 300)
+    assert len(second.store.chunk_hashes) == 1 and second.store.block_ids == [2, 3]
+
+
+def test_hit_loads_and_does_not_store_again():
+    prompt = list(range(1000))
+    state, server = state_for(prompt, 3)
+    assert state.num_new_matched_tokens("r", prompt, 0) == 768
+    assert len(server.leases) == 1
+    state.after_alloc("r", 768)
+    plan = state.plan_step("r", prompt, list(range(8)), True, 0, 1000 - 768)
+    assert plan.load.chunk_hashes == chunk_hashes(prompt, C)
+    assert plan.load.block_ids == list(range(6)) and plan.load.skip_blocks == 0
+    assert plan.load.lease_id is not None
+    assert plan.store is None  # the cached chunks are not stored again
+    state.finished("r")
+    assert len(server.leases) == 1  # the workers consume the lease, not the scheduler
+
+
+def test_whole_prompt_hit_leaves_one_token_to_compute():
+    prompt = list(range(512))
+    state, _ = state_for(prompt, 2)
+    assert state.num_new_matched_tokens("r", prompt, 0) == 511
+    state.after_alloc("r", 511)
+    plan = state.plan_step("r", prompt, [4, 5, 6, 7], True, 0, 1)
+    assert plan.load.block_ids == [4, 5, 6, 7]  # the whole last chunk: its last token is recomputed
+
+
+def test_local_prefix_cache_is_not_reloaded():
+    prompt = list(range(1000))
+    state, _ = state_for(prompt, 3)
+    assert state.num_new_matched_tokens("r", prompt, 384) == 768 - 384
+    state.after_alloc("r", 384)
+    plan = state.plan_step("r", prompt, list(range(8)), True, 384, 1000 - 768)
+    # chunk 1 is half local (block 2 of it is vLLM's); only block 3 and chunk 2 are written
+    assert plan.load.chunk_hashes == chunk_hashes(prompt, C)[1:3]
+    assert plan.load.block_ids == [2, 3, 4, 5] and plan.load.skip_blocks == 1
+
+
+def test_asking_again_releases_the_previous_lease():
+    prompt = list(range(600))
+    state, server = state_for(prompt, 2)
+    state.num_new_matched_tokens("r", prompt, 0)
+    state.num_new_matched_tokens("r", prompt, 0)
+    assert len(server.leases) == 1
+    state.after_alloc("r", 0)  # vLLM decided not to load
+    assert not server.leases
+
+
+def test_block_size_must_divide_chunk_size():
+    with pytest.raises(ValueError, match="--chunk-size"):
+        SchedulerState(256, 96, lambda h: (0, None), lambda lease: None)
+
+
+def test_settings_from_extra_config():
+    s = ConnectorSettings.from_extra_config(
+        {"lmcache.mp.host": "tcp://localhost", "lmcache.mp.port": 6555, "lmcache.mp.mp_transfer_mode": "engine_driven"},
+        environ={})
+    assert s.url == "tcp://localhost:6555" and s.transfer_mode == "engine_driven"
+    assert ConnectorSettings.from_extra_config({"lmcache.mp.host": "10.0.0.1"}, environ={}).url == "tcp://10.0.0.1:5555"
+    assert ConnectorSettings.from_extra_config({}, environ={"LMCD_AUTH_TOKEN": "t"}).auth_token == "t"
+    for bad in ({"lmcache.mp.mp_transfer_mode": "fast"}, {"lmcache.mp.prot": 1}, {"lmcache.mp.port": "x"}):
+        with pytest.raises(SettingsError):
+            ConnectorSettings.from_extra_config(bad, environ={})
+
+
+def test_embedded_settings_env_and_yaml(tmp_path):
+    assert EmbeddedSettings.from_env({}).max_local_cpu_size_gb == 5.0
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text("chunk_size: 128\nlocal_cpu: true\nmax_local_cpu_size: 2\n")
+    e = EmbeddedSettings.from_env({"LMCACHE_CONFIG_FILE": str(cfg), "LMCACHE_MAX_LOCAL_CPU_SIZE": "3"})
+    assert (e.chunk_size, e.max_local_cpu_size_gb, e.local_cpu) == (128, 3.0, True)  # env over file
+    assert not EmbeddedSettings.from_env({"LMCACHE_LOCAL_CPU": "False"}).local_cpu
