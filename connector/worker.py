@@ -50,7 +50,7 @@ def migrate_to_shm(kv_caches: Mapping[str, torch.Tensor]) -> list[ShmSegment]:
         if key not in segments:
             seg = ShmSegment(storage.nbytes())
             shared = torch.frombuffer(seg._mmap, dtype=torch.uint8)
-            shared.copy_(torch.frombuffer(storage, dtype=torch.uint8))
+            shared.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
             segments[key] = (seg, shared.untyped_storage())
             log.info("Migrated CPU KV cache tensor (nbytes=%d) to SHM %s", storage.nbytes(), seg.shm_name)
         _, shared_storage = segments[key]
