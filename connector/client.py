@@ -172,6 +172,24 @@ class CacheClient:
         assert isinstance(reply, p.RetrieveReply)
         return reply.num_retrieved_chunks
 
+    def reserve(self, worker_id: int, chunk_hashes: Sequence[bytes]) -> tuple[list[p.ChunkStatus], list[int]]:
+        """lmcache_driven: slots in the shared pool to fill (offset -1 where not STORED)."""
+        reply = self._call(lambda rid: p.Reserve(rid, worker_id, list(chunk_hashes)), "reserve")
+        assert isinstance(reply, p.Reserved)
+        return list(reply.statuses), list(reply.slot_offsets)
+
+    def commit(self, worker_id: int, chunk_hashes: Sequence[bytes], ok: bool = True) -> int:
+        reply = self._call(lambda rid: p.Commit(rid, worker_id, list(chunk_hashes), ok), "commit")
+        assert isinstance(reply, p.Committed)
+        return reply.num_chunks
+
+    def pin(self, worker_id: int, chunk_hashes: Sequence[bytes], lease_id: int | None = None,
+            ) -> tuple[list[int], int | None]:
+        """lmcache_driven: offsets of the leading cached chunks, pinned until ``release(pin_id)``."""
+        reply = self._call(lambda rid: p.Pin(rid, worker_id, list(chunk_hashes), lease_id), "pin")
+        assert isinstance(reply, p.Pinned)
+        return list(reply.slot_offsets), reply.pin_id
+
     def release(self, lease_id: int) -> int:
         reply = self._call(lambda rid: p.Release(rid, lease_id), "release")
         assert isinstance(reply, p.Released)

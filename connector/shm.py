@@ -1,12 +1,4 @@
-"""Worker KV memory in POSIX shared memory, shared with the server once at registration.
-
-A segment lives under ``/dev/shm/lmcache_kv_<pid>_<idx>`` for exactly as long as its
-worker: it is created anonymous (``O_TMPFILE``), share-locked with ``flock`` and only then
-linked under its name, and ``close()`` unlinks it. The server maps it by name. The lock is
-how the server tells a live owner from a dead one: when a worker disconnects, the server
-unlinks those of its segments whose lock it can take exclusively (the owner died), so
-nothing stays in /dev/shm after a crash, while a live worker's names survive a server
-restart and can be registered again.
+"""Worker KV memory in POSIX shared memory (``lmcd.shm.ShmSegment``), shared with the server.
 
 ``CpuKVCache`` lays KV out as vLLM's CPU backend does (layout LBHNC): per layer a tensor
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, so page (layer, block) is one
@@ -15,101 +7,15 @@ contiguous run of ``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` by
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
-import itertools
-import mmap
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from lmcd.connector.client import CacheClient, WorkerInfo
 from lmcd.protocol import KVLayout
+from lmcd.shm import ShmSegment
 
-SHM_DIR = "/dev/shm"
-_AT_FDCWD = -100
-_AT_SYMLINK_FOLLOW = 0x400
-_libc = ctypes.CDLL(None, use_errno=True)
-_indices = itertools.count()
-
-
-class ShmSegment:
-    """``nbytes`` of shared memory mapped in this process and named in /dev/shm until ``close()``.
-
-    ``array`` is a uint8 view of it. The segment's fd stays open holding a shared flock.
-    """
-
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-        self.index = next(_indices)
-        try:
-            fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, 0o600)
-            anonymous = True
-        except (AttributeError, OSError):
-            anonymous = False
-        try:
-            if anonymous:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # locked before it has a name: no window for a sweeper
-                os.ftruncate(fd, nbytes)
-                self.name = self._link(fd)
-            else:
-                self.name, fd = self._create_named()
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                os.ftruncate(fd, nbytes)
-            self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-            with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
-        except BaseException:
-            with contextlib.suppress(UnboundLocalError, OSError):
-                os.close(fd)
-            if getattr(self, "name", None):
-                self._unlink()
-            raise
-        self._fd = fd
-        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
-
-    @property
-    def shm_name(self) -> str:
-        """The POSIX SHM name, with its leading '/'."""
-        return "/" + self.name
-
-    def _names(self) -> list[str]:
-        base = f"lmcache_kv_{os.getpid()}_{self.index}"
-        return [base] + [f"{base}_{attempt}" for attempt in range(1, 100)]
-
-    def _link(self, fd: int) -> str:
-        source = f"/proc/self/fd/{fd}".encode()
-        for name in self._names():
-            target = os.path.join(SHM_DIR, name).encode()
-            if _libc.linkat(_AT_FDCWD, source, _AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
-                return name
-            err = ctypes.get_errno()
-            if err != errno.EEXIST:
-                raise OSError(err, f"cannot name SHM segment /dev/shm/{name}: {os.strerror(err)}")
-        raise OSError(errno.EEXIST, "no free /dev/shm/lmcache_kv_* name")
-
-    def _create_named(self) -> tuple[str, int]:
-        for name in self._names():
-            try:
-                return name, os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            except FileExistsError:
-                continue
-        raise OSError(errno.EEXIST, "no free /dev/shm/lmcache_kv_* name")
-
-    def _unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(SHM_DIR, self.name))
-
-    def close(self) -> None:
-        self._unlink()
-        del self.array
-        # views of it may still be alive; then the memory goes when they do (it has no name left)
-        with contextlib.suppress(BufferError):
-            self._mmap.close()
-        os.close(self._fd)
+__all__ = ["CpuKVCache", "ShmSegment", "register_segments"]
 
 
 class CpuKVCache:

@@ -17,12 +17,17 @@ Torch is imported here only: this module runs inside vLLM, never in the server.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import mmap
+import os
+import threading
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from lmcd import protocol as p
@@ -31,6 +36,8 @@ from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
 from lmcd.connector.settings import ConnectorSettings
 from lmcd.connector.shm import ShmSegment
+from lmcd.server.transfer import CopyEngine, CopyPlan, plan
+from lmcd.shm import SHM_DIR
 
 log = logging.getLogger("lmcd.connector")
 
@@ -94,14 +101,42 @@ def describe_pages(kv_caches: Mapping[str, torch.Tensor], segments: list[ShmSegm
     return p.KVLayout(len(offsets), num_blocks, block_size, page_bytes, block_stride, offsets, seg_ids)
 
 
+class SharedPool:
+    """The server's pool mapped into this worker (lmcache_driven): the worker copies itself."""
+
+    def __init__(self, shm_name: str) -> None:
+        self.name = shm_name
+        fd = os.open(os.path.join(SHM_DIR, shm_name.lstrip("/")), os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.base_address = self.array.ctypes.data
+
+    def close(self) -> None:
+        del self.array
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
+
+
 class WorkerState:
-    """One vLLM worker's registration with the server, and its loads and stores."""
+    """One vLLM worker's registration with the server, and its loads and stores.
+
+    engine_driven: the server copies between this worker's SHM pages and its pool (Store,
+    Retrieve). lmcache_driven: this worker copies between its pages and the server's shared pool
+    itself (Reserve + copy + Commit, Pin + copy + Release); it needs a server started with
+    --share-pool and falls back to engine_driven (with one warning) where the pool is not shared.
+    """
 
     def __init__(self, settings: ConnectorSettings, namespace: p.Namespace, name: str) -> None:
         self.settings = settings
         self.segments: list[ShmSegment] = []
         self.layout: p.KVLayout | None = None
         self.worker_id: int | None = None
+        self.pool: SharedPool | None = None
+        self.layer_addresses: np.ndarray | None = None
+        self.copies: CopyEngine | None = None
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, block_size: int) -> None:
@@ -115,14 +150,59 @@ class WorkerState:
         info = client.register_worker(self.layout, [seg.shm_name for seg in self.segments],
                                       [seg.nbytes for seg in self.segments])
         self.worker_id = info.worker_id
+        if self.settings.transfer_mode == "lmcache_driven":
+            self._map_pool(client)
+
+    def _map_pool(self, client: CacheClient) -> None:
+        name = client.hello.pool_segment if client.hello is not None else ""
+        if self.pool is not None and self.pool.name != name:
+            self.pool.close()
+            self.pool = None
+        if not name:
+            log.warning("lmcache_driven needs a server started with --share-pool; %s uses engine_driven",
+                        self.session.name)
+            return
+        if self.pool is None:
+            self.pool = SharedPool(name)
+            log.info("Mapped the server's shared pool %s (lmcache_driven: this worker copies)", name)
+        assert self.layout is not None
+        bases = np.array([seg.array.ctypes.data for seg in self.segments], dtype=np.int64)
+        self.layer_addresses = bases[np.asarray(self.layout.layer_segments)] + np.asarray(self.layout.layer_offsets,
+                                                                                         np.int64)
+        if self.copies is None:
+            self.copies = CopyEngine(2)
+
+    def _copy(self, copy_plan: CopyPlan) -> None:
+        assert self.copies is not None
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def finished(error: BaseException | None, _seconds: float) -> None:
+            if error is not None:
+                errors.append(error)
+            done.set()
+
+        self.copies.submit(copy_plan, finished)
+        done.wait()
+        if errors:
+            raise errors[0]
+
+    def _plan(self, offsets: list[int], block_ids: list[int], to_pool: bool, skip_blocks: int = 0) -> CopyPlan:
+        assert self.pool is not None and self.layout is not None and self.layer_addresses is not None
+        slots = np.asarray(offsets, dtype=np.int64) + self.pool.base_address
+        return plan(self.layout, self.layer_addresses, slots, np.asarray(block_ids, dtype=np.int64), to_pool,
+                    skip_blocks)
 
     def load(self, spec: LoadSpec, blocks_per_chunk: int) -> set[int]:
         """Copy the spec's chunks into vLLM's blocks; returns the block ids that did NOT load."""
         started = time.perf_counter()
         num_chunks = len(spec.chunk_hashes)
-        got = self.session.call(
-            lambda client: client.retrieve(self._worker_id(), spec.chunk_hashes, spec.block_ids, spec.lease_id,
-                                           spec.skip_blocks), 0, "retrieve")
+        if self.pool is not None:
+            got = self.session.call(lambda client: self._load_itself(client, spec, blocks_per_chunk), 0, "pin")
+        else:
+            got = self.session.call(
+                lambda client: client.retrieve(self._worker_id(), spec.chunk_hashes, spec.block_ids, spec.lease_id,
+                                               spec.skip_blocks), 0, "retrieve")
         if got < num_chunks:
             first_failed = max(got * blocks_per_chunk, spec.skip_blocks)
             log.warning("Loaded %d of %d chunks; vLLM recomputes the rest", got, num_chunks)
@@ -130,9 +210,39 @@ class WorkerState:
         log.debug("Loaded %d chunks in %.4f s", num_chunks, time.perf_counter() - started)
         return set()
 
+    def _load_itself(self, client: CacheClient, spec: LoadSpec, blocks_per_chunk: int) -> int:
+        offsets, pin_id = client.pin(self._worker_id(), spec.chunk_hashes, spec.lease_id)
+        if pin_id is None:
+            return 0
+        try:
+            self._copy(self._plan(offsets, spec.block_ids[: len(offsets) * blocks_per_chunk], False,
+                                  spec.skip_blocks))
+        finally:
+            client.release(pin_id)
+        return len(offsets)
+
     def store(self, spec: StoreSpec) -> None:
+        if self.pool is not None:
+            self.session.call(lambda client: self._store_itself(client, spec), None, "reserve")
+            return
         self.session.call(lambda client: client.store(self._worker_id(), spec.chunk_hashes, spec.block_ids),
                           None, "store")
+
+    def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
+        worker_id = self._worker_id()
+        statuses, offsets = client.reserve(worker_id, spec.chunk_hashes)
+        mine = [i for i, status in enumerate(statuses) if status == p.ChunkStatus.STORED]
+        if not mine:
+            return
+        bpc = len(spec.block_ids) // len(spec.chunk_hashes)
+        blocks = [b for i in mine for b in spec.block_ids[i * bpc : (i + 1) * bpc]]
+        hashes = [spec.chunk_hashes[i] for i in mine]
+        try:
+            self._copy(self._plan([offsets[i] for i in mine], blocks, True))
+        except BaseException:
+            client.commit(worker_id, hashes, ok=False)
+            raise
+        client.commit(worker_id, hashes)
 
     def _worker_id(self) -> int:
         if self.worker_id is None:
@@ -144,6 +254,10 @@ class WorkerState:
             worker_id = self.worker_id
             self.session.call(lambda client: client.unregister_worker(worker_id), None, "unregister")
         self.session.close()
+        if self.copies is not None:
+            self.copies.shutdown()
+        if self.pool is not None:
+            self.pool.close()
         for seg in self.segments:
             seg.close()
         self.segments = []

@@ -178,6 +178,33 @@ class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
     lease_id: int
 
 
+class Reserve(msgspec.Struct, array_like=True, gc=False, tag="reserve"):
+    """lmcache_driven store, step 1: allocate slots the worker fills itself (in the shared pool)."""
+
+    rid: int
+    worker_id: int
+    chunk_hashes: HashList
+
+
+class Commit(msgspec.Struct, array_like=True, gc=False, tag="commit"):
+    """lmcache_driven store, step 2: the reserved chunks are written (ok) or abandoned."""
+
+    rid: int
+    worker_id: int
+    chunk_hashes: HashList
+    ok: bool = True
+
+
+class Pin(msgspec.Struct, array_like=True, gc=False, tag="pin"):
+    """lmcache_driven retrieve: pin the leading cached chunks and say where they are; the worker
+    copies them out of the shared pool, then sends ``Release(pin_id)``."""
+
+    rid: int
+    worker_id: int
+    chunk_hashes: HashList
+    lease_id: int | None = None
+
+
 class Clear(msgspec.Struct, array_like=True, tag="clear"):
     rid: int
 
@@ -186,7 +213,10 @@ class GetStatus(msgspec.Struct, array_like=True, tag="status"):
     rid: int
 
 
-Request = Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Clear | GetStatus
+Request = (
+    Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Clear | GetStatus
+    | Reserve | Commit | Pin
+)
 
 # ---------------------------------------------------------------- replies
 
@@ -205,6 +235,7 @@ class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
     hash_algorithm: str
     capabilities: list[str]
     session_id: int
+    pool_segment: str = ""  # the shared pool's SHM name (server --share-pool), else ""
 
 
 class Pong(msgspec.Struct, array_like=True, tag="pong"):
@@ -250,6 +281,28 @@ class Cleared(msgspec.Struct, array_like=True, tag="cleared"):
     num_chunks: int
 
 
+class Reserved(msgspec.Struct, array_like=True, gc=False, tag="reserved"):
+    """Per chunk: a status, and for STORED chunks the slot's byte offset in the shared pool (else -1)."""
+
+    rid: int
+    statuses: list[ChunkStatus]
+    slot_offsets: list[int]
+    message: str = ""
+
+
+class Committed(msgspec.Struct, array_like=True, gc=False, tag="committed"):
+    rid: int
+    num_chunks: int
+
+
+class Pinned(msgspec.Struct, array_like=True, gc=False, tag="pinned"):
+    """Offsets of the leading cached chunks, pinned until ``Release(pin_id)`` (or a disconnect)."""
+
+    rid: int
+    slot_offsets: list[int]
+    pin_id: int | None
+
+
 class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
     rid: int
     status: dict[str, object]
@@ -257,7 +310,7 @@ class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
 
 Reply = (
     Error | HelloReply | Pong | Registered | Unregistered | LookupReply | StoreReply | RetrieveReply | Released
-    | Cleared | StatusReply
+    | Cleared | StatusReply | Reserved | Committed | Pinned
 )
 
 encoder = msgspec.msgpack.Encoder()

@@ -89,6 +89,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "--log-level", "LMCACHE_LOG_LEVEL", str, f"one of {', '.join(LOG_LEVELS)}"),
     Setting("touch_pool", "--touch-pool", "LMCACHE_TOUCH_POOL", _bool,
             "fault in the whole pool at start so no request pays for it (true/false)"),
+    Setting("share_pool", "--share-pool", "LMCACHE_SHARE_POOL", _bool,
+            "put the pool in named POSIX SHM so workers in lmcache_driven mode copy to and from it "
+            "themselves (needs /dev/shm as large as the pool) (true/false)"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -107,6 +110,7 @@ class ServerConfig:
     auth_token: str | None = None
     log_level: str = "INFO"
     touch_pool: bool = True
+    share_pool: bool = False
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:

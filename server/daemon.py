@@ -89,7 +89,9 @@ class CacheServer:
                  " (default: the smaller of 4 GiB and a quarter of available memory; set --l1-size-gb)"
                  if cfg.l1_size_is_default else "",
                  "touching every page" if cfg.touch_pool else "pages faulted on first use")
-        self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool)
+        self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool, shared=cfg.share_pool)
+        if cfg.share_pool:
+            log.info("L1 pool shared as POSIX SHM %s (workers in lmcache_driven mode map it)", self.pool.shm_name)
         self._stack.callback(self.pool.close)
         removed = sweep_orphans()
         if removed:

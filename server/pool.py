@@ -28,6 +28,8 @@ from typing import NewType
 
 import numpy as np
 
+from lmcd.shm import ShmSegment
+
 SlotId = NewType("SlotId", int)
 
 log = logging.getLogger("lmcd.pool")
@@ -66,13 +68,18 @@ def slab_bytes_for(capacity_bytes: int) -> int:
 class Pool:
     """The arena and its slab allocator. See the module docstring for the invariants."""
 
-    def __init__(self, capacity_bytes: int, *, touch: bool = True) -> None:
+    def __init__(self, capacity_bytes: int, *, touch: bool = True, shared: bool = False) -> None:
         if capacity_bytes < PAGE:
             raise ValueError(f"pool capacity {capacity_bytes} bytes is below one page ({PAGE})")
         self.slab_bytes = slab_bytes_for(capacity_bytes)
         self.num_slabs = capacity_bytes // self.slab_bytes
         self.capacity_bytes = self.num_slabs * self.slab_bytes
-        self._mmap = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.segment: ShmSegment | None = None  # named SHM when workers copy themselves (lmcache_driven)
+        if shared:
+            self.segment = ShmSegment(self.capacity_bytes, prefix="lmcache_pool")
+            self._mmap = self.segment._mmap
+        else:
+            self._mmap = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._mmap.madvise(mmap.MADV_HUGEPAGE)
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
@@ -165,6 +172,13 @@ class Pool:
     def num_free_slabs(self) -> int:
         return len(self._free_slabs)
 
+    @property
+    def shm_name(self) -> str:
+        return self.segment.shm_name if self.segment is not None else ""
+
     def close(self) -> None:
         del self.array
-        self._mmap.close()
+        if self.segment is not None:
+            self.segment.close()
+        else:
+            self._mmap.close()

@@ -49,6 +49,8 @@ class Session:
     connected_at: float = field(default_factory=time.monotonic)
     hello: p.Hello | None = None
     ns_id: int | None = None
+    reserved: dict[ChunkKey, Entry] = field(default_factory=dict)  # lmcache_driven stores not committed
+    reserved_at: float = 0.0
 
 
 Send = Callable[[Session, p.Reply, str, float], None]  # (session, reply, op, start time)
@@ -94,11 +96,20 @@ class CacheService:
             case p.Retrieve():
                 return self.retrieve(session, request, started)
             case p.Release(rid=rid, lease_id=lease_id):
+                lease = self.leases.get(lease_id)
                 entries = self.leases.release(lease_id)
-                if entries is None:
+                if entries is None or lease is None:
                     raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or already over")
                 self._unpin(entries)
+                if lease.copied_bytes:  # the end of a worker-side copy out of the shared pool
+                    self._log_copy("Retrieved", len(entries), lease.copied_bytes, lease.started)
                 return p.Released(rid, len(entries))
+            case p.Reserve():
+                return self.reserve(session, request)
+            case p.Commit():
+                return self.commit(session, request)
+            case p.Pin():
+                return self.pin(session, request)
             case p.Clear(rid=rid):
                 return p.Cleared(rid, self.clear())
             case p.GetStatus(rid=rid):
@@ -132,14 +143,18 @@ class CacheService:
         session.ns_id = self._namespaces.setdefault(key, len(self._namespaces) + 1)
         session.hello = req
         log.debug("Session %d hello: role=%s pid=%d namespace=%s", session.session_id, req.role.name, req.pid, ns)
+        capabilities = CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
         return p.HelloReply(req.rid, __version__, p.PROTOCOL_VERSION, self.config.chunk_size,
-                            p.HASH_ALGORITHM, CAPABILITIES, session.session_id)
+                            p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name)
 
     def disconnect(self, session: Session) -> None:
         """The session's peer is gone: release its leases and workers at once."""
         self.stats.disconnects += 1
         released = self.leases.release_session(session.session_id)
         self._unpin(released)
+        for entry in session.reserved.values():  # reserved, never committed: the worker is gone
+            self.index.finish_store(entry, False)
+        session.reserved.clear()
         workers = self.workers.for_session(session.session_id)
         for worker in workers:
             self.workers.remove(worker)
@@ -281,29 +296,9 @@ class CacheService:
             raise RequestError(p.ErrorCode.BAD_REQUEST, f"skip_blocks {req.skip_blocks} must be below the "
                                f"{worker.blocks_per_chunk} blocks of a chunk")
         self.stats.retrieves += 1
-        leased: dict[ChunkKey, Entry] = {}
-        if req.lease_id is not None:
-            part = self.leases.take(req.lease_id, worker.rank)
-            if part is None:
-                raise RequestError(p.ErrorCode.UNKNOWN_LEASE,
-                                   f"lease {req.lease_id} is unknown or expired; look up again")
-            leased = {entry.key: entry for entry in part}
-        pinned: list[Entry] = []  # every entry in here holds one pin owned by this retrieve
-        for chunk_hash in req.chunk_hashes:
-            key = self._key(worker, chunk_hash)
-            entry = leased.pop(key, None)
-            if entry is None:
-                entry = self.index.get_ready(key)
-                if entry is None:
-                    break
-                self.index.pin(entry)
-            pinned.append(entry)
-        self._unpin(list(leased.values()))  # leased chunks this retrieve did not ask for
+        pinned = self._pin_leading(worker, req.chunk_hashes, req.lease_id)
         if not pinned:
             return p.RetrieveReply(req.rid, 0)
-        if any(entry.nbytes != worker.chunk_bytes for entry in pinned):
-            self._unpin(pinned)
-            raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, "cached chunk size differs from this worker's layout")
         copy_plan = self._plan(worker, pinned, blocks, list(range(len(pinned))), to_pool=False,
                                skip_blocks=req.skip_blocks)
 
@@ -323,6 +318,85 @@ class CacheService:
 
         self._submit(worker, copy_plan, "retrieve", finish)
         return None
+
+    def _pin_leading(self, worker: Worker, hashes: list[bytes], lease_id: int | None) -> list[Entry]:
+        """Pin the leading cached chunks of ``hashes`` (taking this rank's part of a lease); every
+        returned entry holds one pin owned by the caller."""
+        leased: dict[ChunkKey, Entry] = {}
+        if lease_id is not None:
+            part = self.leases.take(lease_id, worker.rank)
+            if part is None:
+                raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or expired; look up again")
+            leased = {entry.key: entry for entry in part}
+        pinned: list[Entry] = []
+        for chunk_hash in hashes:
+            key = self._key(worker, chunk_hash)
+            entry = leased.pop(key, None)
+            if entry is None:
+                entry = self.index.get_ready(key)
+                if entry is None:
+                    break
+                self.index.pin(entry)
+            pinned.append(entry)
+        self._unpin(list(leased.values()))  # leased chunks the caller did not ask for
+        if any(entry.nbytes != worker.chunk_bytes for entry in pinned):
+            self._unpin(pinned)
+            raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, "cached chunk size differs from this worker's layout")
+        return pinned
+
+    # ------------------------------------------------------------ lmcache_driven (worker copies)
+
+    def _shared_pool(self) -> None:
+        if self.pool.segment is None:
+            raise RequestError(p.ErrorCode.BAD_REQUEST, "the server's pool is not shared: start the server with "
+                               "--share-pool to use lmcache.mp.mp_transfer_mode lmcache_driven")
+
+    def reserve(self, session: Session, req: p.Reserve) -> p.Reserved:
+        worker = self._worker(session, req.worker_id)
+        self._shared_pool()
+        self.stats.stores += 1
+        evictions_before = self.index.num_evictions
+        statuses, offsets = [], []
+        for chunk_hash in req.chunk_hashes:
+            key = self._key(worker, chunk_hash)
+            entry, status = self.index.begin_store(key, worker.chunk_bytes)
+            statuses.append(status)
+            offsets.append(entry.slot if entry is not None else -1)
+            if entry is not None:
+                session.reserved[key] = entry
+        session.reserved_at = time.perf_counter()
+        self.stats.evicted_chunks += self.index.num_evictions - evictions_before
+        self.stats.store_present_chunks += statuses.count(p.ChunkStatus.PRESENT)
+        refused = sum(s in (p.ChunkStatus.REFUSED_FULL, p.ChunkStatus.REFUSED_TOO_LARGE) for s in statuses)
+        self.stats.store_refused_chunks += refused
+        message = "pool is full of pinned or in-flight chunks; retry later or raise --l1-size-gb" if refused else ""
+        return p.Reserved(req.rid, statuses, offsets, message)
+
+    def commit(self, session: Session, req: p.Commit) -> p.Committed:
+        worker = self._worker(session, req.worker_id)
+        done = [session.reserved.pop(self._key(worker, h)) for h in req.chunk_hashes
+                if self._key(worker, h) in session.reserved]
+        for entry in done:
+            self.index.finish_store(entry, req.ok)
+        if req.ok and done:
+            self.stats.stored_chunks += len(done)
+            self.stats.stored_bytes += len(done) * worker.chunk_bytes
+            self._log_copy("Stored", len(done), len(done) * worker.chunk_bytes, session.reserved_at)
+        return p.Committed(req.rid, len(done))
+
+    def pin(self, session: Session, req: p.Pin) -> p.Pinned:
+        worker = self._worker(session, req.worker_id)
+        self._shared_pool()
+        self.stats.retrieves += 1
+        pinned = self._pin_leading(worker, req.chunk_hashes, req.lease_id)
+        if not pinned:
+            return p.Pinned(req.rid, [], None)
+        lease = self.leases.create(session.session_id, {worker.rank: pinned})
+        lease.copied_bytes = len(pinned) * worker.chunk_bytes
+        lease.started = time.perf_counter()
+        self.stats.retrieved_chunks += len(pinned)
+        self.stats.retrieved_bytes += lease.copied_bytes
+        return p.Pinned(req.rid, [entry.slot for entry in pinned], lease.lease_id)
 
     # ------------------------------------------------------------ helpers
 

@@ -65,8 +65,12 @@ class SegmentFile:
             os.close(fd)
 
 
+ORPHAN_NAME = re.compile(r"^(lmcache_kv|lmcache_pool)_[A-Za-z0-9_.-]{1,200}$")
+
+
 def sweep_orphans() -> list[str]:
-    """Unlink every /dev/shm/lmcache_kv_* segment whose owner is dead (no process holds its lock).
+    """Unlink every /dev/shm/lmcache_kv_* (worker) or lmcache_pool_* (shared pool) segment whose
+    owner is dead (no process holds its lock).
 
     Catches workers that crashed while no server was running. Returns the names removed.
     """
@@ -76,7 +80,7 @@ def sweep_orphans() -> list[str]:
     except OSError:
         return removed
     for name in names:
-        if SEGMENT_NAME.match(name) is None:
+        if ORPHAN_NAME.match(name) is None:
             continue
         path = os.path.join(SHM_DIR, name)
         try:

