@@ -79,13 +79,14 @@ class WorkerInfo:
 class CacheClient:
     def __init__(
         self, url: str, namespace: p.Namespace, *, role: p.Role = p.Role.CLIENT, auth_token: str | None = None,
-        timeout_s: float = 10.0, client_name: str = "", connect: bool = True,
+        timeout_s: float = 10.0, client_name: str = "", connect: bool = True, connect_timeout_s: float = 1.0,
     ) -> None:
         self.url = url
         self.namespace = namespace
         self.role = role
         self.auth_token = auth_token
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s  # how long a request waits for a connection at all
         self.client_name = client_name or f"pid{os.getpid()}"
         self.hello: p.HelloReply | None = None
         self._rids = itertools.count(1)
@@ -104,11 +105,19 @@ class CacheClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a server that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         sock.connect(self.url)
         self._sock = sock
+        return self.say_hello()
+
+    def say_hello(self) -> p.HelloReply:
+        """Hello over the current socket (ZMQ reconnects it by itself after an outage)."""
         self.hello = self._say_hello()
         return self.hello
+
+    def connected(self) -> bool:
+        """Whether the socket has a live connection to the server now (never waits)."""
+        return self._sock is not None and bool(self._sock.poll(0, zmq.POLLOUT))
 
     def _hello_request(self, rid: int) -> p.Hello:
         return p.Hello(rid, p.PROTOCOL_VERSION, self.role, self.namespace, self.auth_token, self.client_name,
@@ -230,10 +239,11 @@ class CacheClient:
         if self._sock is None:
             raise LmcdError(f"{op}: the client is closed; call connect() first")
         rid = next(self._rids)
-        deadline = time.monotonic() + self.timeout_s
-        if not self._sock.poll(self._ms_left(deadline), zmq.POLLOUT):
-            raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {self.timeout_s:.1f} s;"
+        wait_s = min(self.timeout_s, self.connect_timeout_s)
+        if not self._sock.poll(int(wait_s * 1000), zmq.POLLOUT):  # no connection (IMMEDIATE): do not wait long
+            raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {wait_s:.1f} s;"
                                 " is `lmcache server` running there?")
+        deadline = time.monotonic() + self.timeout_s
         self._sock.send(p.encoder.encode(make(rid)))
         while True:
             if not self._sock.poll(self._ms_left(deadline), zmq.POLLIN):

@@ -76,22 +76,23 @@ class ServerSession:
         if now < self._next_attempt:
             return None
         self._next_attempt = now + RETRY_INTERVAL_S
-        client = self.client or CacheClient(self.settings.url, self.namespace, role=self.role,
-                                            auth_token=self.settings.auth_token,
-                                            timeout_s=self.settings.request_timeout_s,
-                                            client_name=self.name, connect=False)
-        self.client = client
-        client.timeout_s = min(CONNECT_TIMEOUT_S, self.settings.request_timeout_s)
+        client = self.client
         try:
-            client.connect()
+            if client is None:  # first contact: open a socket and wait a little for the server
+                client = self.client = CacheClient(
+                    self.settings.url, self.namespace, role=self.role, auth_token=self.settings.auth_token,
+                    timeout_s=self.settings.request_timeout_s, client_name=self.name, connect=False,
+                    connect_timeout_s=CONNECT_TIMEOUT_S)
+                client.connect()
+            elif client.connected():  # ZMQ reconnected the socket by itself: say Hello again
+                client.say_hello()
+            else:  # still away: never make the engine wait for it
+                return None
             if self.on_connect is not None:
-                client.timeout_s = self.settings.request_timeout_s
                 self.on_connect(client)
         except LmcdError as exc:
             self._fail("connect", exc)
             return None
-        finally:
-            client.timeout_s = self.settings.request_timeout_s
         if self._down:
             log.info("LMCache server at %s is back: %s uses the cache again", self.settings.url, self.name)
         self._down = False
