@@ -41,6 +41,14 @@ RESULT_PREFIX = "LMCD_VLLM_RESULT "
 # --------------------------------------------------------------------------------------------
 
 
+def requires_vllm(timeout_s: float) -> list[Any]:
+    """``pytestmark`` of a module that runs vLLM: skip (naming what is missing) and a time bound."""
+    import pytest
+
+    reason = vllm_available()
+    return [pytest.mark.skipif(reason is not None, reason=reason or ""), pytest.mark.timeout(timeout_s)]
+
+
 @functools.lru_cache(maxsize=1)
 def vllm_available() -> str | None:
     """None if vLLM (CPU build) can be used here, else why not (for ``pytest.skip``)."""

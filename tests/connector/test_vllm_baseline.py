@@ -11,13 +11,9 @@ import os
 
 import pytest
 
-from tests.vllm_support import make_tiny_llama, run_llm_script, start_vllm_server, token_prompts, vllm_available
+from tests.vllm_support import make_tiny_llama, requires_vllm, run_llm_script, start_vllm_server, token_prompts
 
-_why_not = vllm_available()
-pytestmark = [
-    pytest.mark.skipif(_why_not is not None, reason=_why_not or ""),
-    pytest.mark.timeout(300),
-]
+pytestmark = requires_vllm(300)
 
 VOCAB = 1000
 MAX_TOKENS = 8

@@ -35,17 +35,13 @@ from tests.vllm_support import (
     VllmServer,
     free_port,
     make_tiny_llama,
+    requires_vllm,
     run_llm_script,
     start_vllm_server,
     token_prompts,
-    vllm_available,
 )
 
-_why_not = vllm_available()
-pytestmark = [
-    pytest.mark.skipif(_why_not is not None, reason=_why_not or ""),
-    pytest.mark.timeout(420),
-]
+pytestmark = requires_vllm(420)
 
 VOCAB = 1000
 MAX_TOKENS = 8
