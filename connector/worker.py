@@ -108,7 +108,7 @@ class SharedPool:
         self.name = shm_name
         fd = os.open(os.path.join(SHM_DIR, shm_name.lstrip("/")), os.O_RDWR)
         try:
-            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
