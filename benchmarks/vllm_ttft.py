@@ -49,8 +49,9 @@ def main():
               dtype="bfloat16", enable_prefix_caching=cfg["prefix_caching"], kv_transfer_config=ktc,
               skip_tokenizer_init=True, max_num_batched_tokens=8192)
     sp = SamplingParams(temperature=0, max_tokens=1)
-    warm = TokensPrompt(prompt_token_ids=[5] * 300)
-    llm.generate([warm], sp, use_tqdm=False)
+    for w in range(2):  # steady state: full-length prompts first (not measured, never repeated)
+        warm = TokensPrompt(prompt_token_ids=[(i * 31 + w * 7) % 31000 + 50 for i in range(len(cfg["prompts"][0]))])
+        llm.generate([warm], sp, use_tqdm=False)
     out = []
     for prompt in cfg["prompts"]:
         if cfg["prefix_tokens"]:  # the floor: vLLM's own cache holds the prefix, only the tail is computed

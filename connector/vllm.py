@@ -104,7 +104,10 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         if self.settings.autostart:
             self.settings = ensure_local_server(self.settings, EmbeddedSettings.from_env())
-        log.info("lmcache.mp.mp_transfer_mode = %s; server %s", self.settings.transfer_mode, self.settings.url)
+        mode = self.settings.transfer_mode
+        log.info("lmcache.mp.mp_transfer_mode = %s%s; server %s", mode,
+                 " (engine_driven: the faster on CPU, see docs/BENCHMARKS.md)" if mode == "auto" else "",
+                 self.settings.url)
         self._scheduler: SchedulerState | None = None
         self._session: ServerSession | None = None
         self._worker: WorkerState | None = None
