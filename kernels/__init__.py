@@ -1,5 +1,141 @@
-"""lmcd.kernels: GPU gather/scatter kernels (CUDA C compiled by NVRTC through CuPy).
+"""lmcd.kernels: the GPU page gather (KV blocks -> pool slots) and scatter (pool slots -> KV blocks).
 
-The GPU path is not part of this release: CPU workers use POSIX shared memory and the
-server's memmove copies (``lmcd.server.transfer``).
+The CUDA C source is ``page_copy.cu`` beside this file. It is compiled by NVRTC through
+``cupy.RawModule`` at first use, for the GPU that is actually present (so sm_80, sm_90,
+sm_100 and sm_120 all work with no build step); the module is kept per device for the life of
+the process, and CuPy caches the binary on disk across processes.
+
+``PageCopier`` is one KV registration on one device: it holds the per-plane base addresses on
+the device and launches ONE kernel per request over every plane and block, on the caller's
+stream, after validating every input on the host (block ids against the registered block
+count, sizes, alignment): nothing invalid is ever launched.
+
+The copy is layout-agnostic: vLLM's per-layer views ``[blocks, heads, block_size, 2*head_dim]``
+(LBHNC) or ``[blocks, block_size, heads, 2*head_dim]`` (LBNHC), MLA's ``[blocks, 1, block_size,
+576]`` and a ``[2, blocks, ...]`` K/V split all have one contiguous page per (plane, block), and
+the kernel moves pages as bytes (bf16, fp16 and fp8 alike).
+
+CuPy is imported lazily: importing this package needs no GPU.
 """
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+BLOCK_THREADS = 512
+DEFAULT_GRID = 16  # CTAs: 16 saturate PCIe on an H100 (../docs/BENCHMARKS.md); more cost the engine SMs
+SOURCE_NAME = "page_copy.cu"
+
+
+class KernelInputError(ValueError):
+    """A copy request the kernel must not run; the message says what was wrong."""
+
+
+@functools.cache
+def source() -> str:
+    return (resources.files(__name__) / SOURCE_NAME).read_text()
+
+
+@functools.cache
+def _module(device: int) -> Any:
+    import cupy
+
+    with cupy.cuda.Device(device):
+        module = cupy.RawModule(code=source(), options=("--std=c++17",))
+        module.compile()  # now, on this device, so that a launch never waits on NVRTC
+        return module
+
+
+def kernel(device: int, vec16: bool) -> Any:
+    return _module(device).get_function("lmcd_page_copy_v16" if vec16 else "lmcd_page_copy_v1")
+
+
+class PageCopier:
+    """Gather/scatter launches for one worker's KV registration on one device.
+
+    ``layer_bases``: device address of page (plane, block 0) for every plane; page (plane, b)
+    is ``page_bytes`` contiguous bytes at ``layer_bases[plane] + b * block_stride``.
+    ``blocks_per_chunk``: engine blocks per pool chunk; a pool slot holds a chunk plane-major.
+    """
+
+    def __init__(self, device: int, layer_bases: Sequence[int], num_blocks: int, page_bytes: int,
+                 block_stride: int, blocks_per_chunk: int, grid: int = DEFAULT_GRID) -> None:
+        import cupy
+
+        if not layer_bases:
+            raise KernelInputError("no KV planes to copy")
+        if num_blocks <= 0 or page_bytes <= 0 or blocks_per_chunk <= 0 or grid <= 0:
+            raise KernelInputError(f"num_blocks {num_blocks}, page_bytes {page_bytes}, blocks_per_chunk "
+                                   f"{blocks_per_chunk} and grid {grid} must be positive")
+        if num_blocks > 1 and block_stride < page_bytes:
+            raise KernelInputError(f"block_stride {block_stride} is smaller than page_bytes {page_bytes}")
+        self.cupy = cupy
+        self.device = device
+        self.num_planes = len(layer_bases)
+        self.num_blocks = num_blocks
+        self.page_bytes = page_bytes
+        self.block_stride = block_stride
+        self.blocks_per_chunk = blocks_per_chunk
+        self.chunk_bytes = self.num_planes * blocks_per_chunk * page_bytes
+        self.grid = grid
+        bases = np.asarray(layer_bases, dtype=np.int64)
+        self.vec16 = page_bytes % 16 == 0 and block_stride % 16 == 0 and not bool((bases % 16).any())
+        with cupy.cuda.Device(device):
+            self.layer_bases = cupy.asarray(bases)
+            self._kernel = kernel(device, self.vec16)
+
+    def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
+               skip_blocks: int = 0) -> tuple[Any, Any]:
+        """Copy ``len(slot_addresses)`` chunks (to the pool if ``to_pool``, else out of it) on ``stream``.
+
+        Returns the buffers the launch reads; keep them alive until the copy has completed.
+        """
+        slots, blocks = self.check(slot_addresses, block_ids, skip_blocks)
+        num_chunks = len(slots)
+        bpc = self.blocks_per_chunk
+        cupy = self.cupy
+        packed = np.concatenate((slots, blocks))
+        with cupy.cuda.Device(self.device), stream:  # the request buffer belongs to the stream's pool arena
+            host = cupy.cuda.alloc_pinned_memory(packed.nbytes)
+            np.frombuffer(host, dtype=np.int64, count=len(packed))[:] = packed
+            req = cupy.empty(len(packed), dtype=cupy.int64)
+            req.data.copy_from_host_async(host.ptr, packed.nbytes, stream)
+            self._kernel(
+                (self.grid,), (BLOCK_THREADS,),
+                (self.layer_bases, req, np.int32(num_chunks), np.int32(self.num_planes), np.int32(bpc),
+                 np.int64(self.page_bytes), np.int64(self.block_stride), np.int32(skip_blocks),
+                 np.int32(1 if to_pool else 0)),
+                stream=stream,
+            )
+        return host, req
+
+    def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a request on the host; returns (slots, block ids) as int64 arrays."""
+        slots = np.asarray(slot_addresses, dtype=np.int64).ravel()
+        blocks = np.asarray(block_ids, dtype=np.int64).ravel()
+        num_chunks = len(slots)
+        bpc = self.blocks_per_chunk
+        if num_chunks == 0:
+            raise KernelInputError("no chunks to copy")
+        if len(blocks) != num_chunks * bpc:
+            raise KernelInputError(f"{num_chunks} chunks need {num_chunks * bpc} block ids ({bpc} per chunk), "
+                                   f"got {len(blocks)}")
+        low, high = int(blocks.min()), int(blocks.max())
+        if low < 0 or high >= self.num_blocks:
+            bad = low if low < 0 else high
+            raise KernelInputError(f"block id {bad} is out of range: {self.num_blocks} blocks are registered "
+                                   f"(0..{self.num_blocks - 1})")
+        if not 0 <= skip_blocks < bpc:
+            raise KernelInputError(f"skip_blocks {skip_blocks} must be in 0..{bpc - 1}")
+        if self.vec16 and bool((slots % 16).any()):
+            raise KernelInputError("pool slot addresses must be 16-byte aligned")
+        return slots, blocks
+
+    def copied_bytes(self, num_chunks: int, skip_blocks: int = 0) -> int:
+        return num_chunks * self.chunk_bytes - skip_blocks * self.num_planes * self.page_bytes

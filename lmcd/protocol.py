@@ -43,6 +43,8 @@ ChunkHashWire = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=
 HashList = Annotated[list[ChunkHashWire], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)]
 BlockIdList = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BLOCKS_PER_REQUEST)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t
+IpcHandle = Annotated[bytes, msgspec.Meta(min_length=IPC_HANDLE_BYTES, max_length=IPC_HANDLE_BYTES)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -127,17 +129,25 @@ class Ping(msgspec.Struct, array_like=True, tag="ping"):
 
 
 class RegisterWorker(msgspec.Struct, array_like=True, tag="register"):
-    """Share a worker's KV memory: POSIX SHM segment names the server maps.
+    """Share a worker's KV memory once.
 
-    The server maps each named segment and then unlinks the name (the memory lives on in
-    both mappings), so nothing is left in /dev/shm whatever happens to either process.
+    ``device`` "cpu": ``segment_names`` are POSIX SHM segments the server maps (see
+    ``lmcd.server.workers`` for who unlinks them when).
+    ``device`` "cuda": ``ipc_handles`` holds one CUDA IPC memory handle per segment (a
+    segment is one allocation holding KV pages; ``segment_names`` stays empty),
+    ``device_pci`` names the worker's GPU by PCI address ("dddd:bb:dd"), and
+    ``event_handle`` is the worker's interprocess event: the server's stream waits on it
+    before every copy for this worker.
     """
 
     rid: int
     layout: KVLayout
-    segment_names: Annotated[list[Text], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
+    segment_names: Annotated[list[Text], msgspec.Meta(max_length=MAX_SEGMENTS)]
     segment_sizes: Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
     device: Text = "cpu"
+    ipc_handles: Annotated[list[IpcHandle], msgspec.Meta(max_length=MAX_SEGMENTS)] = []
+    device_pci: Text = ""
+    event_handle: Annotated[bytes, msgspec.Meta(max_length=IPC_HANDLE_BYTES)] = b""
 
 
 class UnregisterWorker(msgspec.Struct, array_like=True, tag="unregister"):
@@ -243,9 +253,13 @@ class Pong(msgspec.Struct, array_like=True, tag="pong"):
 
 
 class Registered(msgspec.Struct, array_like=True, tag="registered"):
+    """``event_handle`` (CUDA workers): the server's interprocess event, recorded after every copy
+    for this worker and before its reply."""
+
     rid: int
     worker_id: int
     chunk_bytes: int
+    event_handle: bytes = b""
 
 
 class Unregistered(msgspec.Struct, array_like=True, tag="unregistered"):

@@ -18,6 +18,8 @@ import yaml
 EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
+CUDA_MODES = ("auto", "on", "off")
+COPY_ENGINES = ("kernel", "dma")
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("share_pool", "--share-pool", "LMCACHE_SHARE_POOL", _bool,
             "put the pool in named POSIX SHM so workers in lmcache_driven mode copy to and from it "
             "themselves (needs /dev/shm as large as the pool) (true/false)"),
+    Setting("cuda", "--cuda", "LMCACHE_CUDA", str,
+            "GPU workers (CUDA IPC, pinned pool): auto (when CuPy and a GPU are present), on (refuse to start "
+            "without them), off"),
+    Setting("copy_ctas", "--copy-ctas", "LMCACHE_COPY_CTAS", int,
+            "thread blocks per GPU copy kernel (16 saturate PCIe; more take SMs from the engine)"),
+    Setting("copy_engine", "--copy-engine", "LMCACHE_COPY_ENGINE", str,
+            "how GPU copies run: kernel (a gather/scatter kernel on a few SMs) or dma (the GPU's copy engines, "
+            "one cuMemcpyBatchAsync per request; CUDA 12.8+)"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -111,6 +121,9 @@ class ServerConfig:
     log_level: str = "INFO"
     touch_pool: bool = True
     share_pool: bool = False
+    cuda: str = "auto"
+    copy_ctas: int = 16
+    copy_engine: str = "kernel"
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +134,7 @@ class ServerConfig:
             object.__setattr__(self, "max_workers", default_max_workers())
         object.__setattr__(self, "eviction_policy", self.eviction_policy.upper())
         object.__setattr__(self, "log_level", self.log_level.upper())
+        object.__setattr__(self, "cuda", self.cuda.lower())
         self._validate()
 
     def _validate(self) -> None:
@@ -150,6 +164,12 @@ class ServerConfig:
             fail("auth_token", "an empty token is not allowed; omit it to disable auth")
         if not self.host:
             fail("host", "must not be empty")
+        if self.cuda not in CUDA_MODES:
+            fail("cuda", f"valid values: {', '.join(CUDA_MODES)}")
+        if not 1 <= self.copy_ctas <= 1024:
+            fail("copy_ctas", "must be between 1 and 1024")
+        if self.copy_engine not in COPY_ENGINES:
+            fail("copy_engine", f"valid values: {', '.join(COPY_ENGINES)}")
 
     @property
     def l1_size_bytes(self) -> int:

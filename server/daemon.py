@@ -32,7 +32,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from lmcd import __version__
 from lmcd import protocol as p
-from lmcd.server.config import ServerConfig, proc_kib_field
+from lmcd.server.config import ConfigError, ServerConfig, proc_kib_field
+from lmcd.server.gpu import CudaSupport
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService, RequestError, Session
@@ -97,7 +98,8 @@ class CacheServer:
         if removed:
             log.info("Removed %d stale SHM segments of workers that died earlier: %s", len(removed),
                      ", ".join(removed[:8]))
-        self.service = CacheService(cfg, self.pool, self._send_reply, self.post)
+        self.cuda = self._start_cuda()
+        self.service = CacheService(cfg, self.pool, self._send_reply, self.post, self.cuda)
         self._stack.callback(self.service.workers.close_all)
         self._stack.callback(self.service.copies.shutdown)
         self.service.full_status = self.status
@@ -153,6 +155,45 @@ class CacheServer:
             now = time.monotonic()
             self.service.expire_leases(now)
             self.service.workers.recheck(now)
+
+    def _start_cuda(self) -> CudaSupport:
+        """Find GPUs and pin the pool for them (``--cuda``); CPU-only hosts skip this quietly."""
+        cfg = self.config
+        if cfg.cuda == "off":
+            return CudaSupport(None, "the server was started with --cuda off")
+        from lmcd.server.gpu import CudaHost
+
+        host, problem = CudaHost.probe()
+        if host is None:
+            if cfg.cuda == "on":
+                raise ConfigError(f"--cuda on: {problem}")
+            log.info("GPU workers: off (%s); CPU workers use shared memory", problem)
+            return CudaSupport(None, problem)
+        names = ", ".join(f"{i}: {host.names[i]} ({pci})" for pci, i in sorted(host.devices.items(),
+                                                                              key=lambda kv: kv[1]))
+        log.info("GPU workers: on, %d GPUs (%s); pinning the L1 pool (%.2f GiB) for them",
+                 len(host.devices), names, self.pool.capacity_bytes / 2**30)
+        started = time.monotonic()
+        last = [started]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last[0] >= 2:
+                last[0] = now
+                log.info("Pinning L1 pool: %.1f / %.1f GiB (%.0f%%)", done / 2**30, total / 2**30, 100 * done / total)
+
+        self._stack.callback(host.unpin)
+        try:
+            host.pin(self.pool.base_address, self.pool.capacity_bytes, progress)
+        except Exception as exc:  # a driver refusal: name it; with --cuda auto the CPU path still serves
+            problem = f"cudaHostRegister of the L1 pool failed: {exc}"
+            if cfg.cuda == "on":
+                raise ConfigError(f"--cuda on: {problem}") from None
+            log.warning("GPU workers: off (%s)", problem)
+            host.unpin()
+            return CudaSupport(None, problem)
+        log.info("L1 pool pinned in %.1f s", time.monotonic() - started)
+        return CudaSupport(host, "")
 
     def shutdown(self) -> None:
         """Finish copies in flight (their replies go out), then close everything startup opened."""

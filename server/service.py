@@ -19,14 +19,16 @@ import numpy as np
 from lmcd import __version__
 from lmcd import protocol as p
 from lmcd.server.config import ServerConfig
+from lmcd.server.gpu import CudaSupport
 from lmcd.server.index import ChunkIndex, ChunkKey, Entry
 from lmcd.server.leases import LeaseTable
 from lmcd.server.metrics import Stats
 from lmcd.server.pool import Pool
-from lmcd.server.transfer import CopyEngine, CopyPlan, plan
+from lmcd.server.transfer import CopyEngine, plan
 from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 
 log = logging.getLogger("lmcd.server")
+NO_CUDA = CudaSupport(None, "CUDA was not probed")
 
 CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk"]
 MAX_WORLD_SIZE = 4096
@@ -58,12 +60,13 @@ Post = Callable[[Callable[[], None]], None]  # run a callable on the loop thread
 
 
 class CacheService:
-    def __init__(self, config: ServerConfig, pool: Pool, send: Send, post: Post) -> None:
+    def __init__(self, config: ServerConfig, pool: Pool, send: Send, post: Post,
+                 cuda: CudaSupport = NO_CUDA) -> None:
         self.config = config
         self.pool = pool
         self.index = ChunkIndex(pool)
         self.leases = LeaseTable(config.lease_timeout_s)
-        self.workers = WorkerRegistry()
+        self.workers = WorkerRegistry(cuda.host, cuda.problem, config.copy_ctas, config.copy_engine)
         self.copies = CopyEngine(config.max_workers or 1)
         self.stats = Stats()
         self._send = send
@@ -143,7 +146,8 @@ class CacheService:
         session.ns_id = self._namespaces.setdefault(key, len(self._namespaces) + 1)
         session.hello = req
         log.debug("Session %d hello: role=%s pid=%d namespace=%s", session.session_id, req.role.name, req.pid, ns)
-        capabilities = CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
+        capabilities = (CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
+                        + (["cuda-ipc"] if self.workers.cuda is not None else []))
         return p.HelloReply(req.rid, __version__, p.PROTOCOL_VERSION, self.config.chunk_size,
                             p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name)
 
@@ -174,7 +178,8 @@ class CacheService:
         try:
             worker = self.workers.register(session.session_id, session.hello.pid, req.device, req.layout,
                                            req.segment_names, req.segment_sizes, self.config.chunk_size,
-                                           ns_id=session.ns_id, rank=rank)
+                                           ns_id=session.ns_id, rank=rank, ipc_handles=req.ipc_handles,
+                                           device_pci=req.device_pci, event_handle=req.event_handle)
         except RegistrationError as exc:
             raise RequestError(p.ErrorCode.SEGMENT_ERROR, str(exc)) from None
         problem = self._chunk_bytes_problem(session.ns_id, worker.chunk_bytes)
@@ -183,10 +188,15 @@ class CacheService:
             raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, problem)
         self._namespace_chunk_bytes.setdefault(session.ns_id, worker.chunk_bytes)
         layout = req.layout
-        log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %d SHM "
-                 "segments, rank %d)", req.device.upper(), session.hello.pid, layout.num_layers, layout.num_blocks,
-                 layout.block_size, sum(req.segment_sizes) / 2**20, len(req.segment_names), rank)
-        return p.Registered(req.rid, worker.worker_id, worker.chunk_bytes)
+        if worker.gpu is not None:
+            where = f"{len(req.ipc_handles)} CUDA IPC allocations on GPU {worker.gpu.device} ({req.device_pci})"
+        else:
+            where = f"{len(req.segment_names)} SHM segments"
+        log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %s, "
+                 "rank %d)", "GPU" if worker.gpu is not None else "CPU", session.hello.pid, layout.num_layers,
+                 layout.num_blocks, layout.block_size, sum(req.segment_sizes) / 2**20, where, rank)
+        return p.Registered(req.rid, worker.worker_id, worker.chunk_bytes,
+                            worker.gpu.event_handle if worker.gpu is not None else b"")
 
     def _chunk_bytes_problem(self, ns_id: int, chunk_bytes: int) -> str | None:
         if not self.pool.can_ever_fit(chunk_bytes):
@@ -266,9 +276,9 @@ class CacheService:
                    if refused else "")
         if not writing:
             return p.StoreReply(req.rid, statuses, message)
-        copy_plan = self._plan(worker, [e for e, _ in writing], blocks, [i for _, i in writing], to_pool=True)
+        early = worker.gpu is not None  # GPU: answered at launch; the worker orders itself on our event
 
-        def finish(error: BaseException | None) -> None:
+        def finish(error: BaseException | None, num_bytes: int) -> None:
             for entry, i in writing:
                 self.index.finish_store(entry, error is None)
                 if error is not None:
@@ -277,15 +287,16 @@ class CacheService:
             self.pending_copies -= 1
             if error is None:
                 self.stats.stored_chunks += len(writing)
-                self.stats.stored_bytes += copy_plan.num_bytes
-                self._log_copy("Stored", len(writing), copy_plan.num_bytes, started)
+                self.stats.stored_bytes += num_bytes
+                self._log_copy("Stored", len(writing), num_bytes, started)
             else:
                 log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
-            text = f"copy failed: {error}" if error is not None else message
-            self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
+            if not early:
+                text = f"copy failed: {error}" if error is not None else message
+                self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
 
-        self._submit(worker, copy_plan, "store", finish)
-        return None
+        self._copy(worker, [e for e, _ in writing], blocks, [i for _, i in writing], True, 0, "store", finish)
+        return p.StoreReply(req.rid, list(statuses), message) if early else None
 
     # ------------------------------------------------------------ retrieve
 
@@ -299,25 +310,26 @@ class CacheService:
         pinned = self._pin_leading(worker, req.chunk_hashes, req.lease_id)
         if not pinned:
             return p.RetrieveReply(req.rid, 0)
-        copy_plan = self._plan(worker, pinned, blocks, list(range(len(pinned))), to_pool=False,
-                               skip_blocks=req.skip_blocks)
+        early = worker.gpu is not None
 
-        def finish(error: BaseException | None) -> None:
+        def finish(error: BaseException | None, num_bytes: int) -> None:
             self._unpin(pinned)
             self.workers.copy_done(worker)
             self.pending_copies -= 1
             if error is not None:
                 log.error("Retrieve copy failed for worker %d: %s", worker.worker_id, error)
-                self._send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"),
-                           "retrieve", started)
+                if not early:
+                    self._send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"),
+                               "retrieve", started)
                 return
             self.stats.retrieved_chunks += len(pinned)
-            self.stats.retrieved_bytes += copy_plan.num_bytes
-            self._log_copy("Retrieved", len(pinned), copy_plan.num_bytes, started)
-            self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
+            self.stats.retrieved_bytes += num_bytes
+            self._log_copy("Retrieved", len(pinned), num_bytes, started)
+            if not early:
+                self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
 
-        self._submit(worker, copy_plan, "retrieve", finish)
-        return None
+        self._copy(worker, pinned, blocks, list(range(len(pinned))), False, req.skip_blocks, "retrieve", finish)
+        return p.RetrieveReply(req.rid, len(pinned)) if early else None
 
     def _pin_leading(self, worker: Worker, hashes: list[bytes], lease_id: int | None) -> list[Entry]:
         """Pin the leading cached chunks of ``hashes`` (taking this rank's part of a lease); every
@@ -403,24 +415,44 @@ class CacheService:
     def _key(self, worker: Worker, chunk_hash: bytes) -> ChunkKey:
         return (worker.ns_id, worker.rank, chunk_hash)
 
-    def _plan(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
-              to_pool: bool, skip_blocks: int = 0) -> CopyPlan:
+    def _copy(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
+              to_pool: bool, skip_blocks: int, direction: str,
+              finish: Callable[[BaseException | None, int], None]) -> None:
+        """Start the copy of ``entries`` (pool side) and the chosen chunks' ``blocks`` (engine side);
+        ``finish(error, bytes)`` then runs on the loop thread."""
         bpc = worker.blocks_per_chunk
         chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
         slots = np.fromiter((entry.slot for entry in entries), dtype=np.int64, count=len(entries))
-        return plan(worker.layout, worker.layer_addresses, slots + self.pool.base_address, chosen, to_pool,
-                    skip_blocks)
-
-    def _submit(self, worker: Worker, copy_plan: CopyPlan, direction: str,
-                finish: Callable[[BaseException | None], None]) -> None:
+        slots += self.pool.base_address
         worker.inflight += 1
         self.pending_copies += 1
+        if worker.gpu is not None:
+            num_bytes = worker.gpu.copier.copied_bytes(len(entries), skip_blocks)
+        else:
+            copy_plan = plan(worker.layout, worker.layer_addresses, slots, chosen, to_pool, skip_blocks)
+            num_bytes = copy_plan.num_bytes
 
-        def done(error: BaseException | None, seconds: float) -> None:  # on a copy thread
+        def done(error: BaseException | None, seconds: float) -> None:  # on a copy or completion thread
             self.observe_copy(direction, seconds)
-            self._post(lambda: finish(error))
+            self._post(lambda: finish(error, num_bytes))
 
-        self.copies.submit(copy_plan, done)
+        if worker.gpu is None:
+            self.copies.submit(copy_plan, done)
+            return
+        try:
+            worker.gpu.submit(slots, chosen, to_pool, done, skip_blocks)
+        except BaseException as exc:  # refused before launch (or CUDA failed to launch): nothing was copied
+            worker.inflight -= 1
+            self.pending_copies -= 1
+            self._unpin_or_abandon(entries, to_pool)
+            raise RequestError(p.ErrorCode.INTERNAL, f"GPU copy not started: {exc}") from None
+
+    def _unpin_or_abandon(self, entries: list[Entry], to_pool: bool) -> None:
+        if to_pool:
+            for entry in entries:
+                self.index.finish_store(entry, False)
+        else:
+            self._unpin(entries)
 
     def _unpin(self, entries: list[Entry]) -> None:
         for entry in entries:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmcd.protocol import KVLayout
+from lmcd.server.gpu import CudaHost, GpuWorker
 
 log = logging.getLogger("lmcd.workers")
 
@@ -111,11 +112,14 @@ class Worker:
     files: list[SegmentFile] = field(default_factory=list)
     mmaps: list[mmap.mmap] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
+    gpu: GpuWorker | None = None  # a CUDA worker: IPC mappings, stream, events
     inflight: int = 0
     closing: bool = False
 
     def unmap(self) -> None:
         assert self.inflight == 0, "unmap with copies in flight"
+        if self.gpu is not None:
+            self.gpu.close()
         self.views.clear()
         for mapping in self.mmaps:
             mapping.close()
@@ -177,7 +181,12 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
 
 
 class WorkerRegistry:
-    def __init__(self) -> None:
+    def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed",
+                 grid: int = 16, copy_engine: str = "kernel") -> None:
+        self.cuda = cuda
+        self.cuda_problem = cuda_problem
+        self.grid = grid
+        self.copy_engine = copy_engine
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)
         self._rechecks: list[tuple[float, int, SegmentFile]] = []  # (when, attempt, file)
@@ -185,11 +194,16 @@ class WorkerRegistry:
     def register(
         self, session_id: int, pid: int, device: str, layout: KVLayout,
         names: list[str], sizes: list[int], chunk_size: int, *, ns_id: int, rank: int,
+        ipc_handles: list[bytes] | None = None, device_pci: str = "", event_handle: bytes = b"",
     ) -> Worker:
+        if device == "cuda":
+            return self._register_cuda(session_id, pid, layout, sizes, chunk_size, ns_id=ns_id, rank=rank,
+                                       ipc_handles=ipc_handles or [], device_pci=device_pci,
+                                       event_handle=event_handle)
         if device != "cpu":
-            raise RegistrationError(
-                f"device {device!r} is not supported by this server build; register CPU memory (device 'cpu')"
-            )
+            raise RegistrationError(f"device {device!r} is unknown: register 'cpu' (SHM) or 'cuda' (CUDA IPC)")
+        if not names:
+            raise RegistrationError("a CPU worker must name at least one SHM segment")
         if len(names) != len(sizes):
             raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")
         blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
@@ -213,6 +227,36 @@ class WorkerRegistry:
             blocks_per_chunk=blocks_per_chunk,
             chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
             layer_addresses=layer_addresses, files=files, mmaps=mmaps, views=views,
+        )
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    def _register_cuda(
+        self, session_id: int, pid: int, layout: KVLayout, sizes: list[int], chunk_size: int, *, ns_id: int,
+        rank: int, ipc_handles: list[bytes], device_pci: str, event_handle: bytes,
+    ) -> Worker:
+        if self.cuda is None:
+            raise RegistrationError(f"this server cannot take GPU workers: {self.cuda_problem}")
+        if len(ipc_handles) != len(sizes):
+            raise RegistrationError(f"{len(ipc_handles)} CUDA IPC handles but {len(sizes)} segment sizes")
+        if not event_handle:
+            raise RegistrationError("a CUDA worker must send its interprocess event handle")
+        blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
+        try:
+            gpu = GpuWorker(self.cuda, device_pci, ipc_handles, layout, blocks_per_chunk, event_handle, self.grid,
+                            self.copy_engine)
+        except LookupError as exc:
+            raise RegistrationError(str(exc)) from None
+        except Exception as exc:  # CUDA refused a handle: say which and why
+            raise RegistrationError(
+                f"cannot open the worker's CUDA IPC memory on GPU {device_pci}: {exc}; the worker and the server "
+                "must run on the same host and see the same GPU (docker: --ipc host --gpus all)"
+            ) from None
+        worker = Worker(
+            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device="cuda",
+            layout=layout, blocks_per_chunk=blocks_per_chunk,
+            chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
+            layer_addresses=gpu.layer_addresses, gpu=gpu,
         )
         self.workers[worker.worker_id] = worker
         return worker

@@ -47,8 +47,18 @@ def test_miss_stores_every_full_prompt_chunk_once():
     assert plan.store.chunk_hashes == chunk_hashes(prompt, C)
     assert plan.store.block_ids == blocks[:6]
     assert state.plan_step("r", None, [18], False, 1000, 1) is None  # decode: nothing new to store
-    state.finished("r")
+    assert state.finished("r") is True  # a store was planned: GPU workers delay the block frees
     assert len(state) == 0 and not server.leases
+
+
+def test_finished_says_whether_a_store_was_planned():
+    short = list(range(100))  # no full chunk: nothing to store
+    state, _ = state_for(short, 0)
+    state.num_new_matched_tokens("s", short, 0)
+    state.after_alloc("s", 0)
+    assert state.plan_step("s", short, [1], True, 0, 100) is None
+    assert state.finished("s") is False
+    assert state.finished("never-seen") is False
 
 
 def test_chunked_prefill_stores_chunks_as_they_fill():

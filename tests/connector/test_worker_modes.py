@@ -51,12 +51,13 @@ def test_migration_keeps_views_and_bytes_and_describes_pages():
         for name, t in kv.items():
             assert torch.equal(t, before[name])
             assert segments[0].array.ctypes.data <= t.data_ptr() < segments[0].array.ctypes.data + segments[0].nbytes
-        layout = describe_pages(kv, segments, BLOCKS, N)
+        bases, sizes = [s.array.ctypes.data for s in segments], [s.nbytes for s in segments]
+        layout = describe_pages(kv, bases, sizes, BLOCKS, N)
         page = HEADS * N * 2 * D * 2
         assert (layout.num_layers, layout.page_bytes, layout.block_stride) == (LAYERS, page, page)
         assert layout.layer_offsets == [i * BLOCKS * page for i in range(LAYERS)]
         with pytest.raises(LayoutError, match="no dimension of 99 blocks"):
-            describe_pages(kv, segments, 99, N)
+            describe_pages(kv, bases, sizes, 99, N)
     finally:
         for seg in segments:
             seg.close()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
+# Usage on the GPU machine, from the repository root, with the wheels from
+# ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/lmcd-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site
+# run from a copy without the source folders, so that the installed lmcd is the one imported
+RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
+nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
+grep -n "cuMemcpyBatchAsync" /usr/local/cuda/include/cuda.h 2>/dev/null | head -5
+
+if [[ $what == tests || $what == all || $what == quick ]]; then
+  timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+fi
+
+bench() {  # bench NAME SERVER-FLAGS... -- BENCH-FLAGS...
+  local name=$1; shift
+  local sflags=() bflags=()
+  while [[ $# -gt 0 && $1 != -- ]]; do sflags+=("$1"); shift; done
+  shift || true
+  bflags=("$@")
+  local port=$((5600 + RANDOM % 300))
+  python3 -m lmcd server --host 127.0.0.1 --port $port --http-port 0 --l1-size-gb 12 --cuda on "${sflags[@]}" \
+    > "$OUT/server-$name.log" 2>&1 &
+  local spid=$!
+  for _ in $(seq 1 120); do grep -q "cache server is running" "$OUT/server-$name.log" && break; sleep 0.5; done
+  echo "=== $name: server ${sflags[*]}; bench ${bflags[*]}"
+  timeout 240 python3 -m lmcd bench --device cuda --host 127.0.0.1 --port $port --json "${bflags[@]}" \
+    2>&1 | tee "$OUT/bench-$name.log" | grep -v '^{' | grep -v "LMCache INFO"
+  kill -TERM $spid; wait $spid
+  grep -E "Pinning|pinned|GPU workers" "$OUT/server-$name.log" | head -3
+}
+
+if [[ $what == quick ]]; then
+  bench kernel16 --copy-ctas 16 -- --repeats 10 --load --in-process --in-process-ctas 16
+fi
+if [[ $what == bench || $what == all ]]; then
+  bench kernel16 --copy-ctas 16 -- --repeats 20 --load --in-process --in-process-ctas 16
+  bench kernel132 --copy-ctas 132 -- --repeats 10 --tokens 4096,16384 --load --in-process --in-process-ctas 132
+  bench kernel8 --copy-ctas 8 -- --repeats 10 --tokens 256,4096,16384 --load
+  bench dma --copy-engine dma -- --repeats 20 --load
+fi

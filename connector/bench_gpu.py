@@ -1,0 +1,318 @@
+"""``lmcache bench --device cuda``: whole-path GPU store/retrieve GB/s through the real worker code.
+
+This process is the GPU worker. It builds KV the way vLLM does (ONE int8 buffer, per-layer
+views ``[blocks, heads, block_size, 2*head_dim]``; default Llama-3-8B: 32 layers, 8 KV heads,
+head_dim 128, bf16, block 16), registers through ``WorkerState`` (CUDA IPC), and times:
+
+- store: ``WorkerState.store`` (record event, Store request, server launch) until the server's
+  event has completed, as seen by this worker;
+- retrieve: ``WorkerState.load`` (Retrieve, stream waits on the server's event) until this
+  worker's stream has passed it;
+
+for 256, 4096 and 16384 tokens at random block ids, checking every byte of the last round,
+against the same-run pinned D2H / H2D copy of the same bytes (one contiguous torch copy).
+
+``--load`` repeats the measurement while a second stream in this process runs back-to-back bf16
+matmuls, and reports copy GB/s under load and the matmul TFLOP/s against matmuls alone.
+``--in-process`` measures the alternative where the worker runs the same copy kernel itself, on
+a side stream, into a pool pinned in its own process (what an in-engine transfer would give).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcd import protocol as p
+from lmcd.connector.client import LmcdError
+from lmcd.connector.scheduler import LoadSpec, StoreSpec
+from lmcd.connector.settings import ConnectorSettings
+from lmcd.connector.worker import WorkerState
+
+
+def _events_ms(fn: Any, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times[1:]
+
+
+class Matmuls:
+    """Back-to-back bf16 matmuls on their own stream in a thread; TFLOP/s over a window."""
+
+    def __init__(self, device: int, n: int) -> None:
+        self.device, self.n = device, n
+        self.a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        self.b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        self.c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+        self.stream = torch.cuda.Stream(device)
+        self._stop = threading.Event()
+        self.count = 0
+
+    def _loop(self) -> None:
+        torch.cuda.set_device(self.device)
+        pending: list[torch.cuda.Event] = []
+        with torch.cuda.stream(self.stream):
+            while not self._stop.is_set():
+                for _ in range(4):
+                    torch.mm(self.a, self.b, out=self.c)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                pending.append(ev)
+                if len(pending) > 2:  # two batches in flight; waiting releases the GIL
+                    pending.pop(0).synchronize()
+                    self.count += 4
+            for ev in pending:
+                ev.synchronize()
+                self.count += 4
+
+    def run(self, body: Any) -> float:
+        """Run ``body()`` while matmuls run; returns matmul TFLOP/s over the window."""
+        self._stop.clear()
+        self.count = 0
+        thread = threading.Thread(target=self._loop, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        body()
+        self._stop.set()
+        thread.join()
+        elapsed = time.perf_counter() - t0
+        return 2 * self.n**3 * self.count / elapsed / 1e12
+
+
+class GpuBench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = args.gpu
+        torch.cuda.set_device(self.device)
+        self.rng = np.random.default_rng()
+        settings = ConnectorSettings.from_extra_config(
+            {"lmcache.mp.host": args.host, "lmcache.mp.port": args.port, "lmcache.mp.request_timeout": args.timeout,
+             **({"lmcache.mp.auth_token": args.auth_token} if args.auth_token else {})})
+        self.block = args.block_size
+        self.layers, self.heads, self.head = args.layers, args.kv_heads, args.head_size
+        self.dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[args.dtype_bytes]
+        geometry = f"L{self.layers}.H{self.heads}.N{self.block}.D{self.head}.LBHNC.gpu"
+        ns = p.Namespace(f"lmcd-bench-gpu-{uuid.uuid4().hex[:8]}", str(self.dtype), geometry, 1, 0)
+        self.worker = WorkerState(settings, ns, "bench GPU worker")
+        self.sizes = [int(t) for t in args.tokens.split(",") if t.strip()]
+        self.num_blocks = 2 * (max(self.sizes) // self.block) + 2
+        page_elems = self.heads * self.block * 2 * self.head
+        self.page_bytes = page_elems * args.dtype_bytes
+        # vLLM: one int8 buffer, per-layer views [blocks, heads, block_size, 2*head_dim]
+        self.buffer = torch.randint(-128, 127, (self.layers * self.num_blocks * self.page_bytes,), dtype=torch.int8,
+                                    device=self.device)
+        self.kv = {f"model.layers.{i}.self_attn.attn": self.buffer[i * self.num_blocks * self.page_bytes:]
+                   [: self.num_blocks * self.page_bytes].view(self.dtype)
+                   .view(self.num_blocks, self.heads, self.block, 2 * self.head) for i in range(self.layers)}
+        self.worker.register_kv_caches(self.kv, self.num_blocks, self.block)
+        if self.worker.worker_id is None or self.worker.cuda is None:
+            raise LmcdError("registration failed: is the server running with GPU support (--cuda on)?")
+        chunk = self.worker.session.call(lambda client: client.chunk_size, None, "hello")
+        if chunk is None:
+            raise LmcdError("no server answers")
+        self.chunk = chunk
+        self.bpc = chunk // self.block
+
+    def pages(self, layer: int) -> torch.Tensor:
+        return self.kv[f"model.layers.{layer}.self_attn.attn"].view(self.num_blocks, -1).view(torch.int8)
+
+    def _round(self, tokens: int) -> tuple[list[bytes], list[int], list[int]]:
+        n = tokens // self.chunk * self.bpc
+        half = self.num_blocks // 2
+        src = self.rng.choice(np.arange(1, half), n, replace=False).tolist()
+        dst = (half + self.rng.choice(half, n, replace=False)).tolist()
+        return [os.urandom(p.HASH_BYTES) for _ in range(tokens // self.chunk)], src, dst
+
+    def store(self, hashes: list[bytes], blocks: list[int]) -> None:
+        cuda = self.worker.cuda
+        assert cuda is not None
+        self.worker.store(StoreSpec(hashes, blocks))
+        if not cuda.stores_pending:
+            raise LmcdError("the server did not store the chunks (pool full or server gone)")
+        assert cuda.server_event is not None
+        cuda.server_event.synchronize()
+        cuda.stores_pending = False
+
+    def wait_ready(self, hashes: list[bytes]) -> None:
+        """Until the server has booked the store (its completion thread hands back to its loop after
+        the GPU event this worker already saw): untimed, so a retrieve finds every chunk."""
+        for _ in range(5000):
+            found = self.worker.session.call(lambda client: client.lookup(hashes, lease=False), None, "lookup")
+            if found is not None and found.num_hit_chunks == len(hashes):
+                return
+            time.sleep(0.0002)
+        raise LmcdError("stored chunks never became ready on the server")
+
+    def retrieve(self, hashes: list[bytes], blocks: list[int]) -> None:
+        failed = self.worker.load(LoadSpec(hashes, blocks, 0, None), self.bpc)
+        if failed:
+            raise LmcdError(f"retrieve missed {len(failed)} blocks of chunks that were just stored")
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def check(self, src: list[int], dst: list[int]) -> None:
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for layer in range(self.layers):
+            pages = self.pages(layer)
+            if not torch.equal(pages[s], pages[d]):
+                raise LmcdError(f"retrieved bytes differ from stored bytes (layer {layer})")
+
+    def ceiling(self, nbytes: int, repeats: int) -> tuple[float, float]:
+        host = torch.empty(nbytes, dtype=torch.int8, pin_memory=True)
+        dev = self.buffer[:nbytes]
+        d2h = statistics.median(_events_ms(lambda: host.copy_(dev, non_blocking=True), repeats))
+        h2d = statistics.median(_events_ms(lambda: dev.copy_(host, non_blocking=True), repeats))
+        return nbytes / d2h / 1e6, nbytes / h2d / 1e6
+
+    def size(self, tokens: int, repeats: int) -> dict[str, float]:
+        nbytes = tokens // self.chunk * self.bpc * self.layers * self.page_bytes
+        store_s, retrieve_s, last = [], [], None
+        for _ in range(repeats + 1):
+            hashes, src, dst = self._round(tokens)
+            t0 = time.perf_counter()
+            self.store(hashes, src)
+            store_s.append(time.perf_counter() - t0)
+            self.wait_ready(hashes)
+            t0 = time.perf_counter()
+            self.retrieve(hashes, dst)
+            retrieve_s.append(time.perf_counter() - t0)
+            last = (src, dst)
+        assert last is not None
+        self.check(*last)
+        d2h, h2d = self.ceiling(nbytes, repeats)
+        gb = nbytes / 1e9
+        return {"tokens": tokens, "bytes": nbytes, "store_gbps": gb / statistics.median(store_s[1:]),
+                "retrieve_gbps": gb / statistics.median(retrieve_s[1:]), "d2h_gbps": d2h, "h2d_gbps": h2d}
+
+    def loaded(self, tokens: int, seconds: float, matmuls: Matmuls) -> dict[str, float]:
+        nbytes = tokens // self.chunk * self.bpc * self.layers * self.page_bytes
+        moved = [0, 0.0, 0, 0.0]  # store bytes, store seconds, retrieve bytes, retrieve seconds
+
+        def body() -> None:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                hashes, src, dst = self._round(tokens)
+                t0 = time.perf_counter()
+                self.store(hashes, src)
+                t1 = time.perf_counter()
+                self.wait_ready(hashes)
+                t1b = time.perf_counter()
+                self.retrieve(hashes, dst)
+                t2 = time.perf_counter()
+                moved[0] += nbytes
+                moved[1] += t1 - t0
+                moved[2] += nbytes
+                moved[3] += t2 - t1b
+
+        tflops = matmuls.run(body)
+        return {"tokens": tokens, "store_gbps": moved[0] / moved[1] / 1e9,
+                "retrieve_gbps": moved[2] / moved[3] / 1e9, "matmul_tflops": tflops}
+
+    def in_process(self, tokens: int, seconds: float, matmuls: Matmuls | None, ctas: int) -> dict[str, float]:
+        """The copy kernel launched by this process on a side stream, into a pool pinned here."""
+        import cupy
+
+        from lmcd.kernels import PageCopier
+
+        n_chunks = tokens // self.chunk
+        nbytes = n_chunks * self.bpc * self.layers * self.page_bytes
+        pool = torch.empty(2 * nbytes, dtype=torch.int8, pin_memory=True)
+        bases = [self.kv[name].data_ptr() for name in self.kv]
+        copier = PageCopier(self.device, bases, self.num_blocks, self.page_bytes, self.page_bytes, self.bpc, ctas)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        slots = pool.data_ptr() + np.arange(n_chunks, dtype=np.int64) * (self.bpc * self.layers * self.page_bytes)
+        moved = [0.0, 0.0, 0]
+
+        def once() -> None:
+            _, src, dst = self._round(tokens)
+            t0 = time.perf_counter()
+            copier.launch(slots, np.asarray(src), True, stream)
+            stream.synchronize()
+            t1 = time.perf_counter()
+            copier.launch(slots, np.asarray(dst), False, stream)
+            stream.synchronize()
+            moved[0] += t1 - t0
+            moved[1] += time.perf_counter() - t1
+            moved[2] += nbytes
+
+        def body() -> None:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                once()
+
+        once()
+        moved[:] = [0.0, 0.0, 0]
+        tflops = matmuls.run(body) if matmuls is not None else (body(), 0.0)[1]
+        return {"tokens": tokens, "store_gbps": moved[2] / moved[0] / 1e9, "retrieve_gbps": moved[2] / moved[1] / 1e9,
+                "matmul_tflops": tflops}
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("lmcache bench: error: --device cuda needs a CUDA GPU visible to torch", file=sys.stderr)
+        return 1
+    try:
+        bench = GpuBench(args)
+    except (LmcdError, ValueError) as exc:
+        print(f"lmcache bench: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        results = [bench.size(t, args.repeats) for t in bench.sizes]
+        name = torch.cuda.get_device_name(bench.device)
+        print(f"lmcd GPU bench: GPU {bench.device} ({name}), {bench.layers} layers, "
+              f"{bench.heads} KV heads, head {bench.head}, {bench.dtype}, block {bench.block}, chunk {bench.chunk}; "
+              f"median of {args.repeats} rounds; ceiling: same-run pinned torch copy of the same bytes")
+        print(f"{'tokens':>7} {'MiB':>8} {'store':>7} {'D2H':>7} {'ratio':>6} {'retr':>7} {'H2D':>7} "
+              f"{'ratio':>6}  GB/s")
+        for r in results:
+            print(f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.0f} {r['store_gbps']:>7.1f} {r['d2h_gbps']:>7.1f} "
+                  f"{r['store_gbps'] / r['d2h_gbps']:>6.2f} {r['retrieve_gbps']:>7.1f} {r['h2d_gbps']:>7.1f} "
+                  f"{r['retrieve_gbps'] / r['h2d_gbps']:>6.2f}")
+        out: dict[str, Any] = {"results": results}
+        if args.load or args.in_process:
+            matmuls = Matmuls(bench.device, args.matmul_size)
+            alone = matmuls.run(lambda: time.sleep(args.load_seconds))
+            tokens = max(bench.sizes)
+            out["matmul_alone_tflops"] = alone
+            print(f"matmuls alone: {alone:.0f} TFLOP/s ({args.matmul_size}^3 bf16)")
+            if args.load:
+                idle = {k: v for k, v in results[-1].items()}
+                loaded = bench.loaded(tokens, args.load_seconds, matmuls)
+                out["loaded"] = loaded
+                print(f"server copies during matmuls, {tokens} tokens: store {loaded['store_gbps']:.1f} GB/s "
+                      f"(idle {idle['store_gbps']:.1f}), retrieve {loaded['retrieve_gbps']:.1f} GB/s "
+                      f"(idle {idle['retrieve_gbps']:.1f}); matmuls {loaded['matmul_tflops']:.0f} TFLOP/s "
+                      f"({100 * (1 - loaded['matmul_tflops'] / alone):.0f}% slower)")
+            if args.in_process:
+                idle_ip = bench.in_process(tokens, 1.0, None, args.in_process_ctas)
+                loaded_ip = bench.in_process(tokens, args.load_seconds, matmuls, args.in_process_ctas)
+                out["in_process"] = {"idle": idle_ip, "loaded": loaded_ip, "ctas": args.in_process_ctas}
+                print(f"in-process kernel ({args.in_process_ctas} CTAs), {tokens} tokens: idle store "
+                      f"{idle_ip['store_gbps']:.1f} / retrieve {idle_ip['retrieve_gbps']:.1f} GB/s; during matmuls "
+                      f"{loaded_ip['store_gbps']:.1f} / {loaded_ip['retrieve_gbps']:.1f} GB/s, matmuls "
+                      f"{loaded_ip['matmul_tflops']:.0f} TFLOP/s ({100 * (1 - loaded_ip['matmul_tflops'] / alone):.0f}%"
+                      " slower)")
+        if args.json:
+            print(json.dumps(out))
+        return 0
+    except LmcdError as exc:
+        print(f"lmcache bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.worker.close()

@@ -1,0 +1,179 @@
+"""The page gather/scatter kernels, bit-exact against a torch reference (``-m gpu``).
+
+KV tensors are built the way vLLM builds them (one int8 buffer, per-layer views) for every
+layout and dtype the server must copy; the pool is pinned host memory used in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.gpu.gpu_support import requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+LAYERS, BLOCKS, BLOCK, HEADS = 4, 40, 16, 8
+
+
+def _dtype(name: str):  # noqa: ANN202
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}[name]
+
+
+def layer_shape(layout: str, head_dim: int) -> tuple[int, ...]:
+    return {
+        "LBHNC": (BLOCKS, HEADS, BLOCK, 2 * head_dim),
+        "LBNHC": (BLOCKS, BLOCK, HEADS, 2 * head_dim),
+        "MLA": (BLOCKS, 1, BLOCK, 576),
+        "KV_SPLIT": (2, BLOCKS, BLOCK, HEADS, head_dim),
+    }[layout]
+
+
+def build_kv(layout: str, dtype_name: str, head_dim: int = 64):  # noqa: ANN201
+    """One random int8 buffer and per-layer views into it, as vLLM allocates them."""
+    import torch
+
+    dtype = _dtype(dtype_name)
+    shape = layer_shape(layout, head_dim)
+    layer_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buffer = torch.randint(-128, 128, (LAYERS * layer_bytes,), dtype=torch.int8, device="cuda")
+    kv = {f"layers.{i}": buffer[i * layer_bytes:(i + 1) * layer_bytes].view(dtype).view(shape)
+          for i in range(LAYERS)}
+    return buffer, kv
+
+
+def planes(kv) -> list:  # noqa: ANN001
+    """Every plane's pages as an int8 [blocks, page_bytes] view, in the order describe_pages lists them."""
+    import torch
+
+    out = []
+    for tensor in kv.values():
+        raw = tensor.view(torch.int8) if tensor.element_size() == 1 else tensor
+        if tensor.shape[0] == 2 and tensor.dim() == 5:
+            out += [tensor[0].reshape(BLOCKS, -1).view(torch.int8), tensor[1].reshape(BLOCKS, -1).view(torch.int8)]
+        else:
+            out.append(raw.reshape(BLOCKS, -1).view(torch.int8))
+    return out
+
+
+def copier_for(kv, buffer, bpc: int, grid: int = 16):  # noqa: ANN001, ANN201
+    from lmcd.connector.worker import describe_pages
+    from lmcd.kernels import PageCopier
+
+    layout = describe_pages(kv, [buffer.data_ptr()], [buffer.nbytes], BLOCKS, BLOCK)
+    bases = [buffer.data_ptr() + off for off in layout.layer_offsets]
+    return layout, PageCopier(0, bases, layout.num_blocks, layout.page_bytes, layout.block_stride, bpc, grid)
+
+
+def reference_gather(pl, ids, num_chunks: int, bpc: int):  # noqa: ANN001, ANN201
+    import torch
+
+    stacked = torch.stack([p[ids] for p in pl])  # [planes, chunks*bpc, page]
+    return stacked.view(len(pl), num_chunks, bpc, -1).permute(1, 0, 2, 3).contiguous().view(-1)
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("layout_name", ["LBHNC", "LBNHC", "MLA", "KV_SPLIT"])
+def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str) -> None:
+    import cupy
+    import torch
+
+    rng = np.random.default_rng()
+    buffer, kv = build_kv(layout_name, dtype_name)
+    bpc, num_chunks = 4, 3
+    layout, copier = copier_for(kv, buffer, bpc)
+    pl = planes(kv)
+    assert layout.num_layers == len(pl) and layout.page_bytes == pl[0].shape[1]
+    assert copier.vec16
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for _ in range(3):  # fresh random ids (and, below, fresh data) every round
+        buffer.random_(-128, 128)
+        ids = rng.choice(BLOCKS, 2 * num_chunks * bpc, replace=False)
+        src, dst = ids[: num_chunks * bpc], ids[num_chunks * bpc:]
+        pool = torch.full((num_chunks * copier.chunk_bytes + 4096,), 0x5A, dtype=torch.int8, pin_memory=True)
+        slots = pool.data_ptr() + np.arange(num_chunks, dtype=np.int64) * copier.chunk_bytes
+        torch.cuda.synchronize()
+        keep = copier.launch(slots, src, True, stream)
+        stream.synchronize()
+        del keep
+        expected = reference_gather(pl, torch.as_tensor(src, device="cuda"), num_chunks, bpc).cpu()
+        assert torch.equal(pool[: num_chunks * copier.chunk_bytes], expected)
+        assert bool((pool[num_chunks * copier.chunk_bytes:] == 0x5A).all()), "gather wrote past the last slot"
+        before = [p.clone() for p in pl]
+        copier.launch(slots, dst, False, stream)
+        stream.synchronize()
+        dst_t, src_t = torch.as_tensor(dst, device="cuda"), torch.as_tensor(src, device="cuda")
+        others = torch.as_tensor(np.setdiff1d(np.arange(BLOCKS), dst), device="cuda")
+        for plane, old in zip(pl, before, strict=True):
+            assert torch.equal(plane[dst_t], old[src_t])
+            assert torch.equal(plane[others], old[others]), "scatter touched blocks it was not given"
+
+
+def test_skip_blocks_leaves_the_first_blocks_alone() -> None:
+    import cupy
+    import torch
+
+    buffer, kv = build_kv("LBHNC", "bf16")
+    bpc = 4
+    _, copier = copier_for(kv, buffer, bpc)
+    pl = planes(kv)
+    pool = torch.empty(2 * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
+    slots = pool.data_ptr() + np.arange(2, dtype=np.int64) * copier.chunk_bytes
+    stream = cupy.cuda.Stream(non_blocking=True)
+    torch.cuda.synchronize()
+    copier.launch(slots, np.arange(0, 8), True, stream)
+    stream.synchronize()
+    before = [p.clone() for p in pl]
+    dst = np.arange(20, 28)
+    copier.launch(slots, dst, False, stream, skip_blocks=3)
+    stream.synchronize()
+    for plane, old in zip(pl, before, strict=True):
+        assert torch.equal(plane[20:23], old[20:23]), "skipped blocks were written"
+        assert torch.equal(plane[23:28], old[3:8])
+
+
+def test_unaligned_pages_use_the_byte_kernel() -> None:
+    import cupy
+    import torch
+
+    # fp8, 1 head, head_dim 3: a page of 16 * 6 = 96 bytes would be aligned; use block 5 -> 30 bytes
+    from lmcd.kernels import PageCopier
+
+    blocks, page = 12, 30
+    buffer = torch.randint(-128, 128, (2 * blocks * page,), dtype=torch.int8, device="cuda")
+    copier = PageCopier(0, [buffer.data_ptr(), buffer.data_ptr() + blocks * page], blocks, page, page, 2)
+    assert not copier.vec16
+    pool = torch.zeros(2 * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
+    slots = pool.data_ptr() + np.arange(2, dtype=np.int64) * copier.chunk_bytes
+    stream = cupy.cuda.Stream(non_blocking=True)
+    torch.cuda.synchronize()
+    ids = np.array([5, 1, 7, 2])
+    copier.launch(slots, ids, True, stream)
+    stream.synchronize()
+    pl = [buffer[: blocks * page].view(blocks, page), buffer[blocks * page:].view(blocks, page)]
+    expected = reference_gather(pl, torch.as_tensor(ids, device="cuda"), 2, 2).cpu()
+    assert torch.equal(pool, expected)
+
+
+def test_out_of_range_block_is_refused_before_launch() -> None:
+    import cupy
+    import torch
+
+    from lmcd.kernels import KernelInputError
+
+    buffer, kv = build_kv("LBHNC", "bf16")
+    _, copier = copier_for(kv, buffer, 4)
+    pool = torch.empty(copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    before = buffer.clone()
+    for bad in ([0, 1, 2, BLOCKS], [-1, 1, 2, 3]):
+        with pytest.raises(KernelInputError, match="out of range"):
+            copier.launch(np.array([pool.data_ptr()]), np.array(bad), False, stream)
+    with pytest.raises(KernelInputError, match="block ids"):
+        copier.launch(np.array([pool.data_ptr()]), np.array([1, 2, 3]), False, stream)
+    stream.synchronize()
+    assert torch.equal(buffer, before)
