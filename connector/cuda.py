@@ -72,7 +72,8 @@ def ipc_handle(base: int) -> bytes:
 
 def device_pci(device: int) -> str:
     props = torch.cuda.get_device_properties(device)
-    return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+    domain, bus, dev = (int(getattr(props, name)) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+    return f"{domain:04x}:{bus:02x}:{dev:02x}"
 
 
 class CudaShare:
