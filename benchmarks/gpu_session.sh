@@ -40,6 +40,13 @@ bench() {  # bench NAME SERVER-FLAGS... -- BENCH-FLAGS...
   grep -E "Pinning|pinned|GPU workers" "$OUT/server-$name.log" | head -3
 }
 
+if [[ $what == one ]]; then
+  bench kernel16 --copy-ctas 16 -- --repeats 20 --load
+fi
+if [[ $what == debug ]]; then
+  bench debug --log-level DEBUG -- --repeats 10 --tokens 256,4096
+  grep -E "launched|Replied to (store|retrieve)|submit us" "$OUT/server-debug.log" | tail -12
+fi
 if [[ $what == quick ]]; then
   bench kernel16 --copy-ctas 16 -- --repeats 10 --load --in-process --in-process-ctas 16
 fi

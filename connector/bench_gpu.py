@@ -128,6 +128,7 @@ class GpuBench:
             raise LmcdError("no server answers")
         self.chunk = chunk
         self.bpc = chunk // self.block
+        self.phases: list[tuple[float, float]] = []  # (request answered, then GPU done) seconds
 
     def pages(self, layer: int) -> torch.Tensor:
         return self.kv[f"model.layers.{layer}.self_attn.attn"].view(self.num_blocks, -1).view(torch.int8)
@@ -142,12 +143,15 @@ class GpuBench:
     def store(self, hashes: list[bytes], blocks: list[int]) -> None:
         cuda = self.worker.cuda
         assert cuda is not None
+        t0 = time.perf_counter()
         self.worker.store(StoreSpec(hashes, blocks))
+        t1 = time.perf_counter()
         if not cuda.stores_pending:
             raise LmcdError("the server did not store the chunks (pool full or server gone)")
         assert cuda.server_event is not None
         cuda.server_event.synchronize()
         cuda.stores_pending = False
+        self.phases.append((t1 - t0, time.perf_counter() - t1))
 
     def wait_ready(self, hashes: list[bytes]) -> None:
         """Until the server has booked the store (its completion thread hands back to its loop after
@@ -160,10 +164,13 @@ class GpuBench:
         raise LmcdError("stored chunks never became ready on the server")
 
     def retrieve(self, hashes: list[bytes], blocks: list[int]) -> None:
+        t0 = time.perf_counter()
         failed = self.worker.load(LoadSpec(hashes, blocks, 0, None), self.bpc)
+        t1 = time.perf_counter()
         if failed:
             raise LmcdError(f"retrieve missed {len(failed)} blocks of chunks that were just stored")
         torch.cuda.current_stream(self.device).synchronize()
+        self.phases.append((t1 - t0, time.perf_counter() - t1))
 
     def check(self, src: list[int], dst: list[int]) -> None:
         s = torch.tensor(src, device=self.device)
@@ -183,22 +190,30 @@ class GpuBench:
     def size(self, tokens: int, repeats: int) -> dict[str, float]:
         nbytes = tokens // self.chunk * self.bpc * self.layers * self.page_bytes
         store_s, retrieve_s, last = [], [], None
+        store_ph, retrieve_ph = [], []
         for _ in range(repeats + 1):
             hashes, src, dst = self._round(tokens)
             t0 = time.perf_counter()
             self.store(hashes, src)
             store_s.append(time.perf_counter() - t0)
+            store_ph.append(self.phases[-1])
             self.wait_ready(hashes)
             t0 = time.perf_counter()
             self.retrieve(hashes, dst)
             retrieve_s.append(time.perf_counter() - t0)
+            retrieve_ph.append(self.phases[-1])
             last = (src, dst)
         assert last is not None
         self.check(*last)
         d2h, h2d = self.ceiling(nbytes, repeats)
         gb = nbytes / 1e9
+        def ms(values: list[tuple[float, float]], i: int) -> float:
+            return round(1e3 * statistics.median(v[i] for v in values[1:]), 3)
+
         return {"tokens": tokens, "bytes": nbytes, "store_gbps": gb / statistics.median(store_s[1:]),
-                "retrieve_gbps": gb / statistics.median(retrieve_s[1:]), "d2h_gbps": d2h, "h2d_gbps": h2d}
+                "retrieve_gbps": gb / statistics.median(retrieve_s[1:]), "d2h_gbps": d2h, "h2d_gbps": h2d,
+                "store_reply_ms": ms(store_ph, 0), "store_gpu_wait_ms": ms(store_ph, 1),
+                "retrieve_reply_ms": ms(retrieve_ph, 0), "retrieve_gpu_wait_ms": ms(retrieve_ph, 1)}
 
     def loaded(self, tokens: int, seconds: float, matmuls: Matmuls) -> dict[str, float]:
         nbytes = tokens // self.chunk * self.bpc * self.layers * self.page_bytes
@@ -287,7 +302,9 @@ def run_gpu(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.0f} {r['store_gbps']:>7.1f} {r['d2h_gbps']:>7.1f} "
                   f"{r['store_gbps'] / r['d2h_gbps']:>6.2f} {r['retrieve_gbps']:>7.1f} {r['h2d_gbps']:>7.1f} "
-                  f"{r['retrieve_gbps'] / r['h2d_gbps']:>6.2f}")
+                  f"{r['retrieve_gbps'] / r['h2d_gbps']:>6.2f}   (reply / then GPU wait, ms: store "
+                  f"{r['store_reply_ms']} / {r['store_gpu_wait_ms']}, retrieve {r['retrieve_reply_ms']} / "
+                  f"{r['retrieve_gpu_wait_ms']})")
         out: dict[str, Any] = {"results": results}
         if args.load or args.in_process:
             matmuls = Matmuls(bench.device, args.matmul_size)

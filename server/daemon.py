@@ -323,7 +323,10 @@ class CacheServer:
             self.router.send_multipart([session.routing_id, p.encoder.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone; its disconnect cleans up
             log.debug("Reply to session %d dropped: %s", session.session_id, exc)
-        self.metrics.latency.labels(op).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.latency.labels(op).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Replied to %s of session %d %.0f us after it arrived", op, session.session_id, elapsed * 1e6)
 
     # ------------------------------------------------------------ sessions
 

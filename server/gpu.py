@@ -68,7 +68,7 @@ MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
 def _batch_memcpy() -> tuple[Any, bool]:
     """cuMemcpyBatchAsync from the driver: (function, takes_fail_index). CUDA 13 names the form
     without the fail index ``_v2``; CUDA 12.8/12.9 export only the form with it."""
-    driver = ctypes.CDLL("libcuda.so.1")
+    driver = _driver()
     for name, with_fail_index in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
         fn = getattr(driver, name, None)
         if fn is not None:
@@ -96,6 +96,19 @@ def batch_memcpy(dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream_ptr:
     result = fn(*args)
     if result != 0:
         raise RuntimeError(f"cuMemcpyBatchAsync failed with CUresult {result}")
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def event_synchronize(event_ptr: int) -> None:
+    """cuEventSynchronize through ctypes, which releases the GIL while it waits: the request loop
+    keeps answering (and launching) while a completion thread waits for a copy."""
+    result = _driver().cuEventSynchronize(ctypes.c_void_p(event_ptr))
+    if result != 0:
+        raise RuntimeError(f"the GPU copy failed: cuEventSynchronize returned CUresult {result}")
 
 
 class CudaHost:
@@ -199,6 +212,7 @@ class GpuWorker:
         with cupy.cuda.Device(self.device):
             if self.worker_event is not None:
                 runtime.streamWaitEvent(self.stream.ptr, self.worker_event, 0)
+            t_wait = time.perf_counter()
             if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
                 self.copier.check(slot_addresses, block_ids, skip_blocks)
                 runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
@@ -206,10 +220,16 @@ class GpuWorker:
                 keep: Any = None
             else:
                 keep = self.copier.launch(slot_addresses, block_ids, to_pool, self.stream, skip_blocks)
+            t_launch = time.perf_counter()
             self.event.record(self.stream)
+            t_ipc = time.perf_counter()
             finished = cupy.cuda.Event(block=True, disable_timing=True)
             finished.record(self.stream)
         self._completions.put((finished, keep, started, done))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("submit us: wait %.0f launch %.0f record ipc %.0f completion event %.0f",
+                      1e6 * (t_wait - started),
+                      1e6 * (t_launch - t_wait), 1e6 * (t_ipc - t_launch), 1e6 * (time.perf_counter() - t_ipc))
 
     def _complete(self) -> None:
         while True:
@@ -218,7 +238,7 @@ class GpuWorker:
                 return
             finished, keep, started, done = item
             try:
-                finished.synchronize()
+                event_synchronize(finished.ptr)
             except BaseException as exc:  # a CUDA error: the copy is not trusted
                 done(exc, time.perf_counter() - started)
                 continue

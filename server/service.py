@@ -295,7 +295,8 @@ class CacheService:
                 text = f"copy failed: {error}" if error is not None else message
                 self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
 
-        self._copy(worker, [e for e, _ in writing], blocks, [i for _, i in writing], True, 0, "store", finish)
+        self._copy(worker, [e for e, _ in writing], blocks, [i for _, i in writing], True, 0, "store", finish,
+                   started)
         return p.StoreReply(req.rid, list(statuses), message) if early else None
 
     # ------------------------------------------------------------ retrieve
@@ -328,7 +329,8 @@ class CacheService:
             if not early:
                 self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
 
-        self._copy(worker, pinned, blocks, list(range(len(pinned))), False, req.skip_blocks, "retrieve", finish)
+        self._copy(worker, pinned, blocks, list(range(len(pinned))), False, req.skip_blocks, "retrieve", finish,
+                   started)
         return p.RetrieveReply(req.rid, len(pinned)) if early else None
 
     def _pin_leading(self, worker: Worker, hashes: list[bytes], lease_id: int | None) -> list[Entry]:
@@ -417,7 +419,7 @@ class CacheService:
 
     def _copy(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, chunk_positions: list[int],
               to_pool: bool, skip_blocks: int, direction: str,
-              finish: Callable[[BaseException | None, int], None]) -> None:
+              finish: Callable[[BaseException | None, int], None], started: float) -> None:
         """Start the copy of ``entries`` (pool side) and the chosen chunks' ``blocks`` (engine side);
         ``finish(error, bytes)`` then runs on the loop thread."""
         bpc = worker.blocks_per_chunk
@@ -440,7 +442,12 @@ class CacheService:
             self.copies.submit(copy_plan, done)
             return
         try:
+            submitted = time.perf_counter()
             worker.gpu.submit(slots, chosen, to_pool, done, skip_blocks)
+            if log.isEnabledFor(logging.DEBUG):
+                now = time.perf_counter()
+                log.debug("GPU %s of %d chunks launched %.0f us after the request arrived (submit took %.0f us)",
+                          direction, len(entries), (now - started) * 1e6, (now - submitted) * 1e6)
         except BaseException as exc:  # refused before launch (or CUDA failed to launch): nothing was copied
             worker.inflight -= 1
             self.pending_copies -= 1

@@ -1,0 +1,160 @@
+"""Where the time of a GPU store/retrieve goes (run on the GPU machine; not a test).
+
+1. Host-side cost of one ``PageCopier.launch`` and of the other CUDA calls the server makes per
+   request (stream wait, event records, event creation), in microseconds.
+2. Kernel-only GB/s (device events) for 256 / 4096 / 16384 tokens, Llama-3-8B geometry, against
+   a same-run pinned copy, for kernel variants: UNROLL (loads in flight per thread), threads per
+   CTA, and CTAs.
+3. A pyzmq DEALER/ROUTER round trip between two processes with msgspec-sized frames.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+
+import cupy
+import numpy as np
+
+from lmcd import kernels
+from lmcd.kernels import PageCopier
+
+LAYERS, HEADS, BLOCK, HEAD = 32, 8, 16, 128
+PAGE = HEADS * BLOCK * 2 * HEAD * 2
+BPC = 256 // BLOCK
+
+
+def median_us(fn, n: int = 200) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def kernel_gbps(copier: PageCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream) -> float:
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(12):
+        start.record(stream)
+        copier.launch(slots, blocks, to_pool, stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    nbytes = len(slots) * copier.chunk_bytes
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
+def variant_source(unroll: int) -> str:
+    return kernels.source().replace("#define UNROLL 4", f"#define UNROLL {unroll}")
+
+
+def zmq_peer(port: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    while True:
+        ident, frame = sock.recv_multipart()
+        if frame == b"stop":
+            break
+        sock.send_multipart([ident, frame[:64]])
+
+
+def main() -> None:
+    num_blocks = 2 * 16384 // BLOCK + 2
+    kv = cupy.random.randint(-128, 127, LAYERS * num_blocks * PAGE, dtype=cupy.int8)
+    bases = [kv.data.ptr + i * num_blocks * PAGE for i in range(LAYERS)]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    chunk_bytes = LAYERS * BPC * PAGE
+    pool_bytes = 64 * chunk_bytes
+    pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
+    np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
+    rng = np.random.default_rng(0)
+    host = np.frombuffer(pool, dtype=np.int8, count=pool_bytes)
+    dev = cupy.empty(pool_bytes, dtype=cupy.int8)
+    sources = {u: variant_source(u) for u in (4, 8)}
+    for tokens in (256, 4096, 16384):
+        n = tokens // 256
+        t0 = cupy.cuda.Event()
+        t1 = cupy.cuda.Event()
+        t0.record(stream)
+        dev[: n * chunk_bytes].data.copy_to_host_async(pool.ptr, n * chunk_bytes, stream)
+        t1.record(stream)
+        t1.synchronize()
+        d2h = n * chunk_bytes / (cupy.cuda.get_elapsed_time(t0, t1) / 1e3) / 1e9
+        t0.record(stream)
+        dev[: n * chunk_bytes].data.copy_from_host_async(pool.ptr, n * chunk_bytes, stream)
+        t1.record(stream)
+        t1.synchronize()
+        h2d = n * chunk_bytes / (cupy.cuda.get_elapsed_time(t0, t1) / 1e3) / 1e9
+        print(f"tokens {tokens}: pinned copy D2H {d2h:.1f} H2D {h2d:.1f} GB/s")
+        slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes
+        blocks = rng.choice(num_blocks, n * BPC, replace=False)
+        for unroll in (4,):
+            for threads in (512,):
+                for grid in (16, 32):
+                    kernels._module.cache_clear()
+                    kernels.source = lambda s=sources[unroll]: s  # type: ignore[assignment]
+                    kernels.BLOCK_THREADS = threads
+                    copier = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, grid)
+                    g = kernel_gbps(copier, slots, blocks, True, stream)
+                    s = kernel_gbps(copier, slots, blocks, False, stream)
+                    print(f"  unroll {unroll} threads {threads:4d} grid {grid:3d}: gather {g:5.1f} ({g / d2h:.3f})  "
+                          f"scatter {s:5.1f} ({s / h2d:.3f})")
+        del host
+        host = np.frombuffer(pool, dtype=np.int8, count=pool_bytes)
+    kernels.BLOCK_THREADS = 512
+    copier = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
+    slots = pool.ptr + np.arange(1, dtype=np.int64) * chunk_bytes
+    blocks = rng.choice(num_blocks, BPC, replace=False)
+    ipc_event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
+    print(f"host us per call: launch {median_us(lambda: copier.launch(slots, blocks, True, stream)):.1f}")
+    stream.synchronize()
+    print(f"  check {median_us(lambda: copier.check(slots, blocks)):.1f}")
+    print(f"  Event() {median_us(lambda: cupy.cuda.Event(block=True, disable_timing=True)):.1f}")
+    print(f"  record {median_us(lambda: ipc_event.record(stream)):.1f}")
+    print(f"  Device ctx {median_us(lambda: cupy.cuda.Device(0).__enter__() and None):.1f}")
+    print(f"  alloc_pinned {median_us(lambda: cupy.cuda.alloc_pinned_memory(1024)):.1f}")
+    print(f"  cupy.empty {median_us(lambda: cupy.empty(128, dtype=cupy.int64)):.1f}")
+    stream.synchronize()
+    ev = cupy.cuda.Event(block=True, disable_timing=True)
+
+    def launch_and_wait() -> None:
+        copier.launch(slots, blocks, True, stream)
+        ev.record(stream)
+        ev.synchronize()
+
+    def launch_and_spin() -> None:
+        copier.launch(slots, blocks, True, stream)
+        e = cupy.cuda.Event(block=False, disable_timing=True)
+        e.record(stream)
+        e.synchronize()
+
+    print(f"256 tokens launch + blocking-sync wait {median_us(launch_and_wait, 100):.0f} us, "
+          f"launch + spin wait {median_us(launch_and_spin, 100):.0f} us (copy alone ~{chunk_bytes / 53e3:.0f} us)")
+    port = 5799
+    proc = mp.get_context("spawn").Process(target=zmq_peer, args=(port,), daemon=True)
+    proc.start()
+    import zmq
+
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    payload = b"x" * 300
+
+    def rtt() -> None:
+        sock.send(payload)
+        sock.recv()
+
+    for _ in range(100):
+        rtt()
+    print(f"zmq round trip (tcp loopback, blocking recv): {median_us(rtt, 500):.0f} us")
+    sock.send(b"stop")
+    proc.join(5)
+
+
+if __name__ == "__main__":
+    main()
