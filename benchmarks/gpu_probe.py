@@ -74,7 +74,6 @@ def main() -> None:
     pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
     np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
     rng = np.random.default_rng(0)
-    host = np.frombuffer(pool, dtype=np.int8, count=pool_bytes)
     dev = cupy.empty(pool_bytes, dtype=cupy.int8)
     sources = {u: variant_source(u) for u in (4, 8)}
     for tokens in (256, 4096, 16384):
@@ -105,8 +104,6 @@ def main() -> None:
                     s = kernel_gbps(copier, slots, blocks, False, stream)
                     print(f"  unroll {unroll} threads {threads:4d} grid {grid:3d}: gather {g:5.1f} ({g / d2h:.3f})  "
                           f"scatter {s:5.1f} ({s / h2d:.3f})")
-        del host
-        host = np.frombuffer(pool, dtype=np.int8, count=pool_bytes)
     kernels.BLOCK_THREADS = 512
     copier = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
     slots = pool.ptr + np.arange(1, dtype=np.int64) * chunk_bytes

@@ -55,6 +55,28 @@ def kernel(device: int, vec16: bool) -> Any:
     return _module(device).get_function("lmcd_page_copy_v16" if vec16 else "lmcd_page_copy_v1")
 
 
+STAGING_SLOTS = 8
+
+
+class _Staging:
+    """One request's arguments on their way to the GPU: a pinned host buffer and a device buffer."""
+
+    def __init__(self, cupy: Any) -> None:
+        self.cupy = cupy
+        self.capacity = 0
+        self.host: Any = None
+        self.dev: Any = None
+        self.used = cupy.cuda.Event(block=False, disable_timing=True)
+        self.used.record()  # "done" until a launch records it on its stream
+
+    def reserve(self, nbytes: int) -> None:
+        self.used.synchronize()  # the launch that read these buffers last has finished (almost always)
+        if nbytes > self.capacity:
+            self.capacity = max(nbytes, 2 * self.capacity, 4096)
+            self.host = self.cupy.cuda.alloc_pinned_memory(self.capacity)
+            self.dev = self.cupy.empty(self.capacity // 8, dtype=self.cupy.int64)
+
+
 class PageCopier:
     """Gather/scatter launches for one worker's KV registration on one device.
 
@@ -88,31 +110,37 @@ class PageCopier:
         with cupy.cuda.Device(device):
             self.layer_bases = cupy.asarray(bases)
             self._kernel = kernel(device, self.vec16)
+            self._staging = [_Staging(cupy) for _ in range(STAGING_SLOTS)]
+        self._next = 0
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
-               skip_blocks: int = 0) -> tuple[Any, Any]:
+               skip_blocks: int = 0) -> None:
         """Copy ``len(slot_addresses)`` chunks (to the pool if ``to_pool``, else out of it) on ``stream``.
 
-        Returns the buffers the launch reads; keep them alive until the copy has completed.
+        The request's arguments travel through a small ring of pinned host and device buffers
+        owned by this copier (no allocation per request); a buffer is reused only once the
+        launch that last read it has completed.
         """
         slots, blocks = self.check(slot_addresses, block_ids, skip_blocks)
         num_chunks = len(slots)
-        bpc = self.blocks_per_chunk
         cupy = self.cupy
-        packed = np.concatenate((slots, blocks))
-        with cupy.cuda.Device(self.device), stream:  # the request buffer belongs to the stream's pool arena
-            host = cupy.cuda.alloc_pinned_memory(packed.nbytes)
-            np.frombuffer(host, dtype=np.int64, count=len(packed))[:] = packed
-            req = cupy.empty(len(packed), dtype=cupy.int64)
-            req.data.copy_from_host_async(host.ptr, packed.nbytes, stream)
+        nbytes = 8 * (len(slots) + len(blocks))
+        with cupy.cuda.Device(self.device):
+            staging = self._staging[self._next % STAGING_SLOTS]
+            self._next += 1
+            staging.reserve(nbytes)
+            host = np.frombuffer(staging.host, dtype=np.int64, count=nbytes // 8)
+            host[:num_chunks] = slots
+            host[num_chunks:] = blocks
+            staging.dev.data.copy_from_host_async(staging.host.ptr, nbytes, stream)
             self._kernel(
                 (self.grid,), (BLOCK_THREADS,),
-                (self.layer_bases, req, np.int32(num_chunks), np.int32(self.num_planes), np.int32(bpc),
-                 np.int64(self.page_bytes), np.int64(self.block_stride), np.int32(skip_blocks),
-                 np.int32(1 if to_pool else 0)),
+                (self.layer_bases, staging.dev, np.int32(num_chunks), np.int32(self.num_planes),
+                 np.int32(self.blocks_per_chunk), np.int64(self.page_bytes), np.int64(self.block_stride),
+                 np.int32(skip_blocks), np.int32(1 if to_pool else 0)),
                 stream=stream,
             )
-        return host, req
+            staging.used.record(stream)
 
     def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:

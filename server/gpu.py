@@ -199,7 +199,7 @@ class GpuWorker:
             except BaseException:
                 self._close_handles()
                 raise
-        self._completions: queue.SimpleQueue[tuple[Any, Any, float, Done] | None] = queue.SimpleQueue()
+        self._completions: queue.SimpleQueue[tuple[Any, float, Done] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete, name=f"lmcd-gpu{self.device}", daemon=True)
         self._thread.start()
 
@@ -210,22 +210,21 @@ class GpuWorker:
         cupy, runtime = self.host.cupy, self.host.runtime
         started = time.perf_counter()
         with cupy.cuda.Device(self.device):
-            if self.worker_event is not None:
+            if self.worker_event is not None:  # the copy starts after the worker's recorded work
                 runtime.streamWaitEvent(self.stream.ptr, self.worker_event, 0)
             t_wait = time.perf_counter()
             if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
                 self.copier.check(slot_addresses, block_ids, skip_blocks)
                 runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
                 batch_memcpy(runs.dst, runs.src, runs.size, self.stream.ptr)
-                keep: Any = None
             else:
-                keep = self.copier.launch(slot_addresses, block_ids, to_pool, self.stream, skip_blocks)
+                self.copier.launch(slot_addresses, block_ids, to_pool, self.stream, skip_blocks)
             t_launch = time.perf_counter()
             self.event.record(self.stream)
             t_ipc = time.perf_counter()
             finished = cupy.cuda.Event(block=True, disable_timing=True)
             finished.record(self.stream)
-        self._completions.put((finished, keep, started, done))
+        self._completions.put((finished, started, done))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("submit us: wait %.0f launch %.0f record ipc %.0f completion event %.0f",
                       1e6 * (t_wait - started),
@@ -236,13 +235,12 @@ class GpuWorker:
             item = self._completions.get()
             if item is None:
                 return
-            finished, keep, started, done = item
+            finished, started, done = item
             try:
                 event_synchronize(finished.ptr)
             except BaseException as exc:  # a CUDA error: the copy is not trusted
                 done(exc, time.perf_counter() - started)
                 continue
-            del keep
             done(None, time.perf_counter() - started)
 
     def close(self) -> None:
