@@ -344,7 +344,8 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
     literal_defaults = {"--port": "5555", "--http-port": "8080", "--chunk-size": "256", "--host": "localhost",
                         "--eviction-policy": "LRU", "--lease-timeout": "60.0", "--log-level": "INFO",
                         "--l1-size-gb": "auto", "--max-workers": "auto", "--auth-token": "none",
-                        "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1"}
+                        "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",
+                        "--cuda": "auto", "--copy-ctas": "16", "--copy-engine": "kernel"}
     assert set(literal_defaults) == {s.flag for s in SETTINGS}
     for s in SETTINGS:
         assert s.flag in entries, f"{s.flag} missing from --help:\n{result.stdout}"
