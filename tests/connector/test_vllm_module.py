@@ -31,3 +31,68 @@ def test_import_has_no_side_effects_and_exports_both_classes():
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=180, env=vllm_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
+
+
+DELAYED_FREES = """
+from lmcd.connector import vllm as m
+from lmcd.connector.scheduler import LoadSpec, RequestPlan, SchedulerState, StoreSpec
+
+class Worker:  # the WorkerState calls the connector makes, recorded (GPU: stores finish later)
+    def __init__(self):
+        self.stored, self.fenced, self.done = [], 0, False
+    def store(self, spec):
+        self.stored.append(spec)
+    def load(self, spec, bpc):
+        return set()
+    def fence_stores(self):
+        self.fenced += 1
+    def stores_done(self):
+        return self.done
+
+c = object.__new__(m.LMCacheMPConnector)
+c._connector_metadata = None
+c._worker, c._scheduler, c._delay_frees = Worker(), None, True
+c._storing, c._finishing, c._load_errors = set(), set(), set()
+meta = m.LmcdConnectorMetadata([RequestPlan("a", store=StoreSpec([b"x" * 32], [1, 2])),
+                                RequestPlan("b", load=LoadSpec([b"y" * 32], [3, 4], 0, None))], fence_stores=True)
+c.bind_connector_metadata(meta)
+c.start_load_kv(None)
+assert c._worker.fenced == 1, "a preemption must make the next step wait for stores in flight"
+c.wait_for_save()
+assert c._storing == {"a"} and len(c._worker.stored) == 1
+assert c.get_finished(set()) == (None, None)            # not finished yet
+assert c.get_finished({"a", "b"}) == (None, None)       # finished, but its store is still running
+assert c.get_finished(set()) == (None, None)
+c._worker.done = True
+assert c.get_finished(set()) == ({"a"}, None)           # reported once, when the store completed
+assert c.get_finished(set()) == (None, None)
+
+# scheduler side: a request's blocks are kept (True) only if a store was planned for it, on GPU
+c._worker = None
+c._scheduler = SchedulerState(256, 16, lambda hashes: (0, None), lambda lease: None)
+class Req:
+    def __init__(self, rid):
+        self.request_id = rid
+prompt = list(range(600))
+c._scheduler.num_new_matched_tokens("s", prompt, 0)
+c._scheduler.after_alloc("s", 0)
+assert c._scheduler.plan_step("s", prompt, list(range(40)), True, 0, 600).store is not None
+assert c.request_finished(Req("s"), []) == (True, None)
+assert c.request_finished(Req("never"), []) == (False, None)
+c._delay_frees = False                                   # CPU: stores finish within their step
+c._scheduler.num_new_matched_tokens("t", prompt, 0)
+c._scheduler.after_alloc("t", 0)
+c._scheduler.plan_step("t", prompt, list(range(40)), True, 0, 600)
+assert c.request_finished(Req("t"), []) == (False, None)
+print("OK")
+"""
+
+
+def test_gpu_stores_delay_block_frees_until_get_finished_reports_them():
+    reason = vllm_available()
+    if reason:
+        pytest.skip(reason)
+    out = subprocess.run([sys.executable, "-c", DELAYED_FREES], capture_output=True, text=True, timeout=180,
+                         env=vllm_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
