@@ -18,10 +18,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from lmcd import protocol as p
 from lmcd.connector.client import CacheClient
+from lmcd.connector.shm import CpuKVCache
 
 RUNNING = re.compile(r"LMCache cache server is running on (\S+) \(pool .*HTTP (\S+?)\)")
 
@@ -129,3 +131,10 @@ def shm_names(pid: int | None = None) -> set[str]:
     """lmcd segment names in /dev/shm (of one process, if ``pid`` is given)."""
     prefix = "lmcache_kv_" if pid is None else f"lmcache_kv_{pid}_"
     return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+
+
+def fill_random(kv: CpuKVCache, seed: int) -> None:
+    """Fill every SHM segment of ``kv`` with seeded random bytes."""
+    rng = np.random.default_rng(seed)
+    for seg in kv.segments:
+        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)

@@ -19,7 +19,7 @@ import zmq
 from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, ServerError
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import RunningServer, connect, namespace, shm_names
+from tests.conftest import RunningServer, connect, fill_random, namespace, shm_names
 
 SMALL_POOL = ("--l1-size-gb", "0.0625")  # 64 MiB: one slab
 
@@ -28,12 +28,6 @@ def hashes(n: int, tag: str = "") -> list[bytes]:
     """n distinct 32-byte chunk keys (unique per test run)."""
     salt = os.urandom(8) + tag.encode()
     return [hashlib.blake2b(salt + i.to_bytes(8, "little"), digest_size=32).digest() for i in range(n)]
-
-
-def fill_random(kv: CpuKVCache, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for seg in kv.segments:
-        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
 
 
 def snapshot(kv: CpuKVCache) -> list[np.ndarray]:
@@ -654,9 +648,7 @@ def test_clean_shutdown(server_factory, sig: int) -> None:
 def test_retrieve_skips_the_leading_blocks_the_engine_has(server):
     """skip_blocks leaves the first blocks of the first chunk untouched in every layer."""
     kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=64, num_kv_heads=1, head_size=32)
-    rng = np.random.default_rng(3)
-    for seg in kv.segments:
-        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+    fill_random(kv, 3)
     with connect(server.url, namespace(geometry=kv.geometry)) as client:
         info = kv.register(client)
         keys = [bytes([i]) * 32 for i in range(2)]  # 2 chunks of 4 blocks

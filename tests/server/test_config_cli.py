@@ -397,20 +397,12 @@ def run_until_exit(*flags: str, timeout: float = 90.0) -> subprocess.CompletedPr
         raise AssertionError(f"server with a busy port did not exit within {timeout} s: {exc.stdout!r}") from None
 
 
-def test_busy_zmq_port_fails_startup(busy_port: int) -> None:
-    result = run_until_exit("--port", str(busy_port))
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_busy_port_fails_startup(busy_port: int, flag: str) -> None:
+    result = run_until_exit(flag, str(busy_port))
     assert result.returncode == 1, result.stdout + result.stderr
     message = result.stdout + result.stderr
-    assert "Startup failed" in message and "--port" in message, message
-    assert str(busy_port) in message and "in use" in message.lower(), message
-    assert "running on" not in message and "Traceback" not in message, message
-
-
-def test_busy_http_port_fails_startup(busy_port: int) -> None:
-    result = run_until_exit("--http-port", str(busy_port))
-    assert result.returncode == 1, result.stdout + result.stderr
-    message = result.stdout + result.stderr
-    assert "Startup failed" in message and "--http-port" in message, message
+    assert "Startup failed" in message and flag in message, message
     assert str(busy_port) in message and "in use" in message.lower(), message
     assert "running on" not in message and "Traceback" not in message, message
 

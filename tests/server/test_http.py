@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +21,7 @@ from lmcd.connector.shm import CpuKVCache
 from lmcd.server.config import ServerConfig
 from lmcd.server.daemon import CacheServer
 from lmcd.server.http import HEALTH_DEADLINE_S
-from tests.conftest import connect, namespace
+from tests.conftest import connect, fill_random, namespace
 
 TIMEOUT = httpx.Timeout(15.0)
 CLEAR_PATHS = ("/clear-cache", "/cache/clear")
@@ -32,9 +31,7 @@ def small_kv() -> CpuKVCache:
     # 2 layers, 2 blocks of 128 tokens per 256-token chunk, pages of 2*128*64*2 bytes = 32 KiB:
     # one chunk is 2 * 2 * 32 KiB = 128 KiB
     kv = CpuKVCache(num_layers=2, num_blocks=16, block_size=128, num_kv_heads=2, head_size=32)
-    rng = np.random.default_rng(7)
-    for seg in kv.segments:
-        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+    fill_random(kv, 7)
     return kv
 
 

@@ -27,7 +27,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, ServerError, ServerTimeout
 from lmcd.connector.keys import chunk_hashes
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import RunningServer, connect, namespace
+from tests.conftest import RunningServer, connect, fill_random, namespace
 
 BAD = p.ErrorCode.BAD_FRAME
 REPLY_TIMEOUT_MS = 10_000
@@ -123,9 +123,7 @@ def roundtrip_end_to_end(server: RunningServer) -> None:
     """Hello, register real SHM KV memory, store, lookup, retrieve: exact bytes."""
     kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=128, num_kv_heads=1, head_size=16)
     try:
-        rng = np.random.default_rng(7)
-        for seg in kv.segments:
-            seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+        fill_random(kv, 7)
         ns = namespace(geometry=kv.geometry)
         with connect(server.url, ns) as client:
             info = kv.register(client)
@@ -315,9 +313,7 @@ def test_semantic_errors_on_valid_frames(server, raw_factory):
 
     kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=128, num_kv_heads=1, head_size=16)
     try:
-        rng = np.random.default_rng(3)
-        for seg in kv.segments:
-            seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+        fill_random(kv, 3)
         ns = namespace(geometry=kv.geometry)
         assert isinstance(raw.call(hello(20, ns)), p.HelloReply)
         # unknown workers and leases

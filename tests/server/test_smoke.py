@@ -8,14 +8,12 @@ import numpy as np
 from lmcd import protocol as p
 from lmcd.connector.keys import chunk_hashes
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import connect, namespace, shm_names
+from tests.conftest import connect, fill_random, namespace, shm_names
 
 
 def test_store_lookup_retrieve_roundtrip(server):
     kv = CpuKVCache(num_layers=2, num_blocks=16, block_size=128, num_kv_heads=2, head_size=32)
-    rng = np.random.default_rng(1)
-    for seg in kv.segments:
-        seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+    fill_random(kv, 1)
     ns = namespace(geometry=kv.geometry)
     with connect(server.url, ns) as client:
         info = kv.register(client)
