@@ -23,10 +23,11 @@ Torch is imported here; this module runs inside vLLM (or a test harness), never 
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Mapping
 
 import torch
+
+from lmcd.cudadrv import driver, error_name
 
 CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 IPC_HANDLE_BYTES = 64
@@ -39,34 +40,27 @@ class CudaShareError(ValueError):
     """KV memory this connector cannot share with the server; the message says why and what to do."""
 
 
-@functools.cache
-def _driver() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
 def _check(result: int, what: str) -> None:
     if result != 0:
-        name = ctypes.c_char_p()
-        _driver().cuGetErrorName(result, ctypes.byref(name))
-        raise CudaShareError(f"{what} failed: {(name.value or b'?').decode()} ({result})")
+        raise CudaShareError(f"{what} failed: {error_name(result)}")
 
 
 def allocation_of(address: int) -> tuple[int, int]:
     """(base, size) of the CUDA allocation holding ``address``; refuses memory legacy IPC cannot export."""
     capable = ctypes.c_uint32(0)
-    _check(_driver().cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+    _check(driver().cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
                                            ctypes.c_uint64(address)), "cuPointerGetAttribute")
     if not capable.value & 0xFF:
         raise CudaShareError(VMM_ADVICE)
     base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
-    _check(_driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
+    _check(driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
            "cuMemGetAddressRange")
     return base.value, size.value
 
 
 def ipc_handle(base: int) -> bytes:
     handle = (ctypes.c_char * IPC_HANDLE_BYTES)()
-    _check(_driver().cuIpcGetMemHandle(handle, ctypes.c_uint64(base)), "cuIpcGetMemHandle")
+    _check(driver().cuIpcGetMemHandle(handle, ctypes.c_uint64(base)), "cuIpcGetMemHandle")
     return bytes(handle)
 
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lmcd.cudadrv import driver, error_name
 from lmcd.kernels import DEFAULT_GRID, PageCopier
 from lmcd.protocol import KVLayout
 from lmcd.server.transfer import plan
@@ -68,9 +69,8 @@ MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
 def _batch_memcpy() -> tuple[Any, bool]:
     """cuMemcpyBatchAsync from the driver: (function, takes_fail_index). CUDA 13 names the form
     without the fail index ``_v2``; CUDA 12.8/12.9 export only the form with it."""
-    driver = _driver()
     for name, with_fail_index in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
-        fn = getattr(driver, name, None)
+        fn = getattr(driver(), name, None)
         if fn is not None:
             return fn, with_fail_index
     raise RuntimeError("this CUDA driver has no cuMemcpyBatchAsync (needs CUDA 12.8 or newer); "
@@ -95,20 +95,15 @@ def batch_memcpy(dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream_ptr:
     args.append(ctypes.c_void_p(stream_ptr))
     result = fn(*args)
     if result != 0:
-        raise RuntimeError(f"cuMemcpyBatchAsync failed with CUresult {result}")
-
-
-@functools.cache
-def _driver() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
+        raise RuntimeError(f"cuMemcpyBatchAsync failed: {error_name(result)}")
 
 
 def event_synchronize(event_ptr: int) -> None:
     """cuEventSynchronize through ctypes, which releases the GIL while it waits: the request loop
     keeps answering (and launching) while a completion thread waits for a copy."""
-    result = _driver().cuEventSynchronize(ctypes.c_void_p(event_ptr))
+    result = driver().cuEventSynchronize(ctypes.c_void_p(event_ptr))
     if result != 0:
-        raise RuntimeError(f"the GPU copy failed: cuEventSynchronize returned CUresult {result}")
+        raise RuntimeError(f"the GPU copy failed: cuEventSynchronize returned {error_name(result)}")
 
 
 class CudaHost:
@@ -118,11 +113,11 @@ class CudaHost:
         self.cupy = cupy
         self.runtime = cupy.cuda.runtime
         self.devices: dict[str, int] = {}
+        self.names: dict[int, str] = {}
         for index in range(self.runtime.getDeviceCount()):
             props = self.runtime.getDeviceProperties(index)
             self.devices[pci_id(props["pciDomainID"], props["pciBusID"], props["pciDeviceID"])] = index
-        self.names = {index: self.runtime.getDeviceProperties(index)["name"].decode() for index in
-                      self.devices.values()}
+            self.names[index] = props["name"].decode()
         self._pinned: list[int] = []
 
     @staticmethod
@@ -212,23 +207,16 @@ class GpuWorker:
         with cupy.cuda.Device(self.device):
             if self.worker_event is not None:  # the copy starts after the worker's recorded work
                 runtime.streamWaitEvent(self.stream.ptr, self.worker_event, 0)
-            t_wait = time.perf_counter()
             if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
                 self.copier.check(slot_addresses, block_ids, skip_blocks)
                 runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
                 batch_memcpy(runs.dst, runs.src, runs.size, self.stream.ptr)
             else:
                 self.copier.launch(slot_addresses, block_ids, to_pool, self.stream, skip_blocks)
-            t_launch = time.perf_counter()
             self.event.record(self.stream)
-            t_ipc = time.perf_counter()
             finished = cupy.cuda.Event(block=True, disable_timing=True)
             finished.record(self.stream)
         self._completions.put((finished, started, done))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("submit us: wait %.0f launch %.0f record ipc %.0f completion event %.0f",
-                      1e6 * (t_wait - started),
-                      1e6 * (t_launch - t_wait), 1e6 * (t_ipc - t_launch), 1e6 * (time.perf_counter() - t_ipc))
 
     def _complete(self) -> None:
         while True:
