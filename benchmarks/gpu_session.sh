@@ -12,6 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site
 # run from a copy without the source folders, so that the installed lmcd is the one imported
+cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py
 RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
 nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
@@ -55,4 +56,7 @@ if [[ $what == bench || $what == all ]]; then
   bench kernel132 --copy-ctas 132 -- --repeats 10 --tokens 4096,16384 --load --in-process --in-process-ctas 132
   bench kernel8 --copy-ctas 8 -- --repeats 10 --tokens 256,4096,16384 --load
   bench dma --copy-engine dma -- --repeats 20 --load
+fi
+if [[ $what == trace ]]; then
+  timeout 400 python3 /tmp/lmcd-trace.py --tokens 256,4096,16384 --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
 fi

@@ -1,8 +1,10 @@
-"""Worker-side: move vLLM's CPU KV tensors into SHM once, describe their pages, load and store.
+"""Worker-side: share vLLM's KV memory (SHM, CUDA IPC) or copy it itself, describe its pages, load and store.
 
 ``migrate_to_shm`` gives every backing buffer of the KV tensors a POSIX SHM twin (copying what
 is there) and re-points each tensor at it in place (``Tensor.set_``), so every reference vLLM
-holds now reads and writes shared pages; it runs at registration, before any KV is written.
+holds now reads and writes shared pages. engine_driven runs it at registration, before any KV
+is written; the other modes keep vLLM's KV in its own memory and run it only when they meet a
+server that does not share its pool.
 
 ``describe_pages`` turns the tensors into a ``KVLayout``: in each layer's tensor the
 dimension whose size is the number of blocks is the block dimension; every index of the
@@ -23,7 +25,6 @@ import logging
 import math
 import mmap
 import os
-import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
 from lmcd.connector.settings import ConnectorSettings
 from lmcd.connector.shm import ShmSegment
-from lmcd.server.transfer import CopyEngine, CopyPlan, plan
+from lmcd.server.transfer import CopyPlan, plan, run_plan
 from lmcd.shm import SHM_DIR
 
 if TYPE_CHECKING:
@@ -127,20 +128,25 @@ class SharedPool:
 class WorkerState:
     """One vLLM worker's registration with the server, and its loads and stores.
 
-    engine_driven: the server copies between this worker's SHM pages and its pool (Store,
-    Retrieve). lmcache_driven: this worker copies between its pages and the server's shared pool
-    itself (Reserve + copy + Commit, Pin + copy + Release); it needs a server started with
-    --share-pool and falls back to engine_driven (with one warning) where the pool is not shared.
+    engine_driven: the KV tensors move into SHM at registration and the server copies between
+    those pages and its pool (Store, Retrieve). lmcache_driven (and auto, where the server shares
+    its pool): the KV stays in vLLM's own memory and this worker copies between it and the
+    server's shared pool itself, on the calling thread (Reserve + copy + Commit, Pin + copy +
+    Release). Where the server does not share its pool (no --share-pool), the worker moves its KV
+    into SHM then and uses engine_driven (lmcache_driven says so in one warning); the copy keeps
+    every byte vLLM wrote.
     """
 
     def __init__(self, settings: ConnectorSettings, namespace: p.Namespace, name: str) -> None:
         self.settings = settings
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.num_blocks = self.block_size = 0
         self.segments: list[ShmSegment] = []
         self.layout: p.KVLayout | None = None
+        self.bases: list[int] = []  # start of each memory segment the layout's offsets count from
         self.worker_id: int | None = None
         self.pool: SharedPool | None = None
         self.layer_addresses: np.ndarray | None = None
-        self.copies: CopyEngine | None = None
         self.cuda: CudaShare | None = None
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
@@ -153,15 +159,24 @@ class WorkerState:
             log.info("Sharing %d CUDA allocations (%.1f MiB) of GPU %d (PCI %s) over CUDA IPC",
                      len(self.cuda.bases), sum(self.cuda.sizes) / 2**20, self.cuda.device, self.cuda.pci)
         else:
-            self.segments = migrate_to_shm(kv_caches)
-            self.layout = describe_pages(kv_caches, [seg.array.ctypes.data for seg in self.segments],
-                                         [seg.nbytes for seg in self.segments], num_blocks, block_size)
+            for name, tensor in kv_caches.items():
+                if tensor.device.type != "cpu":
+                    raise LayoutError(f"{name} is on {tensor.device}; the CPU path needs CPU KV tensors")
+            self.kv_caches, self.num_blocks, self.block_size = dict(kv_caches), num_blocks, block_size
+            if self.settings.transfer_mode == "engine_driven":
+                self._move_to_shm()  # now, before any KV is written
         self.session.call(lambda client: None, None, "register")  # connects, and registers via on_connect
 
+    def _move_to_shm(self) -> None:
+        self.segments = migrate_to_shm(self.kv_caches)
+        self.bases = [seg.array.ctypes.data for seg in self.segments]
+        self.layout = describe_pages(self.kv_caches, self.bases, [seg.nbytes for seg in self.segments],
+                                     self.num_blocks, self.block_size)
+
     def _register(self, client: CacheClient) -> None:
-        assert self.layout is not None
         self.worker_id = None
         if self.cuda is not None:
+            assert self.layout is not None
             cuda = self.cuda
             info = client.register_worker(self.layout, [], cuda.sizes, "cuda", cuda.handles, cuda.pci,
                                           cuda.event_handle)
@@ -171,45 +186,46 @@ class WorkerState:
                 log.warning("lmcache_driven is not available for GPU workers; %s uses engine_driven (the server "
                             "copies over CUDA IPC)", self.session.name)
             return
+        pool_name = client.hello.pool_segment if client.hello is not None else ""
+        if self.settings.transfer_mode != "engine_driven" and pool_name:
+            self._map_pool(pool_name)
+            if not self.segments:  # the KV stays in vLLM's own memory: only the pool is shared
+                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                            for t in self.kv_caches.values()}
+                self.bases, sizes = list(storages), list(storages.values())
+                self.layout = describe_pages(self.kv_caches, self.bases, sizes, self.num_blocks, self.block_size)
+                self.worker_id = client.register_worker(self.layout, [], sizes).worker_id
+                self._set_layer_addresses()
+                return
+        else:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
+            if self.settings.transfer_mode == "lmcache_driven":
+                log.warning("lmcache_driven needs a server started with --share-pool; %s uses engine_driven",
+                            self.session.name)
+            if not self.segments:
+                self._move_to_shm()
+        assert self.layout is not None
         info = client.register_worker(self.layout, [seg.shm_name for seg in self.segments],
                                       [seg.nbytes for seg in self.segments])
         self.worker_id = info.worker_id
-        if self.settings.transfer_mode == "lmcache_driven":
-            self._map_pool(client)
+        if self.pool is not None:
+            self._set_layer_addresses()
 
-    def _map_pool(self, client: CacheClient) -> None:
-        name = client.hello.pool_segment if client.hello is not None else ""
+    def _map_pool(self, name: str) -> None:
         if self.pool is not None and self.pool.name != name:
             self.pool.close()
             self.pool = None
-        if not name:
-            log.warning("lmcache_driven needs a server started with --share-pool; %s uses engine_driven",
-                        self.session.name)
-            return
         if self.pool is None:
             self.pool = SharedPool(name)
             log.info("Mapped the server's shared pool %s (lmcache_driven: this worker copies)", name)
+
+    def _set_layer_addresses(self) -> None:
         assert self.layout is not None
-        bases = np.array([seg.array.ctypes.data for seg in self.segments], dtype=np.int64)
+        bases = np.array(self.bases, dtype=np.int64)
         self.layer_addresses = bases[np.asarray(self.layout.layer_segments)] + np.asarray(self.layout.layer_offsets,
                                                                                          np.int64)
-        if self.copies is None:
-            self.copies = CopyEngine(2)
-
-    def _copy(self, copy_plan: CopyPlan) -> None:
-        assert self.copies is not None
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def finished(error: BaseException | None, _seconds: float) -> None:
-            if error is not None:
-                errors.append(error)
-            done.set()
-
-        self.copies.submit(copy_plan, finished)
-        done.wait()
-        if errors:
-            raise errors[0]
 
     def _plan(self, offsets: list[int], block_ids: list[int], to_pool: bool, skip_blocks: int = 0) -> CopyPlan:
         assert self.pool is not None and self.layout is not None and self.layer_addresses is not None
@@ -243,7 +259,7 @@ class WorkerState:
         if pin_id is None:
             return 0
         try:
-            self._copy(self._plan(offsets, spec.block_ids[: len(offsets) * blocks_per_chunk], False,
+            run_plan(self._plan(offsets, spec.block_ids[: len(offsets) * blocks_per_chunk], False,
                                   spec.skip_blocks))
         finally:
             client.release(pin_id)
@@ -278,7 +294,7 @@ class WorkerState:
         blocks = [b for i in mine for b in spec.block_ids[i * bpc : (i + 1) * bpc]]
         hashes = [spec.chunk_hashes[i] for i in mine]
         try:
-            self._copy(self._plan([offsets[i] for i in mine], blocks, True))
+            run_plan(self._plan([offsets[i] for i in mine], blocks, True))
         except BaseException:
             client.commit(worker_id, hashes, ok=False)
             raise
@@ -294,8 +310,6 @@ class WorkerState:
             worker_id = self.worker_id
             self.session.call(lambda client: client.unregister_worker(worker_id), None, "unregister")
         self.session.close()
-        if self.copies is not None:
-            self.copies.shutdown()
         if self.pool is not None:
             self.pool.close()
         for seg in self.segments:

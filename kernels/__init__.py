@@ -20,12 +20,15 @@ CuPy is imported lazily: importing this package needs no GPU.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import numpy as np
+
+from lmcd.cudadrv import CUDA_ERROR_NOT_READY, check, fast_driver
 
 BLOCK_THREADS = 512
 DEFAULT_GRID = 16  # CTAs: 16 saturate PCIe on an H100 (../docs/BENCHMARKS.md); more cost the engine SMs
@@ -65,15 +68,18 @@ class _Staging:
         self.cupy = cupy
         self.capacity = 0
         self.host: Any = None
+        self.words = np.empty(0, dtype=np.int64)  # the pinned host buffer as int64
         self.dev: Any = None
         self.used = cupy.cuda.Event(block=False, disable_timing=True)
         self.used.record()  # "done" until a launch records it on its stream
 
     def reserve(self, nbytes: int) -> None:
-        self.used.synchronize()  # the launch that read these buffers last has finished (almost always)
+        if fast_driver().cuEventQuery(self.used.ptr) == CUDA_ERROR_NOT_READY:
+            self.used.synchronize()  # the launch that read these buffers last is still running (rare)
         if nbytes > self.capacity:
             self.capacity = max(nbytes, 2 * self.capacity, 4096)
             self.host = self.cupy.cuda.alloc_pinned_memory(self.capacity)
+            self.words = np.frombuffer(self.host, dtype=np.int64, count=self.capacity // 8)
             self.dev = self.cupy.empty(self.capacity // 8, dtype=self.cupy.int64)
 
 
@@ -83,6 +89,10 @@ class PageCopier:
     ``layer_bases``: device address of page (plane, block 0) for every plane; page (plane, b)
     is ``page_bytes`` contiguous bytes at ``layer_bases[plane] + b * block_stride``.
     ``blocks_per_chunk``: engine blocks per pool chunk; a pool slot holds a chunk plane-major.
+
+    A launch is a handful of driver calls through ctypes (``lmcd.cudadrv.fast_driver``) with the
+    kernel's parameters prepared once: the request loop spends microseconds, not CuPy's argument
+    processing, between a request's arrival and its copy.
     """
 
     def __init__(self, device: int, layer_bases: Sequence[int], num_blocks: int, page_bytes: int,
@@ -109,38 +119,47 @@ class PageCopier:
         self.vec16 = page_bytes % 16 == 0 and block_stride % 16 == 0 and not bool((bases % 16).any())
         with cupy.cuda.Device(device):
             self.layer_bases = cupy.asarray(bases)
-            self._kernel = kernel(device, self.vec16)
+            self._function = kernel(device, self.vec16).kernel.ptr
             self._staging = [_Staging(cupy) for _ in range(STAGING_SLOTS)]
         self._next = 0
+        # the kernel's parameters (see page_copy.cu), filled in per launch: req, num_chunks, skip, to_pool
+        self._req = ctypes.c_uint64(0)
+        self._num_chunks = ctypes.c_int32(0)
+        self._skip = ctypes.c_int32(0)
+        self._to_pool = ctypes.c_int32(0)
+        self._values = [ctypes.c_uint64(self.layer_bases.data.ptr), self._req, self._num_chunks,
+                        ctypes.c_int32(self.num_planes), ctypes.c_int32(blocks_per_chunk), ctypes.c_int64(page_bytes),
+                        ctypes.c_int64(block_stride), self._skip, self._to_pool]
+        self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0) -> None:
-        """Copy ``len(slot_addresses)`` chunks (to the pool if ``to_pool``, else out of it) on ``stream``.
+        """Copy ``len(slot_addresses)`` chunks (to the pool if ``to_pool``, else out of it) on ``stream``
+        (a CuPy stream or a CUstream handle), whose device must be current on this thread.
 
         The request's arguments travel through a small ring of pinned host and device buffers
         owned by this copier (no allocation per request); a buffer is reused only once the
         launch that last read it has completed.
         """
         slots, blocks = self.check(slot_addresses, block_ids, skip_blocks)
+        stream_ptr = getattr(stream, "ptr", stream)
         num_chunks = len(slots)
-        cupy = self.cupy
-        nbytes = 8 * (len(slots) + len(blocks))
-        with cupy.cuda.Device(self.device):
-            staging = self._staging[self._next % STAGING_SLOTS]
-            self._next += 1
-            staging.reserve(nbytes)
-            host = np.frombuffer(staging.host, dtype=np.int64, count=nbytes // 8)
-            host[:num_chunks] = slots
-            host[num_chunks:] = blocks
-            staging.dev.data.copy_from_host_async(staging.host.ptr, nbytes, stream)
-            self._kernel(
-                (self.grid,), (BLOCK_THREADS,),
-                (self.layer_bases, staging.dev, np.int32(num_chunks), np.int32(self.num_planes),
-                 np.int32(self.blocks_per_chunk), np.int64(self.page_bytes), np.int64(self.block_stride),
-                 np.int32(skip_blocks), np.int32(1 if to_pool else 0)),
-                stream=stream,
-            )
-            staging.used.record(stream)
+        nbytes = 8 * (num_chunks + len(blocks))
+        staging = self._staging[self._next % STAGING_SLOTS]
+        self._next += 1
+        staging.reserve(nbytes)
+        staging.words[:num_chunks] = slots
+        staging.words[num_chunks : nbytes // 8] = blocks
+        lib = fast_driver()
+        check(lib.cuMemcpyHtoDAsync_v2(staging.dev.data.ptr, staging.host.ptr, nbytes, stream_ptr),
+              "cuMemcpyHtoDAsync (copy arguments)")
+        self._req.value = staging.dev.data.ptr
+        self._num_chunks.value = num_chunks
+        self._skip.value = skip_blocks
+        self._to_pool.value = 1 if to_pool else 0
+        check(lib.cuLaunchKernel(self._function, self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0, stream_ptr, self._params,
+                                 None), "cuLaunchKernel (page copy)")
+        check(lib.cuEventRecord(staging.used.ptr, stream_ptr), "cuEventRecord")
 
     def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,33 @@ def driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
+@functools.cache
+def fast_driver() -> ctypes.PyDLL:
+    """libcuda for the calls of a launch, which never wait (launch, record, query, stream wait,
+    async copy): loaded as a PyDLL they keep the GIL, so no other thread takes it mid-request,
+    and their argument types are declared once, so a call costs about a microsecond."""
+    lib = ctypes.PyDLL("libcuda.so.1")
+    vp, u32 = ctypes.c_void_p, ctypes.c_uint
+    lib.cuLaunchKernel.argtypes = [vp, u32, u32, u32, u32, u32, u32, u32, vp, vp, vp]
+    lib.cuEventRecord.argtypes = [vp, vp]
+    lib.cuEventQuery.argtypes = [vp]
+    lib.cuStreamWaitEvent.argtypes = [vp, vp, u32]
+    lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, vp, ctypes.c_size_t, vp]
+    return lib
+
+
+CUDA_ERROR_NOT_READY = 600
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed; the message names the call and the CUresult."""
+
+
+def check(result: int, what: str) -> None:
+    if result:
+        raise CudaError(f"{what} failed: {error_name(result)}")
+
+
 def error_name(result: int) -> str:
     """``CUDA_ERROR_... (n)`` for a CUresult."""
     name = ctypes.c_char_p()

@@ -132,7 +132,9 @@ class RegisterWorker(msgspec.Struct, array_like=True, tag="register"):
     """Share a worker's KV memory once.
 
     ``device`` "cpu": ``segment_names`` are POSIX SHM segments the server maps (see
-    ``lmcd.server.workers`` for who unlinks them when).
+    ``lmcd.server.workers`` for who unlinks them when). A CPU worker that copies itself through
+    the server's shared pool (lmcache_driven) sends no names: its KV stays in its own memory,
+    the server never maps it, and ``segment_sizes`` only bound the layout's offsets.
     ``device`` "cuda": ``ipc_handles`` holds one CUDA IPC memory handle per segment (a
     segment is one allocation holding KV pages; ``segment_names`` stays empty),
     ``device_pci`` names the worker's GPU by PCI address ("dddd:bb:dd"), and

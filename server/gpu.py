@@ -19,6 +19,7 @@ each copy's own event and hands the bookkeeping (chunk ready, pins released) bac
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import logging
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lmcd.cudadrv import driver, error_name
+from lmcd.cudadrv import check, driver, error_name, fast_driver
 from lmcd.kernels import DEFAULT_GRID, PageCopier
 from lmcd.protocol import KVLayout
 from lmcd.server.transfer import plan
@@ -194,6 +195,7 @@ class GpuWorker:
             except BaseException:
                 self._close_handles()
                 raise
+        self._idle_events: collections.deque[Any] = collections.deque()  # completion events to reuse
         self._completions: queue.SimpleQueue[tuple[Any, float, Done] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete, name=f"lmcd-gpu{self.device}", daemon=True)
         self._thread.start()
@@ -201,21 +203,26 @@ class GpuWorker:
     def submit(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, done: Done,
                skip_blocks: int = 0) -> None:
         """Launch one copy (after the worker's event) and record the server's event; ``done`` runs
-        on the completion thread once the copy has finished on the GPU."""
-        cupy, runtime = self.host.cupy, self.host.runtime
+        on the completion thread once the copy has finished on the GPU. The CUDA calls here go
+        straight to the driver (``fast_driver``): a few microseconds from request to launch."""
         started = time.perf_counter()
-        with cupy.cuda.Device(self.device):
-            if self.worker_event is not None:  # the copy starts after the worker's recorded work
-                runtime.streamWaitEvent(self.stream.ptr, self.worker_event, 0)
-            if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
-                self.copier.check(slot_addresses, block_ids, skip_blocks)
-                runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
-                batch_memcpy(runs.dst, runs.src, runs.size, self.stream.ptr)
-            else:
-                self.copier.launch(slot_addresses, block_ids, to_pool, self.stream, skip_blocks)
-            self.event.record(self.stream)
-            finished = cupy.cuda.Event(block=True, disable_timing=True)
-            finished.record(self.stream)
+        lib = fast_driver()
+        self.host.runtime.setDevice(self.device)  # this worker's context is current for the calls below
+        stream = self.stream.ptr
+        if self.worker_event is not None:  # the copy starts after the worker's recorded work
+            check(lib.cuStreamWaitEvent(stream, self.worker_event, 0), "cuStreamWaitEvent (worker's event)")
+        if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
+            self.copier.check(slot_addresses, block_ids, skip_blocks)
+            runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
+            batch_memcpy(runs.dst, runs.src, runs.size, stream)
+        else:
+            self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
+        check(lib.cuEventRecord(self.event.ptr, stream), "cuEventRecord (server's event)")
+        try:
+            finished = self._idle_events.pop()
+        except IndexError:
+            finished = self.host.cupy.cuda.Event(block=True, disable_timing=True)
+        check(lib.cuEventRecord(finished.ptr, stream), "cuEventRecord (completion)")
         self._completions.put((finished, started, done))
 
     def _complete(self) -> None:
@@ -229,6 +236,7 @@ class GpuWorker:
             except BaseException as exc:  # a CUDA error: the copy is not trusted
                 done(exc, time.perf_counter() - started)
                 continue
+            self._idle_events.append(finished)  # reused by a later submit (deque: thread-safe)
             done(None, time.perf_counter() - started)
 
     def close(self) -> None:

@@ -175,6 +175,8 @@ class CacheService:
         if rank is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
                                "register needs a session whose namespace names its rank (role worker)")
+        if req.device == "cpu" and not req.segment_names:
+            self._shared_pool()  # a worker that keeps its KV private copies through the shared pool
         try:
             worker = self.workers.register(session.session_id, session.hello.pid, req.device, req.layout,
                                            req.segment_names, req.segment_sizes, self.config.chunk_size,
@@ -190,6 +192,8 @@ class CacheService:
         layout = req.layout
         if worker.gpu is not None:
             where = f"{len(req.ipc_handles)} CUDA IPC allocations on GPU {worker.gpu.device} ({req.device_pci})"
+        elif worker.copies_itself:
+            where = "the worker's own memory; it copies through the shared pool"
         else:
             where = f"{len(req.segment_names)} SHM segments"
         log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %s, "
@@ -216,6 +220,12 @@ class CacheService:
         return worker
 
     def _blocks(self, worker: Worker, hashes: list[bytes], block_ids: list[int]) -> np.ndarray:
+        """The block ids of a server-side copy (Store, Retrieve), checked against the worker's layout."""
+        if worker.copies_itself:
+            raise RequestError(p.ErrorCode.BAD_REQUEST,
+                               f"worker {worker.worker_id} registered without SHM segments, so the server cannot "
+                               "copy its KV: it copies itself (Reserve/Commit, Pin/Release), or registers its SHM "
+                               "segments for Store/Retrieve")
         expected = len(hashes) * worker.blocks_per_chunk
         if len(block_ids) != expected:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
@@ -423,8 +433,11 @@ class CacheService:
         """Start the copy of ``entries`` (pool side) and the chosen chunks' ``blocks`` (engine side);
         ``finish(error, bytes)`` then runs on the loop thread."""
         bpc = worker.blocks_per_chunk
-        chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
-        slots = np.fromiter((entry.slot for entry in entries), dtype=np.int64, count=len(entries))
+        if len(chunk_positions) * bpc == len(blocks):  # every chunk of the request (the usual case)
+            chosen = blocks
+        else:
+            chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
+        slots = np.array([entry.slot for entry in entries], dtype=np.int64)
         slots += self.pool.base_address
         worker.inflight += 1
         self.pending_copies += 1

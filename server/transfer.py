@@ -87,6 +87,12 @@ def _run(src: list[int], dst: list[int], size: list[int]) -> None:
         memmove(d, s, n)
 
 
+def run_plan(copy_plan: CopyPlan) -> None:
+    """Execute ``copy_plan`` on the calling thread (a worker copying itself: vLLM's own threads
+    are bound to its cores, so extra copy threads would only compete with them)."""
+    _run(copy_plan.src.tolist(), copy_plan.dst.tolist(), copy_plan.size.tolist())
+
+
 class CopyEngine:
     """A few threads that execute copy plans. ``submit`` returns at once; ``done(error, seconds)``
     is called exactly once per plan, from a copy thread, when every piece has finished."""

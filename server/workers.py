@@ -116,6 +116,11 @@ class Worker:
     inflight: int = 0
     closing: bool = False
 
+    @property
+    def copies_itself(self) -> bool:
+        """A CPU worker registered without SHM segments: it copies through the shared pool."""
+        return self.gpu is None and not self.views
+
     def unmap(self) -> None:
         assert self.inflight == 0, "unmap with copies in flight"
         if self.gpu is not None:
@@ -202,15 +207,13 @@ class WorkerRegistry:
                                        event_handle=event_handle)
         if device != "cpu":
             raise RegistrationError(f"device {device!r} is unknown: register 'cpu' (SHM) or 'cuda' (CUDA IPC)")
-        if not names:
-            raise RegistrationError("a CPU worker must name at least one SHM segment")
-        if len(names) != len(sizes):
+        if names and len(names) != len(sizes):
             raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")
         blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
         mmaps: list[mmap.mmap] = []
         files: list[SegmentFile] = []
         try:
-            for name, size in zip(names, sizes, strict=True):
+            for name, size in zip(names, sizes if names else [], strict=True):
                 mapping, segment_file = map_segment(name, size)
                 mmaps.append(mapping)
                 files.append(segment_file)
@@ -219,8 +222,12 @@ class WorkerRegistry:
                 mapping.close()
             raise
         views = [np.frombuffer(mapping, dtype=np.uint8) for mapping in mmaps]
-        seg_base = np.array([view.ctypes.data for view in views], dtype=np.int64)
-        layer_addresses = seg_base[np.asarray(layout.layer_segments)] + np.asarray(layout.layer_offsets, np.int64)
+        if views:
+            seg_base = np.array([view.ctypes.data for view in views], dtype=np.int64)
+            layer_addresses = seg_base[np.asarray(layout.layer_segments)] + np.asarray(layout.layer_offsets,
+                                                                                      np.int64)
+        else:  # self-copying worker (lmcache_driven, no SHM): nothing of it is mapped here
+            layer_addresses = np.zeros(layout.num_layers, dtype=np.int64)
         worker = Worker(
             worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device=device,
             layout=layout,

