@@ -58,5 +58,5 @@ if [[ $what == bench || $what == all ]]; then
   bench dma --copy-engine dma -- --repeats 20 --load
 fi
 if [[ $what == trace ]]; then
-  timeout 400 python3 /tmp/lmcd-trace.py --tokens 256,4096,16384 --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
+  timeout 400 python3 /tmp/lmcd-trace.py --tokens ${TRACE_TOKENS:-256,4096,16384} --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
 fi

@@ -39,9 +39,7 @@ def timed(name: str, fn: Any) -> Any:
 
 
 def instrument() -> None:
-    import cupy
-
-    from lmcd import kernels
+    from lmcd import cudadrv, kernels
     from lmcd.server import daemon, gpu, service
 
     daemon.CacheServer._on_frames = timed("request total (decode -> reply sent)", daemon.CacheServer._on_frames)
@@ -54,15 +52,9 @@ def instrument() -> None:
     kernels.PageCopier.launch = timed("        PageCopier.launch", kernels.PageCopier.launch)
     kernels.PageCopier.check = timed("          check", kernels.PageCopier.check)
     kernels._Staging.reserve = timed("          staging reserve", kernels._Staging.reserve)
-    rt = cupy.cuda.runtime
-    rt.streamWaitEvent = timed("        streamWaitEvent (IPC event)", rt.streamWaitEvent)
-    init = kernels.PageCopier.__init__
-
-    def patched_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        self._kernel = timed("          kernel call (cupy launch)", self._kernel)
-
-    kernels.PageCopier.__init__ = patched_init  # type: ignore[method-assign]
+    lib = cudadrv.fast_driver()
+    lib.cuStreamWaitEvent = timed("        cuStreamWaitEvent (IPC event)", lib.cuStreamWaitEvent)
+    lib.cuLaunchKernel = timed("          cuLaunchKernel", lib.cuLaunchKernel)
     handle = service.CacheService.handle
 
     def per_op(self: Any, session: Any, request: Any, started: float) -> Any:
@@ -75,6 +67,48 @@ def instrument() -> None:
     service.CacheService.handle = per_op  # type: ignore[method-assign]
 
 
+def instrument_worker() -> None:
+    from lmcd.connector import client, cuda, session, worker
+
+    worker.WorkerState.store = timed("worker: WorkerState.store", worker.WorkerState.store)
+    worker.WorkerState.load = timed("worker: WorkerState.load", worker.WorkerState.load)
+    cuda.CudaShare.before_copy = timed("worker:   before_copy (event record)", cuda.CudaShare.before_copy)
+    cuda.CudaShare.after_load = timed("worker:   after_load (stream wait)", cuda.CudaShare.after_load)
+    session.ServerSession.call = timed("worker:   session.call", session.ServerSession.call)
+    client.CacheClient._exchange = timed("worker:     _exchange (encode, send, wait, decode)",
+                                         client.CacheClient._exchange)
+    encode = client.p.encoder.encode
+
+    class Encoder:
+        def encode(self, obj: Any) -> bytes:
+            t0 = time.perf_counter()
+            try:
+                return encode(obj)
+            finally:
+                TIMES["worker:       encode"].append((time.perf_counter() - t0) * 1e6)
+
+    client.p.encoder = Encoder()  # type: ignore[assignment]
+
+
+def worker_main(port: int, tokens: str, repeats: int) -> int:
+    """The bench as the worker, instrumented; prints its own step table."""
+    instrument_worker()
+    from lmcd import cli
+
+    rc = cli.main(["bench", "--device", "cuda", "--host", "127.0.0.1", "--port", str(port), "--tokens", tokens,
+                   "--repeats", str(repeats)])
+    report()
+    return rc
+
+
+def report() -> None:
+    print(f"{'step':48s} {'n':>5s} {'median us':>10s} {'p90 us':>10s}")
+    for name, values in TIMES.items():
+        values = sorted(values)
+        print(f"{name:48s} {len(values):5d} {statistics.median(values):10.1f} "
+              f"{values[int(0.9 * (len(values) - 1))]:10.1f}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,7 +119,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="256,4096")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
     args, server_flags = parser.parse_known_args()
+    if args.worker_port:
+        return worker_main(args.worker_port, args.tokens, args.repeats)
     instrument()
     from lmcd.server.config import add_arguments, resolve
     from lmcd.server.daemon import CacheServer
@@ -99,24 +136,18 @@ def main() -> int:
     server.startup()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    results = {}
     try:
         for tokens in args.tokens.split(","):
             TIMES.clear()
             bench = subprocess.run(
-                [sys.executable, "-m", "lmcd", "bench", "--device", "cuda", "--host", "127.0.0.1", "--port",
-                 str(port), "--tokens", tokens, "--repeats", str(args.repeats)],
+                [sys.executable, __file__, "--worker-port", str(port), "--tokens", tokens, "--repeats",
+                 str(args.repeats)],
                 capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             print(f"===== {tokens} tokens: bench rc {bench.returncode}")
             print("\n".join(line for line in bench.stdout.splitlines() if "LMCache INFO" not in line)[-3000:])
             if bench.returncode:
                 print(bench.stderr[-3000:])
-            results[tokens] = {k: list(v) for k, v in TIMES.items()}
-            print(f"{'step':48s} {'n':>5s} {'median us':>10s} {'p90 us':>10s}")
-            for name, values in results[tokens].items():
-                values.sort()
-                print(f"{name:48s} {len(values):5d} {statistics.median(values):10.1f} "
-                      f"{values[int(0.9 * (len(values) - 1))]:10.1f}")
+            report()
     finally:
         server.stop()
         thread.join(timeout=30)
