@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# Build the lmcd image and run it for real: health, a store/retrieve bench from the host through the
+# container's ports and shared /dev/shm, /status and /metrics, a clean `docker stop`.
+#
+#   deploy/docker-smoke.sh            (as root, or as a user who can use docker)
+#
+# As root on Debian it installs what is missing (docker.io, debootstrap) and starts a dockerd of
+# its own (vfs storage, no bridge, no iptables: containers use --network host), which it stops
+# again at the end. When the base image cannot be pulled it builds it with debootstrap and
+# `docker import`. Re-running reuses the installed docker, the base image and the build cache.
+#
+# Environment: LMCD_PYTHON (a Python with lmcd installed, for the bench; default: the repository's
+# .venv, else python3), LMCD_IMAGE (default lmcd:smoke), BASE_IMAGE (default: the Dockerfile's),
+# DEBIAN_MIRROR (for debootstrap), LMCD_SMOKE_RMI=1 (remove the built image afterwards).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+IMAGE=${LMCD_IMAGE:-lmcd:smoke}
+CONTAINER=lmcd-smoke-$$
+BASE_IMAGE=${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=//p' "$ROOT/Dockerfile")}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+WORK=$(mktemp -d /tmp/lmcd-smoke.XXXXXX)
+DOCKERD_PID=""
+COPIED_CERTS=()
+T0=$SECONDS
+export DOCKER_BUILDKIT=0  # the legacy builder is in every dockerd; BuildKit needs the buildx plugin
+
+if [[ -n ${LMCD_PYTHON:-} ]]; then PYTHON=$LMCD_PYTHON
+elif [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python
+else PYTHON=python3; fi
+
+log() { printf '[docker-smoke %4ds] %s\n' $((SECONDS - T0)) "$*"; }
+die() { printf '[docker-smoke] FAILED: %s\n' "$*" >&2; exit 1; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  if docker container inspect "$CONTAINER" >/dev/null 2>&1; then
+    [[ $rc -ne 0 ]] && { echo "--- container log (last 40 lines)"; docker logs --tail 40 "$CONTAINER" 2>&1; }
+    timeout 60 docker rm -f "$CONTAINER" >/dev/null 2>&1
+  fi
+  [[ ${LMCD_SMOKE_RMI:-0} == 1 ]] && timeout 120 docker rmi -f "$IMAGE" >/dev/null 2>&1
+  for cert in "${COPIED_CERTS[@]}"; do rm -f "$cert"; done
+  if [[ -n $DOCKERD_PID ]]; then
+    log "stopping the dockerd this script started (pid $DOCKERD_PID)"
+    kill -TERM "$DOCKERD_PID" 2>/dev/null
+    for _ in $(seq 1 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$DOCKERD_PID" 2>/dev/null && { log "dockerd did not stop in 30 s: killing it"; kill -KILL "$DOCKERD_PID"; }
+  fi
+  rm -rf "$WORK"
+  [[ $rc -ne 0 ]] && echo "[docker-smoke] exit code $rc after $((SECONDS - T0)) s" >&2
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+apt_install() {  # apt_install PACKAGE...: Debian packages, without starting any service
+  command -v apt-get >/dev/null || die "$* missing and this is not a Debian/Ubuntu machine (no apt-get): install $* yourself"
+  log "installing $* (apt-get)"
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' > $policy; chmod +x $policy; made_policy=1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  { timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends "$@"; } \
+    > "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; [[ $made_policy == 1 ]] && rm -f $policy; \
+      die "apt-get install $* failed (log above): check the network to the Debian mirror"; }
+  [[ $made_policy == 1 ]] && rm -f $policy
+  return 0
+}
+
+ensure_docker() {
+  if timeout 20 docker info >/dev/null 2>&1; then
+    log "using the running docker ($(docker info -f '{{.ServerVersion}}, storage {{.Driver}}'))"
+    return
+  fi
+  [[ $(id -u) == 0 ]] || die "docker is not usable here (docker info failed) and this script is not root, so it \
+cannot start a dockerd: run it as root, or start docker and give this user access to it"
+  command -v dockerd >/dev/null || apt_install docker.io
+  command -v docker >/dev/null || die "docker.io is installed but there is no docker command on PATH"
+  if pgrep -x dockerd >/dev/null; then
+    die "a dockerd is running but 'docker info' fails: check /var/run/docker.sock, or stop that dockerd"
+  fi
+  log "starting dockerd (vfs storage, no bridge, no iptables; log $WORK/dockerd.log)"
+  mkdir -p /var/lib/docker
+  dockerd --storage-driver vfs --bridge=none --iptables=false --ip-masq=false \
+    --host unix:///var/run/docker.sock --pidfile "$WORK/dockerd.pid" > "$WORK/dockerd.log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 1 60); do
+    timeout 5 docker info >/dev/null 2>&1 && { log "dockerd is up ($(docker info -f '{{.ServerVersion}}'))"; return; }
+    kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -20 "$WORK/dockerd.log" >&2; DOCKERD_PID=""; \
+      die "dockerd exited at start (log above)"; }
+    sleep 0.5
+  done
+  tail -20 "$WORK/dockerd.log" >&2
+  die "dockerd did not answer within 30 s (log above)"
+}
+
+ensure_base_image() {
+  if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then log "base image $BASE_IMAGE is present"; return; fi
+  if timeout 90 docker pull -q "$BASE_IMAGE" > "$WORK/pull.log" 2>&1; then log "pulled $BASE_IMAGE"; return; fi
+  log "cannot pull $BASE_IMAGE ($(tail -1 "$WORK/pull.log")): building it with debootstrap"
+  [[ $(id -u) == 0 ]] || die "$BASE_IMAGE cannot be pulled and building it with debootstrap needs root"
+  [[ $BASE_IMAGE == debian:bookworm* ]] || die "$BASE_IMAGE cannot be pulled and only debian:bookworm* \
+can be built here: pull it or set BASE_IMAGE=debian:bookworm-slim"
+  command -v debootstrap >/dev/null || apt_install debootstrap
+  local rootfs=$WORK/rootfs
+  timeout 900 debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR" > "$WORK/debootstrap.log" 2>&1 \
+    || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap from $DEBIAN_MIRROR failed (log above)"; }
+  # like the official slim image: no docs, man pages or package lists; updates and security sources
+  rm -rf "$rootfs"/usr/share/{doc,man,info}/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+    "$rootfs"/var/log/*.log "$rootfs"/var/cache/debconf/*-old
+  printf '%s\n' "deb $DEBIAN_MIRROR bookworm main" "deb $DEBIAN_MIRROR bookworm-updates main" \
+    "deb http://deb.debian.org/debian-security bookworm-security main" > "$rootfs/etc/apt/sources.list"
+  timeout 300 tar -C "$rootfs" -c . | timeout 300 docker import --change 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null \
+    || die "docker import of the debootstrap root file system failed"
+  rm -rf "$rootfs"
+  log "built $BASE_IMAGE with debootstrap"
+}
+
+build_args() {  # proxies and a reachable package index, as the host uses them
+  local name
+  for name in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
+    # only network URLs: a host's file:// index does not exist inside the build
+    [[ -n ${!name:-} && ${!name} != *file:* ]] && printf -- '--build-arg\n%s=%s\n' "$name" "${!name}"
+  done
+  return 0
+}
+
+build_image() {
+  local cert
+  for cert in /usr/local/share/ca-certificates/*.crt; do
+    [[ -f $cert ]] || continue
+    local dest=$ROOT/deploy/certs/$(basename "$cert")
+    [[ -e $dest ]] && continue
+    cp "$cert" "$dest" && COPIED_CERTS+=("$dest")
+  done
+  [[ ${#COPIED_CERTS[@]} -gt 0 ]] && log "extra CA certificates for the build: ${COPIED_CERTS[*]##*/}"
+  local args
+  mapfile -t args < <(build_args)
+  log "building $IMAGE from $BASE_IMAGE (log $WORK/build.log)"
+  local started=$SECONDS
+  timeout 1200 docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" "${args[@]}" -t "$IMAGE" "$ROOT" \
+    > "$WORK/build.log" 2>&1 \
+    || { tail -30 "$WORK/build.log" >&2; die "docker build failed (log above); behind a TLS-inspecting proxy put \
+its CA in deploy/certs/, and set HTTPS_PROXY or PIP_INDEX_URL when PyPI is reached through them"; }
+  log "built $IMAGE in $((SECONDS - started)) s"
+}
+
+check_image() {
+  local size user
+  size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
+  IMAGE_MB=$((size / 1000000))
+  user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
+  [[ -n $user && ${user%%:*} != 0 && ${user%%:*} != root ]] || die "the image's default user is '$user', not a non-root user"
+  # one container for every in-image check: non-root uid, no torch, CuPy imports, the CUDA runtime and
+  # NVRTC come from the pip wheels, and NVRTC compiles the copy kernel (no GPU needed to compile)
+  timeout 120 docker run --rm --network none --entrypoint /opt/venv/bin/python "$IMAGE" - > "$WORK/image-check.log" \
+    2>&1 <<'EOF' || { cat "$WORK/image-check.log" >&2; die "the checks inside the image failed (output above)"; }
+import importlib.util, os, sys
+assert os.getuid() != 0, "the image runs as root by default"
+assert importlib.util.find_spec("torch") is None, "torch is installed in the image"
+import cupy
+from cuda.pathfinder import load_nvidia_dynamic_lib
+from cupy_backends.cuda.libs import nvrtc
+import lmcd.kernels
+libs = {name: load_nvidia_dynamic_lib(name).abs_path for name in ("cudart", "nvrtc")}
+assert all(path.startswith("/opt/venv/") for path in libs.values()), f"CUDA libraries not from the venv: {libs}"
+program = nvrtc.createProgram(lmcd.kernels.source(), "page_copy.cu", [], [])
+nvrtc.compileProgram(program, ["--std=c++17", "-arch=compute_80"])
+ptx = nvrtc.getPTX(program)
+assert b"lmcd_page_copy_v16" in (ptx if isinstance(ptx, bytes) else ptx.encode()), "kernel missing from the PTX"
+print(f"uid {os.getuid()}, no torch, cupy {cupy.__version__}, NVRTC {nvrtc.getVersion()} compiled page_copy.cu "
+      f"({len(ptx)} bytes of PTX); {libs}")
+EOF
+  log "image: $IMAGE_MB MB, user $user; $(tail -1 "$WORK/image-check.log")"
+}
+
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+http() {  # http METHOD PATH: the body on stdout; fails unless 200
+  "$PYTHON" - "$1" "http://127.0.0.1:$HTTP_PORT$2" <<'EOF'
+import sys, urllib.request
+with urllib.request.urlopen(urllib.request.Request(sys.argv[2], method=sys.argv[1]), timeout=10) as reply:
+    sys.stdout.write(reply.read().decode())
+EOF
+}
+
+run_server() {
+  PORT=$(free_port); HTTP_PORT=$(free_port)
+  [[ $PORT != "$HTTP_PORT" ]] || HTTP_PORT=$(free_port)
+  ls /dev/shm | grep '^lmcache_' | sort > "$WORK/shm-before" || true
+  # root in the container, but with no capabilities: the bench on the host runs as root, and a CPU
+  # worker's SHM segments (mode 0600) can only be opened by the same user
+  log "docker run --network host --ipc host $IMAGE (ZMQ 127.0.0.1:$PORT, HTTP 127.0.0.1:$HTTP_PORT)"
+  timeout 120 docker run -d --name "$CONTAINER" --network host --ipc host --user 0:0 --cap-drop ALL \
+    --health-interval 1s --health-start-period 60s "$IMAGE" \
+    /opt/venv/bin/lmcache server --host 127.0.0.1 --http-host 127.0.0.1 --port "$PORT" --http-port "$HTTP_PORT" \
+    --l1-size-gb 1 --eviction-policy LRU --max-workers 2 >/dev/null || die "docker run failed"
+  local started=$SECONDS
+  until http GET /healthcheck > "$WORK/health.json" 2>/dev/null; do
+    [[ $(docker inspect -f '{{.State.Running}}' "$CONTAINER") == true ]] \
+      || die "the server container exited with $(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER") at start"
+    (( SECONDS - started < 90 )) || die "/healthcheck did not answer 200 within 90 s"
+    sleep 0.5
+  done
+  grep -q '"healthy"' "$WORK/health.json" || die "/healthcheck answered $(cat "$WORK/health.json")"
+  log "/healthcheck: $(cat "$WORK/health.json") after $((SECONDS - started)) s"
+  until [[ $(docker inspect -f '{{.State.Health.Status}}' "$CONTAINER") == healthy ]]; do
+    (( SECONDS - started < 60 )) || die "docker's HEALTHCHECK did not report healthy within 60 s: \
+$(docker inspect -f '{{json .State.Health}}' "$CONTAINER")"
+    sleep 0.5
+  done
+  log "docker HEALTHCHECK: healthy"
+  docker logs "$CONTAINER" > "$WORK/server.log" 2>&1
+  grep -q "LMCache cache server is running" "$WORK/server.log" || die "no 'cache server is running' line in the log"
+  grep -q "GPU workers: off (CUDA is not usable\|GPU workers: on" "$WORK/server.log" \
+    || die "the server did not find CuPy: $(grep 'GPU workers' "$WORK/server.log")"
+  log "$(grep -o 'GPU workers: .*' "$WORK/server.log" | head -1)"
+}
+
+bench() {
+  log "lmcache bench from the host ($PYTHON) against 127.0.0.1:$PORT"
+  timeout 300 "$PYTHON" -m lmcd bench --host 127.0.0.1 --port "$PORT" --tokens 256,4096 --repeats 3 --layers 4 \
+    --lookup-tokens 4096 --lookup-iters 50 --json > "$WORK/bench.log" 2>&1 \
+    || { cat "$WORK/bench.log" >&2; die "lmcache bench against the container failed (output above)"; }
+  grep -v '^{' "$WORK/bench.log" | grep -v INFO | sed 's/^/    /'
+  tail -1 "$WORK/bench.log" | "$PYTHON" -c '
+import json, sys
+result = json.load(sys.stdin)
+assert [r["tokens"] for r in result["results"]] == [256, 4096], result
+assert all(r["store_gbps"] > 0 and r["retrieve_gbps"] > 0 for r in result["results"]), result
+' || die "unexpected bench result: $(tail -1 "$WORK/bench.log")"
+}
+
+check_http() {
+  http GET /status > "$WORK/status.json" || die "GET /status failed"
+  local summary
+  summary=$("$PYTHON" - "$WORK/status.json" <<'EOF'
+import json, sys
+status = json.load(open(sys.argv[1]))
+counters, pool = status["counters"], status["pool"]
+assert counters["stored_chunks"] > 0 and counters["retrieved_chunks"] > 0, counters
+assert counters["stored_bytes"] > 0 and counters["retrieved_bytes"] > 0, counters
+assert pool["capacity_bytes"] == 2**30 and 0 < pool["used_bytes"] <= pool["capacity_bytes"], pool
+assert status["workers"] == [], status["workers"]  # the bench unregistered its workers
+print(f"/status: {counters['stored_chunks']} chunks stored, {counters['retrieved_chunks']} retrieved, "
+      f"{pool['num_chunks']} in the pool ({pool['used_bytes'] / 2**20:.0f} MiB of {pool['capacity_bytes'] / 2**20:.0f})")
+EOF
+) || die "unexpected /status: $(head -c 600 "$WORK/status.json")"
+  log "$summary"
+  http GET /metrics > "$WORK/metrics.txt" || die "GET /metrics failed"
+  local name
+  for name in lmcd_stored_bytes_total lmcd_retrieved_bytes_total lmcd_pool_used_bytes lmcd_request_seconds_count; do
+    grep -Eq "^$name(\{[^}]*\})? [1-9]" "$WORK/metrics.txt" || die "/metrics has no positive $name"
+  done
+  log "/metrics: stored/retrieved bytes, pool usage and request latency exported"
+  http POST /clear-cache > "$WORK/clear.json" || die "POST /clear-cache failed"
+  grep -Eq '"num_chunks":[1-9]' "$WORK/clear.json" || die "POST /clear-cache answered $(cat "$WORK/clear.json")"
+  log "POST /clear-cache: $(cat "$WORK/clear.json")"
+}
+
+stop_server() {
+  local started=$SECONDS
+  timeout 60 docker stop -t 30 "$CONTAINER" >/dev/null || die "docker stop failed"
+  local code
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+  docker logs "$CONTAINER" > "$WORK/server.log" 2>&1
+  [[ $code == 0 ]] || { tail -20 "$WORK/server.log" >&2; die "the server exited with $code on docker stop, not 0"; }
+  grep -q "Received SIGTERM" "$WORK/server.log" || die "the server did not log the SIGTERM of docker stop"
+  ls /dev/shm | grep '^lmcache_' | sort > "$WORK/shm-after" || true
+  local left
+  left=$(comm -13 "$WORK/shm-before" "$WORK/shm-after")
+  [[ -z $left ]] || die "SHM segments left in /dev/shm after the run: $left"
+  log "docker stop: exit code 0 after $((SECONDS - started)) s, no SHM segments left"
+}
+
+"$PYTHON" -c 'import lmcd' 2>/dev/null || die "$PYTHON cannot import lmcd: set LMCD_PYTHON to a Python with lmcd installed"
+ensure_docker
+ensure_base_image
+build_image
+check_image
+run_server
+bench
+check_http
+stop_server
+log "docker smoke test passed: image $IMAGE is $IMAGE_MB MB; total $((SECONDS - T0)) s"
