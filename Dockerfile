@@ -36,7 +36,9 @@ CMD ["/opt/venv/bin/lmcache", "server", "--host", "0.0.0.0", "--http-host", "0.0
 # deploy/certs/ and deploy/healthcheck.py.
 COPY . /tmp/lmcd-src
 
-# One layer: system Python and CA certificates, extra CAs, the venv, lmcd, a non-root user.
+# One layer: system Python and CA certificates, extra CAs, the venv with lmcd, a non-root user.
+# Removed from NVIDIA's wheels: static libraries and NVRTC's alternative build (*.alt.so), which
+# nothing loads (120 MB); pip and setuptools, which the server does not need.
 RUN set -eux; \
     export DEBIAN_FRONTEND=noninteractive; \
     [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
@@ -49,7 +51,8 @@ RUN set -eux; \
     python3 -m venv /opt/venv; \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
       /opt/venv/bin/pip install --no-cache-dir "/tmp/lmcd-src${LMCD_EXTRA:+[$LMCD_EXTRA]}"; \
-    /opt/venv/bin/pip uninstall -y -q pip; \
+    /opt/venv/bin/pip uninstall -y -q pip setuptools; \
+    find /opt/venv/lib/python3*/site-packages/nvidia \( -name '*.a' -o -name '*.alt.so*' \) -delete 2>/dev/null || true; \
     install -m 0755 /tmp/lmcd-src/deploy/healthcheck.py /opt/venv/bin/lmcd-healthcheck; \
     rm -rf /tmp/lmcd-src; \
     useradd --system --uid 10001 --user-group --home-dir /var/lib/lmcd --create-home --shell /usr/sbin/nologin lmcd; \

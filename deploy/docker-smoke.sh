@@ -153,7 +153,7 @@ check_image() {
   [[ -n $user && ${user%%:*} != 0 && ${user%%:*} != root ]] || die "the image's default user is '$user', not a non-root user"
   # one container for every in-image check: non-root uid, no torch, CuPy imports, the CUDA runtime and
   # NVRTC come from the pip wheels, and NVRTC compiles the copy kernel (no GPU needed to compile)
-  timeout 120 docker run --rm --network none --entrypoint /opt/venv/bin/python "$IMAGE" - > "$WORK/image-check.log" \
+  timeout 120 docker run --rm -i --network none --entrypoint /opt/venv/bin/python "$IMAGE" - > "$WORK/image-check.log" \
     2>&1 <<'EOF' || { cat "$WORK/image-check.log" >&2; die "the checks inside the image failed (output above)"; }
 import importlib.util, os, sys
 assert os.getuid() != 0, "the image runs as root by default"
