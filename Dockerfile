@@ -20,8 +20,11 @@ ARG PIP_EXTRA_INDEX_URL=
 
 # Metadata first: with the legacy builder every instruction after the big RUN copies the whole
 # file system once more on some storage drivers (vfs), so only USER comes after it.
+# CuPy caches compiled kernels under /tmp, which stays writable with a read-only root file system
+# (docker run --read-only --tmpfs /tmp; Kubernetes: readOnlyRootFilesystem and an emptyDir on /tmp).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 EXPOSE 5555 8080
 # The HTTP sidecar's address comes from the server's own flags, environment and --config file

@@ -74,14 +74,15 @@ ensure_docker() {
   fi
   [[ $(id -u) == 0 ]] || die "docker is not usable here (docker info failed) and this script is not root, so it \
 cannot start a dockerd: run it as root, or start docker and give this user access to it"
-  command -v dockerd >/dev/null || apt_install docker.io
+  command -v dockerd >/dev/null || apt_install docker.io docker-compose
   command -v docker >/dev/null || die "docker.io is installed but there is no docker command on PATH"
   if pgrep -x dockerd >/dev/null; then
     die "a dockerd is running but 'docker info' fails: check /var/run/docker.sock, or stop that dockerd"
   fi
   log "starting dockerd (vfs storage, no bridge, no iptables; log $WORK/dockerd.log)"
   mkdir -p /var/lib/docker
-  dockerd --storage-driver vfs --bridge=none --iptables=false --ip-masq=false \
+  # in a session of its own: a signal to this script's process group must not reach it before cleanup
+  setsid dockerd --storage-driver vfs --bridge=none --iptables=false --ip-masq=false \
     --host unix:///var/run/docker.sock --pidfile "$WORK/dockerd.pid" > "$WORK/dockerd.log" 2>&1 &
   DOCKERD_PID=$!
   for _ in $(seq 1 60); do
@@ -153,11 +154,13 @@ check_image() {
   [[ -n $user && ${user%%:*} != 0 && ${user%%:*} != root ]] || die "the image's default user is '$user', not a non-root user"
   # one container for every in-image check: non-root uid, no torch, CuPy imports, the CUDA runtime and
   # NVRTC come from the pip wheels, and NVRTC compiles the copy kernel (no GPU needed to compile)
-  timeout 120 docker run --rm -i --network none --entrypoint /opt/venv/bin/python "$IMAGE" - > "$WORK/image-check.log" \
+  timeout 120 docker run --rm -i --network none --read-only --tmpfs /tmp --entrypoint /opt/venv/bin/python "$IMAGE" - \
+    > "$WORK/image-check.log" \
     2>&1 <<'EOF' || { cat "$WORK/image-check.log" >&2; die "the checks inside the image failed (output above)"; }
 import importlib.util, os, sys
 assert os.getuid() != 0, "the image runs as root by default"
 assert importlib.util.find_spec("torch") is None, "torch is installed in the image"
+os.makedirs(os.environ["CUPY_CACHE_DIR"])  # CuPy's kernel cache is writable with a read-only root
 import cupy
 from cuda.pathfinder import load_nvidia_dynamic_lib
 from cupy_backends.cuda.libs import nvrtc
@@ -172,6 +175,24 @@ print(f"uid {os.getuid()}, no torch, cupy {cupy.__version__}, NVRTC {nvrtc.getVe
       f"({len(ptx)} bytes of PTX); {libs}")
 EOF
   log "image: $IMAGE_MB MB, user $user; $(tail -1 "$WORK/image-check.log")"
+}
+
+validate_compose() {  # docker compose's own reading of deploy/compose.yaml (no daemon needed)
+  local compose=()
+  if timeout 20 docker compose version >/dev/null 2>&1; then compose=(docker compose)
+  elif command -v docker-compose >/dev/null; then compose=(docker-compose)
+  elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then apt_install docker-compose; compose=(docker-compose)
+  else log "no docker compose here: deploy/compose.yaml is only checked as YAML (tests/deploy)"; return; fi
+  HOME=${HOME:-/root} timeout 60 "${compose[@]}" -f "$ROOT/deploy/compose.yaml" config > "$WORK/compose.yaml" \
+    2> "$WORK/compose.err" || { cat "$WORK/compose.err" >&2; die "${compose[*]} rejects deploy/compose.yaml"; }
+  "$PYTHON" - "$WORK/compose.yaml" <<'EOF' || die "${compose[*]} config lost a required setting (above)"
+import sys, yaml
+services = yaml.safe_load(open(sys.argv[1]))["services"]
+assert services["vllm"]["depends_on"]["lmcd"]["condition"] == "service_healthy", services["vllm"].get("depends_on")
+for name, service in services.items():
+    assert service["network_mode"] == "host" and service["ipc"] == "host", (name, service)
+EOF
+  log "${compose[*]} config: deploy/compose.yaml is valid (host network and IPC, vLLM waits for a healthy server)"
 }
 
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -189,10 +210,11 @@ run_server() {
   [[ $PORT != "$HTTP_PORT" ]] || HTTP_PORT=$(free_port)
   ls /dev/shm | grep '^lmcache_' | sort > "$WORK/shm-before" || true
   # root in the container, but with no capabilities: the bench on the host runs as root, and a CPU
-  # worker's SHM segments (mode 0600) can only be opened by the same user
+  # worker's SHM segments (mode 0600) can only be opened by the same user. A read-only root file
+  # system, as in deploy/k8s/. A health check every second instead of the image's 15 s.
   log "docker run --network host --ipc host $IMAGE (ZMQ 127.0.0.1:$PORT, HTTP 127.0.0.1:$HTTP_PORT)"
   timeout 120 docker run -d --name "$CONTAINER" --network host --ipc host --user 0:0 --cap-drop ALL \
-    --health-interval 1s --health-start-period 60s "$IMAGE" \
+    --read-only --tmpfs /tmp --health-interval 1s --health-start-period 60s "$IMAGE" \
     /opt/venv/bin/lmcache server --host 127.0.0.1 --http-host 127.0.0.1 --port "$PORT" --http-port "$HTTP_PORT" \
     --l1-size-gb 1 --eviction-policy LRU --max-workers 2 >/dev/null || die "docker run failed"
   local started=$SECONDS
@@ -275,6 +297,7 @@ stop_server() {
 
 "$PYTHON" -c 'import lmcd' 2>/dev/null || die "$PYTHON cannot import lmcd: set LMCD_PYTHON to a Python with lmcd installed"
 ensure_docker
+validate_compose
 ensure_base_image
 build_image
 check_image
