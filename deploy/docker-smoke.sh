@@ -46,6 +46,7 @@ cleanup() {
     kill -TERM "$DOCKERD_PID" 2>/dev/null
     for _ in $(seq 1 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
     kill -0 "$DOCKERD_PID" 2>/dev/null && { log "dockerd did not stop in 30 s: killing it"; kill -KILL "$DOCKERD_PID"; }
+    umount /run/docker/netns/default 2>/dev/null  # the one mount dockerd leaves behind
   fi
   rm -rf "$WORK"
   [[ $rc -ne 0 ]] && echo "[docker-smoke] exit code $rc after $((SECONDS - T0)) s" >&2
