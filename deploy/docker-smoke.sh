@@ -148,20 +148,25 @@ its CA in deploy/certs/, and set HTTPS_PROXY or PIP_INDEX_URL when PyPI is reach
 }
 
 check_image() {
-  local size user
+  local size
   size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
   IMAGE_MB=$((size / 1000000))
-  user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
-  [[ -n $user && ${user%%:*} != 0 && ${user%%:*} != root ]] || die "the image's default user is '$user', not a non-root user"
-  # one container for every in-image check: non-root uid, no torch, CuPy imports, the CUDA runtime and
-  # NVRTC come from the pip wheels, and NVRTC compiles the copy kernel (no GPU needed to compile)
-  timeout 120 docker run --rm -i --network none --read-only --tmpfs /tmp --entrypoint /opt/venv/bin/python "$IMAGE" - \
-    > "$WORK/image-check.log" \
-    2>&1 <<'EOF' || { cat "$WORK/image-check.log" >&2; die "the checks inside the image failed (output above)"; }
+  IMAGE_USER=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
+  [[ -n $IMAGE_USER && ${IMAGE_USER%%:*} != 0 && ${IMAGE_USER%%:*} != root ]] \
+    || die "the image's default user is '$IMAGE_USER', not a non-root user"
+  log "image: $IMAGE_MB MB, default user $IMAGE_USER"
+}
+
+check_inside() {
+  # In the running (read-only) container, as the image's default user, so that no second copy of the
+  # file system is made (vfs): no torch, CuPy imports, the CUDA runtime and NVRTC come from the pip
+  # wheels, NVRTC compiles the copy kernel (no GPU needed to compile), CuPy's cache dir is writable.
+  timeout 120 docker exec -i --user "$IMAGE_USER" -e EXPECT_UID="${IMAGE_USER%%:*}" "$CONTAINER" /opt/venv/bin/python - \
+    > "$WORK/image-check.log" 2>&1 <<'EOF' || { cat "$WORK/image-check.log" >&2; die "the checks inside the image failed (output above)"; }
 import importlib.util, os, sys
-assert os.getuid() != 0, "the image runs as root by default"
+assert os.getuid() == int(os.environ["EXPECT_UID"]) != 0, f"running as uid {os.getuid()}"
 assert importlib.util.find_spec("torch") is None, "torch is installed in the image"
-os.makedirs(os.environ["CUPY_CACHE_DIR"])  # CuPy's kernel cache is writable with a read-only root
+os.makedirs(os.environ["CUPY_CACHE_DIR"], exist_ok=True)  # writable with a read-only root file system
 import cupy
 from cuda.pathfinder import load_nvidia_dynamic_lib
 from cupy_backends.cuda.libs import nvrtc
@@ -172,10 +177,10 @@ program = nvrtc.createProgram(lmcd.kernels.source(), "page_copy.cu", [], [])
 nvrtc.compileProgram(program, ["--std=c++17", "-arch=compute_80"])
 ptx = nvrtc.getPTX(program)
 assert b"lmcd_page_copy_v16" in (ptx if isinstance(ptx, bytes) else ptx.encode()), "kernel missing from the PTX"
-print(f"uid {os.getuid()}, no torch, cupy {cupy.__version__}, NVRTC {nvrtc.getVersion()} compiled page_copy.cu "
-      f"({len(ptx)} bytes of PTX); {libs}")
+print(f"uid {os.getuid()}, no torch, cupy {cupy.__version__}, NVRTC {'.'.join(map(str, nvrtc.getVersion()))} "
+      f"compiled page_copy.cu ({len(ptx)} bytes of PTX), CUDA libraries from {os.path.commonpath(list(libs.values()))}")
 EOF
-  log "image: $IMAGE_MB MB, user $user; $(tail -1 "$WORK/image-check.log")"
+  log "in the image: $(tail -1 "$WORK/image-check.log")"
 }
 
 validate_compose() {  # docker compose's own reading of deploy/compose.yaml (no daemon needed)
@@ -303,6 +308,7 @@ ensure_base_image
 build_image
 check_image
 run_server
+check_inside
 bench
 check_http
 stop_server

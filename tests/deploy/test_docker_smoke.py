@@ -90,3 +90,16 @@ def test_docker_image_builds_runs_serves_and_stops_cleanly(capsys):
     assert 100 < int(passed.group(1)) < 2000, f"unexpected image size {passed.group(1)} MB"
     with capsys.disabled():  # the image size and the timings belong in the CI log
         print("\n" + "\n".join(line for line in out.splitlines() if line.startswith("[docker-smoke")))
+
+
+def test_skip_reason_names_what_is_missing(monkeypatch):
+    on_path = {"bash", "apt-get"}
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in on_path else None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = missing()
+    assert reason is not None and "no docker command" in reason and "not root" in reason
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert missing() is None  # root with apt-get: the script installs docker.io itself
+    on_path.discard("apt-get")
+    reason = missing()
+    assert reason is not None and "neither dockerd nor apt-get" in reason
