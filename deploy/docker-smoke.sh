@@ -35,10 +35,12 @@ die() { printf '[docker-smoke] FAILED: %s\n' "$*" >&2; exit 1; }
 cleanup() {
   local rc=$?
   set +e
-  if docker container inspect "$CONTAINER" >/dev/null 2>&1; then
-    [[ $rc -ne 0 ]] && { echo "--- container log (last 40 lines)"; docker logs --tail 40 "$CONTAINER" 2>&1; }
-    timeout 60 docker rm -f "$CONTAINER" >/dev/null 2>&1
-  fi
+  local name
+  for name in "$CONTAINER" "$CONTAINER-default"; do
+    docker container inspect "$name" >/dev/null 2>&1 || continue
+    [[ $rc -ne 0 ]] && { echo "--- log of $name (last 40 lines)"; docker logs --tail 40 "$name" 2>&1; }
+    timeout 60 docker rm -f "$name" >/dev/null 2>&1
+  done
   [[ ${LMCD_SMOKE_RMI:-0} == 1 ]] && timeout 120 docker rmi -f "$IMAGE" >/dev/null 2>&1
   for cert in "${COPIED_CERTS[@]}"; do rm -f "$cert"; done
   if [[ -n $DOCKERD_PID ]]; then
@@ -301,6 +303,29 @@ stop_server() {
   log "docker stop: exit code 0 after $((SECONDS - started)) s, no SHM segments left"
 }
 
+check_default_run() {
+  # plain `docker run IMAGE`: the image's CMD serves with the defaults on all interfaces (here in a
+  # network namespace of its own), Docker's HEALTHCHECK finds the default HTTP port, stop exits 0
+  local name=$CONTAINER-default started=$SECONDS
+  timeout 120 docker run -d --name "$name" --network none --health-interval 1s "$IMAGE" >/dev/null \
+    || die "plain docker run $IMAGE failed"
+  until [[ $(docker inspect -f '{{.State.Health.Status}}' "$name") == healthy ]]; do
+    [[ $(docker inspect -f '{{.State.Running}}' "$name") == true ]] \
+      || die "plain docker run $IMAGE exited with $(docker inspect -f '{{.State.ExitCode}}' "$name")"
+    (( SECONDS - started < 120 )) || die "plain docker run $IMAGE: not healthy within 120 s: \
+$(docker inspect -f '{{json .State.Health}}' "$name")"
+    sleep 0.5
+  done
+  docker logs "$name" > "$WORK/default.log" 2>&1
+  grep -q "cache server is running on tcp://0.0.0.0:5555 .*HTTP http://0.0.0.0:8080" "$WORK/default.log" \
+    || die "plain docker run $IMAGE does not serve on 0.0.0.0:5555 and :8080: $(grep 'is running' "$WORK/default.log")"
+  timeout 60 docker stop -t 30 "$name" >/dev/null || die "docker stop $name failed"
+  [[ $(docker inspect -f '{{.State.ExitCode}}' "$name") == 0 ]] || die "plain docker run $IMAGE: exit code \
+$(docker inspect -f '{{.State.ExitCode}}' "$name") on docker stop"
+  timeout 60 docker rm "$name" >/dev/null
+  log "plain docker run $IMAGE: healthy on 0.0.0.0:5555 and :8080 after $((SECONDS - started)) s, exit code 0 on stop"
+}
+
 "$PYTHON" -c 'import lmcd' 2>/dev/null || die "$PYTHON cannot import lmcd: set LMCD_PYTHON to a Python with lmcd installed"
 ensure_docker
 validate_compose
@@ -312,4 +337,5 @@ check_inside
 bench
 check_http
 stop_server
+check_default_run
 log "docker smoke test passed: image $IMAGE is $IMAGE_MB MB; total $((SECONDS - T0)) s"
