@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Build the lmcd image and run it for real: health, a store/retrieve bench from the host through the
-# container's ports and shared /dev/shm, /status and /metrics, a clean `docker stop`.
+# Build the lmcd image and run it for real: health (HTTP and Docker's HEALTHCHECK), a store/retrieve
+# bench from the host through the container's ports and shared /dev/shm, /status, /metrics and
+# /clear-cache, a clean `docker stop` (exit code 0, nothing left in /dev/shm), checks inside the
+# image (non-root, no torch, CuPy with NVRTC from PyPI), plain `docker run IMAGE` with its defaults,
+# and `docker compose config` of deploy/compose.yaml. Reports the image size.
 #
 #   deploy/docker-smoke.sh            (as root, or as a user who can use docker)
 #
-# As root on Debian it installs what is missing (docker.io, debootstrap) and starts a dockerd of
-# its own (vfs storage, no bridge, no iptables: containers use --network host), which it stops
-# again at the end. When the base image cannot be pulled it builds it with debootstrap and
+# As root on Debian it installs what is missing (docker.io, docker-compose, debootstrap) and starts
+# a dockerd of its own (vfs storage, no bridge, no iptables: containers use --network host), which it
+# stops again at the end. When the base image cannot be pulled it builds it with debootstrap and
 # `docker import`. Re-running reuses the installed docker, the base image and the build cache.
 #
 # Environment: LMCD_PYTHON (a Python with lmcd installed, for the bench; default: the repository's
@@ -29,6 +32,12 @@ if [[ -n ${LMCD_PYTHON:-} ]]; then PYTHON=$LMCD_PYTHON
 elif [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python
 else PYTHON=python3; fi
 
+APT_UPDATED=0
+POLICY_RC_D=""
+# every docker command is bounded (`timeout` runs the docker binary, not this function); the long
+# ones (build, import, pull) are called as `timeout N docker ...` with their own limit
+docker() { timeout 120 docker "$@"; }
+
 log() { printf '[docker-smoke %4ds] %s\n' $((SECONDS - T0)) "$*"; }
 die() { printf '[docker-smoke] FAILED: %s\n' "$*" >&2; exit 1; }
 
@@ -43,6 +52,7 @@ cleanup() {
   done
   [[ ${LMCD_SMOKE_RMI:-0} == 1 ]] && timeout 120 docker rmi -f "$IMAGE" >/dev/null 2>&1
   for cert in "${COPIED_CERTS[@]}"; do rm -f "$cert"; done
+  [[ -n $POLICY_RC_D ]] && rm -f "$POLICY_RC_D"
   if [[ -n $DOCKERD_PID ]]; then
     log "stopping the dockerd this script started (pid $DOCKERD_PID)"
     kill -TERM "$DOCKERD_PID" 2>/dev/null
@@ -60,14 +70,16 @@ trap 'exit 130' INT TERM
 apt_install() {  # apt_install PACKAGE...: Debian packages, without starting any service
   command -v apt-get >/dev/null || die "$* missing and this is not a Debian/Ubuntu machine (no apt-get): install $* yourself"
   log "installing $* (apt-get)"
-  local policy=/usr/sbin/policy-rc.d made_policy=0
-  if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' > $policy; chmod +x $policy; made_policy=1; fi
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then  # no service starts from a package's install script
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    POLICY_RC_D=/usr/sbin/policy-rc.d
+  fi
   export DEBIAN_FRONTEND=noninteractive
-  { timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends "$@"; } \
-    > "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; [[ $made_policy == 1 ]] && rm -f $policy; \
+  { [[ $APT_UPDATED == 1 ]] || timeout 300 apt-get update -qq; } > "$WORK/apt.log" 2>&1 && APT_UPDATED=1
+  { [[ $APT_UPDATED == 1 ]] && timeout 600 apt-get install -y -qq --no-install-recommends "$@"; } \
+    >> "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; \
       die "apt-get install $* failed (log above): check the network to the Debian mirror"; }
-  [[ $made_policy == 1 ]] && rm -f $policy
-  return 0
+  if [[ -n $POLICY_RC_D ]]; then rm -f "$POLICY_RC_D"; POLICY_RC_D=""; fi
 }
 
 ensure_docker() {
@@ -77,7 +89,8 @@ ensure_docker() {
   fi
   [[ $(id -u) == 0 ]] || die "docker is not usable here (docker info failed) and this script is not root, so it \
 cannot start a dockerd: run it as root, or start docker and give this user access to it"
-  command -v dockerd >/dev/null || apt_install docker.io docker-compose
+  # debootstrap too (small): one apt-get run, in case the base image has to be built
+  command -v dockerd >/dev/null || apt_install docker.io docker-compose debootstrap
   command -v docker >/dev/null || die "docker.io is installed but there is no docker command on PATH"
   if pgrep -x dockerd >/dev/null; then
     die "a dockerd is running but 'docker info' fails: check /var/run/docker.sock, or stop that dockerd"
@@ -216,7 +229,7 @@ EOF
 run_server() {
   PORT=$(free_port); HTTP_PORT=$(free_port)
   [[ $PORT != "$HTTP_PORT" ]] || HTTP_PORT=$(free_port)
-  ls /dev/shm | grep '^lmcache_' | sort > "$WORK/shm-before" || true
+  ls /dev/shm > "$WORK/shm-before"
   # root in the container, but with no capabilities: the bench on the host runs as root, and a CPU
   # worker's SHM segments (mode 0600) can only be opened by the same user. A read-only root file
   # system, as in deploy/k8s/. A health check every second instead of the image's 15 s.
@@ -288,6 +301,30 @@ EOF
   log "POST /clear-cache: $(cat "$WORK/clear.json")"
 }
 
+orphaned_shm() {
+  # lmcd segments that appeared during the run and that no live process holds (an owner keeps a
+  # shared flock on its segment for as long as it lives): segments of other lmcd processes on this
+  # machine are not this run's leftovers
+  "$PYTHON" - "$WORK/shm-before" <<'EOF'
+import fcntl, os, sys
+before = set(open(sys.argv[1]).read().split())
+for name in sorted(set(os.listdir("/dev/shm")) - before):
+    if not name.startswith("lmcache_"):
+        continue
+    try:
+        fd = os.open(os.path.join("/dev/shm", name), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        continue  # removed meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only possible when no owner holds it
+        print(name)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+EOF
+}
+
 stop_server() {
   local started=$SECONDS
   timeout 60 docker stop -t 30 "$CONTAINER" >/dev/null || die "docker stop failed"
@@ -296,9 +333,8 @@ stop_server() {
   docker logs "$CONTAINER" > "$WORK/server.log" 2>&1
   [[ $code == 0 ]] || { tail -20 "$WORK/server.log" >&2; die "the server exited with $code on docker stop, not 0"; }
   grep -q "Received SIGTERM" "$WORK/server.log" || die "the server did not log the SIGTERM of docker stop"
-  ls /dev/shm | grep '^lmcache_' | sort > "$WORK/shm-after" || true
   local left
-  left=$(comm -13 "$WORK/shm-before" "$WORK/shm-after")
+  left=$(orphaned_shm) || die "cannot list /dev/shm"
   [[ -z $left ]] || die "SHM segments left in /dev/shm after the run: $left"
   log "docker stop: exit code 0 after $((SECONDS - started)) s, no SHM segments left"
 }
