@@ -167,6 +167,15 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
     path = os.path.join(SHM_DIR, match.group(1))
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except PermissionError as exc:  # a 0600 segment of another user (e.g. a root vLLM beside a non-root server)
+        try:
+            owner = f"uid {os.stat(path, follow_symlinks=False).st_uid}"
+        except OSError:
+            owner = "another user"
+        raise RegistrationError(
+            f"cannot open SHM segment {name}: it belongs to {owner} and this server runs as uid {os.geteuid()}; "
+            "run the worker and the server as the same user (in Docker: docker run --user)"
+        ) from exc
     except OSError as exc:
         raise RegistrationError(
             f"cannot open SHM segment {name}: {exc.strerror}; the worker and the server must share "
