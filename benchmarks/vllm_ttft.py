@@ -61,10 +61,12 @@ def main():
             llm.generate([TokensPrompt(prompt_token_ids=prompt[:cfg["prefix_tokens"]])], sp, use_tqdm=False)
         times = []
         for _ in range(cfg["rounds"]):
+            print("LMCD-MARK", file=sys.stderr, flush=True)  # connector hook lines after this: this request
             t = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
         out.append(times)
+    print("LMCD-MARK", file=sys.stderr, flush=True)
     print("RESULT " + json.dumps(out), flush=True)
 if __name__ == "__main__":
     main()
@@ -90,19 +92,29 @@ def settle_memory() -> None:
             print(f"--compact: cannot write {path}: {exc}", file=sys.stderr)
 
 
+HOOK_LINE = re.compile(r"Connector (\w+) took ([0-9.]+) ms")
+
+
 def run_vllm(model: str, prompts: list[list[int]], rounds: int, ktc: dict | None, env: dict[str, str],
-             timeout: float, prefix_tokens: int = 0) -> list[list[float]]:
-    cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc,
-                      "prefix_caching": bool(prefix_tokens), "prefix_tokens": prefix_tokens})
+             timeout: float, prefix_tokens: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """TTFTs [prompt][pass] in s, and the connector's own time [prompt][pass] in ms: the sum of its
+    hooks' DEBUG timings (scheduler and worker) between this request's start and the next's."""
     if COMPACT:
         settle_memory()
+    cfg = json.dumps({"model": model, "prompts": prompts, "rounds": rounds, "ktc": ktc,
+                      "prefix_caching": bool(prefix_tokens), "prefix_tokens": prefix_tokens})
     code = CHILD.format(tests=os.path.join(ROOT, "tests"), cfg=cfg)
+    env = {**env, "LMCACHE_LOG_LEVEL": "DEBUG"} if ktc else env
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=timeout, start_new_session=True)
     found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(found.group(1))
+    times = json.loads(found.group(1))
+    sections = proc.stderr.split("LMCD-MARK")[1:-1]  # one per measured request, in order
+    hook_ms = [sum(float(m[2]) for m in HOOK_LINE.finditer(text)) for text in sections]
+    per_prompt = [hook_ms[i * rounds : (i + 1) * rounds] for i in range(len(prompts))] if ktc else []
+    return times, per_prompt
 
 
 def main() -> int:
@@ -138,6 +150,7 @@ def main() -> int:
     if args.shm_only:
         arms["shm_only"] = []
     server_logs: dict[str, str] = {mode: "" for mode in modes}
+    hook_ms: dict[str, list[list[float]]] = {f"{kind}_{mode}": [] for mode in modes for kind in ("miss", "hit")}
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(MODEL, f)
@@ -156,13 +169,13 @@ def main() -> int:
             order = order[r % len(order):] + order[: r % len(order)]  # every arm leads in turn
             for arm in order + ["floor"] + (["shm"] if args.shm_only else []):
                 if arm == "base":
-                    arms["no_connector"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout)])
+                    arms["no_connector"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout)[0]])
                 elif arm == "shm":  # nothing listens on this port: lookups and stores fail fast
                     dead = ktc_for("engine_driven", free_port())
-                    arms["shm_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, dead, env, args.timeout)])
+                    arms["shm_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, dead, env, args.timeout)[0]])
                 elif arm == "floor":
                     arms["tail_only"].append([t[0] for t in run_vllm(tmp, prompts, 1, None, env, args.timeout,
-                                                                     prefix_tokens=cached_tokens)])
+                                                                     prefix_tokens=cached_tokens)[0]])
                 else:  # a connector arm against a fresh server
                     port = free_port()
                     server = subprocess.Popen(
@@ -174,12 +187,14 @@ def main() -> int:
                         for line in server.stdout:
                             if "cache server is running" in line:
                                 break
-                        both = run_vllm(tmp, prompts, 2, ktc_for(arm, port), env, args.timeout)
+                        both, hooks = run_vllm(tmp, prompts, 2, ktc_for(arm, port), env, args.timeout)
                     finally:
                         server.send_signal(signal.SIGTERM)
                         server_logs[arm] += server.communicate(timeout=60)[0]
                     arms[f"miss_{arm}"].append([t[0] for t in both])
                     arms[f"hit_{arm}"].append([t[1] for t in both])
+                    hook_ms[f"miss_{arm}"].append([h[0] for h in hooks])
+                    hook_ms[f"hit_{arm}"].append([h[1] for h in hooks])
                 print(f"round {r + 1}/{args.rounds} {arm} done", file=sys.stderr, flush=True)
     med = statistics.median
     pooled = {name: med([t for rnd in rounds for t in rnd]) for name, rounds in arms.items()}
@@ -195,7 +210,11 @@ def main() -> int:
         log_text = server_logs[mode]
         retrieved = [float(x) for x in re.findall(r"Retrieved \d+ tokens in ([0-9.]+) seconds", log_text)]
         stored = [float(x) for x in re.findall(r"Stored \d+ tokens in ([0-9.]+) seconds", log_text)]
+        miss_hooks = med([h for rnd in hook_ms[f"miss_{mode}"] for h in rnd])
         result[mode] = {
+            "connector_ms_per_miss": round(miss_hooks, 2),
+            "connector_ms_per_hit": round(med([h for rnd in hook_ms[f"hit_{mode}"] for h in rnd]), 2),
+            "connector_share_of_miss_pct": round(100 * miss_hooks / 1000 / pooled["no_connector"], 3),
             "miss_overhead_pct": round(100 * (pooled[f"miss_{mode}"] / pooled["no_connector"] - 1), 2),
             "miss_overhead_per_round_pct": per_round,
             "miss_overhead_median_of_rounds_pct": round(med(per_round), 2),
@@ -208,11 +227,15 @@ def main() -> int:
         print(f"  {mode}: miss {pooled[f'miss_{mode}']:.3f} s ({m['miss_overhead_pct']:+.1f} % pooled; per round "
               f"{per_round}, median {m['miss_overhead_median_of_rounds_pct']:+.2f} %) | hit "
               f"{pooled[f'hit_{mode}']:.3f} s ({m['hit_speedup']}x, {m['hit_over_floor']} x floor) | server "
-              f"retrieve {m['server_retrieve_ms']} ms, store {m['server_store_ms']} ms")
+              f"retrieve {m['server_retrieve_ms']} ms, store {m['server_store_ms']} ms\n"
+              f"    connector's own time per miss {m['connector_ms_per_miss']} ms "
+              f"({m['connector_share_of_miss_pct']} % of the no-connector TTFT), "
+              f"per hit {m['connector_ms_per_hit']} ms")
     if args.shm_only:
         result["shm_only_overhead_per_round_pct"] = [round(100 * (med(m) / med(b) - 1), 2) for m, b in
                                                      zip(arms["shm_only"], arms["no_connector"], strict=True)]
     result["raw"] = arms
+    result["connector_ms"] = hook_ms
     print(json.dumps(result))
     return 0
 

@@ -70,7 +70,8 @@ def ensure_local_server(settings: ConnectorSettings, embedded: EmbeddedSettings)
         if _answers(local, 0.5):
             return local
         cmd = [sys.executable, "-m", "lmcd", "server", "--port", str(local.port), "--http-port", "0",
-               "--l1-size-gb", str(embedded.max_local_cpu_size_gb), "--chunk-size", str(embedded.chunk_size)]
+               "--l1-size-gb", str(embedded.max_local_cpu_size_gb), "--chunk-size", str(embedded.chunk_size),
+               "--share-pool", "true"]  # our own child: its pool may be shared, so auto picks lmcache_driven
         cmd += ["--host", local.host] if local.host.startswith("ipc://") else ["--host", "127.0.0.1"]
         env = dict(os.environ)
         if settings.auth_token:

@@ -22,10 +22,14 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -62,14 +66,36 @@ class LmcdConnectorMetadata(KVConnectorMetadata):
 
 
 def _setup_logging() -> None:
-    """Our INFO lines (the ones LMCache users look for) go to stderr like vLLM's own."""
+    """Our INFO lines (the ones LMCache users look for) go to stderr like vLLM's own, at the level
+    ``LMCACHE_LOG_LEVEL`` names (INFO by default; DEBUG adds the time of every connector hook)."""
     lmcd_log = logging.getLogger("lmcd")
     if not lmcd_log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         lmcd_log.addHandler(handler)
-        lmcd_log.setLevel(logging.INFO)
+        level = os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper()
+        lmcd_log.setLevel(level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else logging.INFO)
         lmcd_log.propagate = False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _timed(hook: F) -> F:
+    """At DEBUG, log how long each call of a vLLM hook took (what the connector adds to a step)."""
+    name = hook.__name__
+
+    @functools.wraps(hook)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not log.isEnabledFor(logging.DEBUG):
+            return hook(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            log.debug("Connector %s took %.3f ms", name, (time.perf_counter() - started) * 1e3)
+
+    return cast(F, wrapper)
 
 
 def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: int | None) -> p.Namespace:
@@ -110,8 +136,8 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             self.settings = ensure_local_server(self.settings, EmbeddedSettings.from_env())
         mode = self.settings.transfer_mode
         log.info("lmcache.mp.mp_transfer_mode = %s%s; server %s", mode,
-                 " (engine_driven: the faster on CPU, see docs/BENCHMARKS.md)" if mode == "auto" else "",
-                 self.settings.url)
+                 " (CPU: lmcache_driven where the server shares its pool, else engine_driven; GPU: engine_driven)"
+                 if mode == "auto" else "", self.settings.url)
         self._scheduler: SchedulerState | None = None
         self._session: ServerSession | None = None
         self._worker: WorkerState | None = None
@@ -153,6 +179,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         assert self._session is not None
         self._session.call(lambda client: client.release(lease_id), 0, "release")
 
+    @_timed
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state()
         if state is None:
@@ -160,10 +187,12 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids or []
         return state.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens), False
 
+    @_timed
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self._scheduler is not None:
             self._scheduler.after_alloc(request.request_id, num_external_tokens)
 
+    @_timed
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = LmcdConnectorMetadata()
         state = self._scheduler
@@ -186,6 +215,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
                 meta.plans.append(plan)
         return meta
 
+    @_timed
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self._scheduler is None:
             return False, None
@@ -200,6 +230,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, self.block_size)
 
+    @_timed
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if self._worker is None or not self.has_connector_metadata():
             return
@@ -221,6 +252,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
                       **kwargs: Any) -> None:
         return  # whole chunks are stored after the forward, in wait_for_save
 
+    @_timed
     def wait_for_save(self) -> None:
         if self._worker is None or not self.has_connector_metadata():
             return
@@ -232,6 +264,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
                 if self._delay_frees:
                     self._storing.add(plan.req_id)
 
+    @_timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose stores are complete: vLLM may free their blocks now (GPU only)."""
         if self._worker is None or not self._delay_frees:

@@ -458,6 +458,10 @@ def test_embedded_connector_starts_a_server_and_hits(embedded, baseline):
     assert re.search(rf"Starting a local LMCache server: .* --port {port} .*--l1-size-gb 1\.0 --chunk-size 256", log)
     assert "Registering kv caches!" in log
     assert len(embedded["worker_pids"]) == 1
+    # auto against the pool-sharing server it started: lmcache_driven, vLLM's KV never moves into SHM
+    assert "lmcache.mp.mp_transfer_mode = auto" in log
+    assert "Mapped the server's shared pool" in log and "Migrated CPU KV cache tensor" not in log
+    assert "in the worker's own memory; it copies through the shared pool" in log
     # round 0 (one batch): misses, stores 2 + 3 + 2 chunks; round 1: hits of every full chunk
     sched = _sched(log)
     assert sorted(sched[:3]) == [(512, 0, 0), (700, 0, 0), (1000, 0, 0)]
