@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | te
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
 grep -n "cuMemcpyBatchAsync" /usr/local/cuda/include/cuda.h 2>/dev/null | head -5
 
-if [[ $what == tests || $what == all || $what == quick ]]; then
+if [[ $what == tests || $what == all || $what == quick || $what == final ]]; then
   timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
     -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
@@ -59,4 +59,8 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == trace ]]; then
   timeout 400 python3 /tmp/lmcd-trace.py --tokens ${TRACE_TOKENS:-256,4096,16384} --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
+fi
+if [[ $what == final ]]; then
+  bench kernel16 --copy-ctas 16 -- --repeats 20 --load
+  bench dma --copy-engine dma -- --repeats 20 --load
 fi
