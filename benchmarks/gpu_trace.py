@@ -21,19 +21,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
 
-def timed(name: str, fn: Any) -> Any:
+def timed(name: str | Callable[..., str], fn: Any) -> Any:
+    """``fn`` with its calls' durations (µs) recorded under ``name``, or under ``name(*args)``."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            TIMES[name].append((time.perf_counter() - t0) * 1e6)
+            TIMES[name(*args) if callable(name) else name].append((time.perf_counter() - t0) * 1e6)
 
     return wrapper
 
@@ -55,16 +57,8 @@ def instrument() -> None:
     lib = cudadrv.fast_driver()
     lib.cuStreamWaitEvent = timed("        cuStreamWaitEvent (IPC event)", lib.cuStreamWaitEvent)
     lib.cuLaunchKernel = timed("          cuLaunchKernel", lib.cuLaunchKernel)
-    handle = service.CacheService.handle
-
-    def per_op(self: Any, session: Any, request: Any, started: float) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return handle(self, session, request, started)
-        finally:
-            TIMES[f" handle {type(request).__name__}"].append((time.perf_counter() - t0) * 1e6)
-
-    service.CacheService.handle = per_op  # type: ignore[method-assign]
+    service.CacheService.handle = timed(  # type: ignore[method-assign]
+        lambda _self, _session, request, _started: f" handle {type(request).__name__}", service.CacheService.handle)
 
 
 def instrument_worker() -> None:
@@ -77,15 +71,9 @@ def instrument_worker() -> None:
     session.ServerSession.call = timed("worker:   session.call", session.ServerSession.call)
     client.CacheClient._exchange = timed("worker:     _exchange (encode, send, wait, decode)",
                                          client.CacheClient._exchange)
-    encode = client.p.encoder.encode
 
-    class Encoder:
-        def encode(self, obj: Any) -> bytes:
-            t0 = time.perf_counter()
-            try:
-                return encode(obj)
-            finally:
-                TIMES["worker:       encode"].append((time.perf_counter() - t0) * 1e6)
+    class Encoder:  # msgspec's Encoder.encode cannot be replaced on the instance
+        encode = staticmethod(timed("worker:       encode", client.p.encoder.encode))
 
     client.p.encoder = Encoder()  # type: ignore[assignment]
 

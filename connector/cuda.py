@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lmcd.cudadrv import driver, error_name
+from lmcd.cudadrv import check, driver
 
 CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 IPC_HANDLE_BYTES = 64
@@ -40,27 +40,22 @@ class CudaShareError(ValueError):
     """KV memory this connector cannot share with the server; the message says why and what to do."""
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        raise CudaShareError(f"{what} failed: {error_name(result)}")
-
-
 def allocation_of(address: int) -> tuple[int, int]:
     """(base, size) of the CUDA allocation holding ``address``; refuses memory legacy IPC cannot export."""
     capable = ctypes.c_uint32(0)
-    _check(driver().cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
-                                           ctypes.c_uint64(address)), "cuPointerGetAttribute")
+    check(driver().cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+                                           ctypes.c_uint64(address)), "cuPointerGetAttribute", CudaShareError)
     if not capable.value & 0xFF:
         raise CudaShareError(VMM_ADVICE)
     base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
-    _check(driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
-           "cuMemGetAddressRange")
+    check(driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
+           "cuMemGetAddressRange", CudaShareError)
     return base.value, size.value
 
 
 def ipc_handle(base: int) -> bytes:
     handle = (ctypes.c_char * IPC_HANDLE_BYTES)()
-    _check(driver().cuIpcGetMemHandle(handle, ctypes.c_uint64(base)), "cuIpcGetMemHandle")
+    check(driver().cuIpcGetMemHandle(handle, ctypes.c_uint64(base)), "cuIpcGetMemHandle", CudaShareError)
     return bytes(handle)
 
 

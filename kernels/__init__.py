@@ -106,7 +106,6 @@ class PageCopier:
                                    f"{blocks_per_chunk} and grid {grid} must be positive")
         if num_blocks > 1 and block_stride < page_bytes:
             raise KernelInputError(f"block_stride {block_stride} is smaller than page_bytes {page_bytes}")
-        self.cupy = cupy
         self.device = device
         self.num_planes = len(layer_bases)
         self.num_blocks = num_blocks

@@ -38,9 +38,10 @@ class CudaError(RuntimeError):
     """A CUDA driver call failed; the message names the call and the CUresult."""
 
 
-def check(result: int, what: str) -> None:
+def check(result: int, what: str, error: type[Exception] = CudaError) -> None:
+    """Raise ``error("<what> failed: CUDA_ERROR_... (n)")`` unless ``result`` is CUDA_SUCCESS."""
     if result:
-        raise CudaError(f"{what} failed: {error_name(result)}")
+        raise error(f"{what} failed: {error_name(result)}")
 
 
 def error_name(result: int) -> str:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lmcd.cudadrv import check, driver, error_name, fast_driver
+from lmcd.cudadrv import check, driver, fast_driver
 from lmcd.kernels import DEFAULT_GRID, PageCopier
 from lmcd.protocol import KVLayout
 from lmcd.server.transfer import plan
@@ -94,17 +94,13 @@ def batch_memcpy(dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream_ptr:
         fail_index = ctypes.c_size_t(0)
         args.append(ctypes.byref(fail_index))
     args.append(ctypes.c_void_p(stream_ptr))
-    result = fn(*args)
-    if result != 0:
-        raise RuntimeError(f"cuMemcpyBatchAsync failed: {error_name(result)}")
+    check(fn(*args), "cuMemcpyBatchAsync")
 
 
 def event_synchronize(event_ptr: int) -> None:
     """cuEventSynchronize through ctypes, which releases the GIL while it waits: the request loop
     keeps answering (and launching) while a completion thread waits for a copy."""
-    result = driver().cuEventSynchronize(ctypes.c_void_p(event_ptr))
-    if result != 0:
-        raise RuntimeError(f"the GPU copy failed: cuEventSynchronize returned {error_name(result)}")
+    check(driver().cuEventSynchronize(ctypes.c_void_p(event_ptr)), "cuEventSynchronize (the GPU copy)")
 
 
 class CudaHost:
