@@ -6,6 +6,11 @@
    a same-run pinned copy, for kernel variants: UNROLL (loads in flight per thread), threads per
    CTA, and CTAs.
 3. A pyzmq DEALER/ROUTER round trip between two processes with msgspec-sized frames.
+
+``python benchmarks/gpu_probe.py staged`` instead compares, for the same sizes, the direct kernel
+(``PageCopier``: pages cross PCIe one by one, zero-copy) with the staged copy (``StagedCopier``:
+kernel inside GPU memory, copy engines across PCIe, one contiguous copy per chunk), by device
+events and by host wall time from the first call to the completion seen on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import cupy
 import numpy as np
 
 from lmcd import kernels
-from lmcd.kernels import PageCopier
+from lmcd.kernels import PageCopier, StagedCopier
 
 LAYERS, HEADS, BLOCK, HEAD = 32, 8, 16, 128
 PAGE = HEADS * BLOCK * 2 * HEAD * 2
@@ -34,17 +39,96 @@ def median_us(fn, n: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def kernel_gbps(copier: PageCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream) -> float:
+def kernel_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream,
+                rounds: int = 12) -> float:
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     times = []
-    for _ in range(12):
+    for _ in range(rounds):
         start.record(stream)
         copier.launch(slots, blocks, to_pool, stream)
         end.record(stream)
         end.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    nbytes = len(slots) * copier.chunk_bytes
+    nbytes = len(slots) * (copier.copier if isinstance(copier, StagedCopier) else copier).chunk_bytes
     return nbytes / statistics.median(times[2:]) / 1e9
+
+
+def wall_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream,
+              rounds: int = 20) -> float:
+    """Host wall time from the launch call to the completion event seen (spin) on the host."""
+    end = cupy.cuda.Event(block=False, disable_timing=True)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        copier.launch(slots, blocks, to_pool, stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(time.perf_counter() - t0)
+    nbytes = len(slots) * (copier.copier if isinstance(copier, StagedCopier) else copier).chunk_bytes
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
+def staged() -> None:
+    num_blocks = 2 * 16384 // BLOCK + 2
+    kv = cupy.random.randint(-128, 127, LAYERS * num_blocks * PAGE, dtype=cupy.int8)
+    bases = [kv.data.ptr + i * num_blocks * PAGE for i in range(LAYERS)]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    chunk_bytes = LAYERS * BPC * PAGE
+    pool_bytes = 64 * chunk_bytes
+    pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
+    np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
+    dev = cupy.empty(pool_bytes, dtype=cupy.int8)
+    rng = np.random.default_rng(0)
+    direct = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
+    stagers = {g: StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), g) for g in (16, 32, 132)}
+    for tokens in (256, 4096, 16384):
+        n = tokens // 256
+        nbytes = n * chunk_bytes
+        t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+        ceil = []
+        for to_host in (True, False):
+            times = []
+            for _ in range(12):
+                t0.record(stream)
+                if to_host:
+                    dev[:nbytes].data.copy_to_host_async(pool.ptr, nbytes, stream)
+                else:
+                    dev[:nbytes].data.copy_from_host_async(pool.ptr, nbytes, stream)
+                t1.record(stream)
+                t1.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(t0, t1) / 1e3)
+            ceil.append(nbytes / statistics.median(times[2:]) / 1e9)
+        d2h, h2d = ceil
+        print(f"tokens {tokens}: ceiling (one contiguous copy) D2H {d2h:.1f} H2D {h2d:.1f} GB/s")
+        slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes
+        blocks = rng.choice(num_blocks, n * BPC, replace=False)
+        variants: list[tuple[str, PageCopier | StagedCopier]] = [("direct 16", direct)]
+        variants += [(f"staged {g}", c) for g, c in stagers.items()]
+        for name, copier in variants:
+            g = kernel_gbps(copier, slots, blocks, True, stream)
+            sc = kernel_gbps(copier, slots, blocks, False, stream)
+            wg = wall_gbps(copier, slots, blocks, True, stream)
+            ws = wall_gbps(copier, slots, blocks, False, stream)
+            print(f"  {name:11s} device: store {g:5.1f} ({g / d2h:.3f}) retrieve {sc:5.1f} ({sc / h2d:.3f})   "
+                  f"host wall: store {wg:5.1f} ({wg / d2h:.3f}) retrieve {ws:5.1f} ({ws / h2d:.3f})")
+    # bit-exactness of the staged path against the direct one
+    n = 4
+    slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes
+    other = pool.ptr + np.arange(n, 2 * n, dtype=np.int64) * chunk_bytes
+    src = rng.choice(num_blocks // 2, n * BPC, replace=False)
+    dst = num_blocks // 2 + rng.choice(num_blocks // 2, n * BPC, replace=False)
+    stager = stagers[32]
+    stager.launch(slots, src, True, stream)
+    direct.launch(other, src, True, stream)
+    stream.synchronize()
+    host = np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)
+    same_store = np.array_equal(host[: n * chunk_bytes], host[n * chunk_bytes : 2 * n * chunk_bytes])
+    stager.launch(slots, dst, False, stream, skip_blocks=3)
+    stream.synchronize()
+    pages = kv.reshape(LAYERS, num_blocks, PAGE)
+    same_load = bool((pages[:, src[3:]] == pages[:, dst[3:]]).all()) and not bool(
+        (pages[:, src[:3]] == pages[:, dst[:3]]).all())
+    print(f"staged bit-exact: store {same_store}, retrieve (skip 3) {same_load}")
 
 
 def variant_source(unroll: int) -> str:
@@ -154,4 +238,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    staged() if sys.argv[1:] == ["staged"] else main()

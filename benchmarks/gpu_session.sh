@@ -2,7 +2,7 @@
 # One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
 # Usage on the GPU machine, from the repository root, with the wheels from
 # ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all]
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|staged|trace|one|quick|debug]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lmcd-gpu}
@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site
 # run from a copy without the source folders, so that the installed lmcd is the one imported
-cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py
+cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py
 RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
 nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
@@ -63,4 +63,17 @@ fi
 if [[ $what == final ]]; then
   bench kernel16 --copy-ctas 16 -- --repeats 20 --load
   bench dma --copy-engine dma -- --repeats 20 --load
+fi
+if [[ $what == staged ]]; then
+  timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
+  bench staged --copy-engine staged -- --repeats 20 --load
+  bench kernel16 --copy-ctas 16 -- --repeats 20
+fi
+if [[ $what == timeline || $what == timeline+tests ]]; then
+  timeout 200 python3 /tmp/lmcd-trace.py --timeline --tokens ${TRACE_TOKENS:-256,4096} --repeats 30 ${TRACE_FLAGS:-} 2>&1 \
+    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+fi
+if [[ $what == timeline+tests ]]; then
+  timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi

@@ -7,6 +7,11 @@ the median and 90th percentile in microseconds over the requests of each size, t
 bench's own whole-path figures::
 
     python benchmarks/gpu_trace.py --tokens 256,4096 --repeats 20 [server flags...]
+
+``--timeline`` instead stamps each Store/Retrieve at its hand-offs on both sides (one clock:
+``time.perf_counter`` is CLOCK_MONOTONIC, shared by the two processes) and prints the median
+of each leg: the worker's work before the send, the trip to the server, the server up to the
+launch, the reply, the trip back, the worker after the reply, and the wait for the GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import json
 import os
 import socket
 import statistics
@@ -75,18 +81,135 @@ def instrument_worker() -> None:
     class Encoder:  # msgspec's Encoder.encode cannot be replaced on the instance
         encode = staticmethod(timed("worker:       encode", client.p.encoder.encode))
 
-    client.p.encoder = Encoder()  # type: ignore[assignment]
+    client.p.encoder = Encoder()
 
 
-def worker_main(port: int, tokens: str, repeats: int) -> int:
-    """The bench as the worker, instrumented; prints its own step table."""
-    instrument_worker()
+def worker_main(port: int, tokens: str, repeats: int, timeline: bool) -> int:
+    """The bench as the worker, instrumented; prints its own step table (or its stamps)."""
+    if timeline:
+        timeline_worker()
+    else:
+        instrument_worker()
     from lmcd import cli
 
     rc = cli.main(["bench", "--device", "cuda", "--host", "127.0.0.1", "--port", str(port), "--tokens", tokens,
                    "--repeats", str(repeats)])
-    report()
+    if timeline:
+        print("TIMELINE " + json.dumps({str(rid): stamps for rid, stamps in STAMPS.items()}))
+    else:
+        report()
     return rc
+
+
+LEGS = (("call", "sent", "worker: call -> request sent"),
+        ("sent", "arrived", "trip to the server"),
+        ("arrived", "submitted", "server: arrival -> copy submitted"),
+        ("submitted", "replied", "server: -> reply sent"),
+        ("replied", "polled", "trip back (reply seen by the worker)"),
+        ("polled", "returned", "worker: reply -> return"),
+        ("returned", "done", "worker: return -> GPU copy seen done"),
+        ("call", "done", "whole path"))
+STAMPS: dict[int, dict[str, Any]] = collections.defaultdict(dict)  # rid -> stamp name -> perf_counter
+NOW: dict[str, Any] = {"rid": None, "call": 0.0}
+
+
+def timeline_server() -> None:
+    from lmcd import protocol as p
+    from lmcd.server import daemon, gpu
+
+    on_frames, submit, send_reply = daemon.CacheServer._on_frames, gpu.GpuWorker.submit, daemon.CacheServer._send_reply
+
+    def on_frames_stamped(self: Any, frames: Any) -> None:
+        arrived = time.perf_counter()
+        NOW.clear()
+        on_frames(self, frames)
+        if "submitted" in NOW:
+            STAMPS[p.peek_rid(frames[-1].bytes)].update(arrived=arrived, **NOW)
+
+    def submit_stamped(*args: Any, **kwargs: Any) -> None:
+        submit(*args, **kwargs)
+        NOW["submitted"] = time.perf_counter()
+
+    def send_reply_stamped(*args: Any, **kwargs: Any) -> None:
+        send_reply(*args, **kwargs)
+        NOW.setdefault("replied", time.perf_counter())
+
+    daemon.CacheServer._on_frames = on_frames_stamped
+    gpu.GpuWorker.submit = submit_stamped
+    daemon.CacheServer._send_reply = send_reply_stamped
+
+
+def timeline_worker() -> None:
+    import zmq.sugar.socket as zsocket
+
+    from lmcd.connector import bench_gpu, client
+
+    encoder = client.p.encoder
+    send, poll = zsocket.Socket.send, zsocket.Socket.poll
+
+    def call_stamped(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            NOW.update(rid=None, call=time.perf_counter())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if NOW["rid"] is not None:
+                    STAMPS[NOW["rid"]]["done"] = time.perf_counter()
+        return wrapper
+
+    class Encoder:
+        @staticmethod
+        def encode(msg: Any) -> bytes:
+            if type(msg).__name__ in ("Store", "Retrieve"):
+                NOW["rid"] = msg.rid
+                STAMPS[msg.rid].update(call=NOW["call"], op=type(msg).__name__)
+            return encoder.encode(msg)
+
+    def send_stamped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = send(self, *args, **kwargs)
+        if NOW["rid"] is not None:
+            STAMPS[NOW["rid"]].setdefault("sent", time.perf_counter())
+        return out
+
+    def poll_stamped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = poll(self, *args, **kwargs)
+        if NOW["rid"] is not None and "sent" in STAMPS[NOW["rid"]]:
+            STAMPS[NOW["rid"]].setdefault("polled", time.perf_counter())
+        return out
+
+    def returned(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if NOW["rid"] is not None:
+                STAMPS[NOW["rid"]]["returned"] = time.perf_counter()
+            return out
+        return wrapper
+
+    client.p.encoder = Encoder()
+    zsocket.Socket.send, zsocket.Socket.poll = send_stamped, poll_stamped
+    from lmcd.connector import worker
+
+    worker.WorkerState.store = returned(worker.WorkerState.store)
+    worker.WorkerState.load = returned(worker.WorkerState.load)
+    bench_gpu.GpuBench.store = call_stamped(bench_gpu.GpuBench.store)
+    bench_gpu.GpuBench.retrieve = call_stamped(bench_gpu.GpuBench.retrieve)
+
+
+def timeline_report(worker_stamps: dict[str, dict[str, Any]]) -> None:
+    rows: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    for rid, stamps in worker_stamps.items():
+        server = STAMPS.get(int(rid))
+        if server and "op" in stamps:
+            rows[str(stamps["op"])].append({**stamps, **server})
+    for op, requests in rows.items():
+        requests = requests[1:]  # the first is a warm-up
+        print(f"--- {op}: {len(requests)} requests, median us per leg")
+        for start, end, name in LEGS:
+            values = [r[end] - r[start] for r in requests if start in r and end in r]
+            if values:
+                print(f"  {name:42s} {statistics.median(values) * 1e6:9.1f}")
 
 
 def report() -> None:
@@ -107,11 +230,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="256,4096")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--timeline", action="store_true", help="stamp each request's hand-offs instead")
     parser.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
     args, server_flags = parser.parse_known_args()
     if args.worker_port:
-        return worker_main(args.worker_port, args.tokens, args.repeats)
-    instrument()
+        return worker_main(args.worker_port, args.tokens, args.repeats, args.timeline)
+    if args.timeline:
+        timeline_server()
+    else:
+        instrument()
     from lmcd.server.config import add_arguments, resolve
     from lmcd.server.daemon import CacheServer
 
@@ -127,15 +254,23 @@ def main() -> int:
     try:
         for tokens in args.tokens.split(","):
             TIMES.clear()
+            STAMPS.clear()
             bench = subprocess.run(
                 [sys.executable, __file__, "--worker-port", str(port), "--tokens", tokens, "--repeats",
-                 str(args.repeats)],
+                 str(args.repeats), *(["--timeline"] if args.timeline else [])],
                 capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             print(f"===== {tokens} tokens: bench rc {bench.returncode}")
-            print("\n".join(line for line in bench.stdout.splitlines() if "LMCache INFO" not in line)[-3000:])
+            lines = bench.stdout.splitlines()
+            print("\n".join(line for line in lines if "LMCache INFO" not in line and
+                            not line.startswith("TIMELINE "))[-3000:])
             if bench.returncode:
                 print(bench.stderr[-3000:])
-            report()
+            if args.timeline:
+                stamps = next((ln for ln in lines if ln.startswith("TIMELINE ")), None)
+                if stamps is not None:
+                    timeline_report(json.loads(stamps[len("TIMELINE "):]))
+            else:
+                report()
     finally:
         server.stop()
         thread.join(timeout=30)

@@ -143,22 +143,35 @@ class PageCopier:
         slots, blocks = self.check(slot_addresses, block_ids, skip_blocks)
         stream_ptr = getattr(stream, "ptr", stream)
         num_chunks = len(slots)
-        nbytes = 8 * (num_chunks + len(blocks))
+        staging, words = self._arguments(num_chunks + len(blocks), stream_ptr)
+        words[:num_chunks] = slots
+        words[num_chunks:] = blocks
+        self._upload(staging, words.nbytes, stream_ptr)
+        self.launch_kernel(staging.dev.data.ptr, num_chunks, skip_blocks, to_pool, stream_ptr)
+        check(fast_driver().cuEventRecord(staging.used.ptr, stream_ptr), "cuEventRecord")
+
+    def _arguments(self, count: int, stream_ptr: int) -> tuple[_Staging, np.ndarray]:
+        """The next argument buffer of the ring, with room for ``count`` int64 words (host view)."""
         staging = self._staging[self._next % STAGING_SLOTS]
         self._next += 1
-        staging.reserve(nbytes)
-        staging.words[:num_chunks] = slots
-        staging.words[num_chunks : nbytes // 8] = blocks
-        lib = fast_driver()
-        check(lib.cuMemcpyHtoDAsync_v2(staging.dev.data.ptr, staging.host.ptr, nbytes, stream_ptr),
+        staging.reserve(8 * count)
+        return staging, staging.words[:count]
+
+    @staticmethod
+    def _upload(staging: _Staging, nbytes: int, stream_ptr: int) -> None:
+        check(fast_driver().cuMemcpyHtoDAsync_v2(staging.dev.data.ptr, staging.host.ptr, nbytes, stream_ptr),
               "cuMemcpyHtoDAsync (copy arguments)")
-        self._req.value = staging.dev.data.ptr
+
+    def launch_kernel(self, req: int, num_chunks: int, skip_blocks: int, to_pool: bool, stream_ptr: int,
+                      grid: int | None = None) -> None:
+        """One kernel over ``num_chunks`` chunks whose arguments are at device address ``req`` (see
+        page_copy.cu); the inputs were checked by the caller."""
+        self._req.value = req
         self._num_chunks.value = num_chunks
         self._skip.value = skip_blocks
         self._to_pool.value = 1 if to_pool else 0
-        check(lib.cuLaunchKernel(self._function, self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0, stream_ptr, self._params,
-                                 None), "cuLaunchKernel (page copy)")
-        check(lib.cuEventRecord(staging.used.ptr, stream_ptr), "cuEventRecord")
+        check(fast_driver().cuLaunchKernel(self._function, grid or self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0,
+                                           stream_ptr, self._params, None), "cuLaunchKernel (page copy)")
 
     def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -185,3 +198,75 @@ class PageCopier:
 
     def copied_bytes(self, num_chunks: int, skip_blocks: int = 0) -> int:
         return num_chunks * self.chunk_bytes - skip_blocks * self.num_planes * self.page_bytes
+
+
+STAGE_BUFFERS = 2  # one per stream: a chunk crosses PCIe while the next is gathered or scattered
+
+
+class StagedCopier:
+    """Copies through staging buffers in GPU memory, so that the PCIe crossing is one contiguous copy
+    per chunk done by the copy engines (the fastest way across the link) and the kernel only moves
+    pages inside GPU memory (thousands of GB/s: microseconds per chunk).
+
+    store:    kernel gathers chunk c's pages into buffer c%2 -> copy engine: buffer -> pool slot
+    retrieve: copy engine: pool slot -> buffer c%2 -> kernel scatters it into chunk c's blocks
+
+    Chunk c runs on stream c%2 (the caller's stream, then a second one): while one chunk crosses
+    PCIe the other stream gathers or scatters the next, and stream order alone keeps a buffer from
+    being reused before its copy is done. Host work per chunk: one launch and one async copy. The
+    second stream starts after the caller's stream (event), and the caller's stream ends after it,
+    so the caller records its completion events as for ``PageCopier.launch``.
+    """
+
+    def __init__(self, copier: PageCopier, grid: int) -> None:
+        import cupy
+
+        self.copier = copier
+        self.grid = grid
+        with cupy.cuda.Device(copier.device):
+            self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(STAGE_BUFFERS)]
+            self.buffer_addresses = np.asarray([b.data.ptr for b in self._buffers], dtype=np.int64)
+            self.side = cupy.cuda.Stream(non_blocking=True)
+            self._forked = cupy.cuda.Event(block=False, disable_timing=True)
+            self._joined = cupy.cuda.Event(block=False, disable_timing=True)
+
+    @property
+    def nbytes(self) -> int:
+        return STAGE_BUFFERS * self.copier.chunk_bytes
+
+    def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
+               skip_blocks: int = 0) -> None:
+        copier = self.copier
+        slots, blocks = copier.check(slot_addresses, block_ids, skip_blocks)
+        lib = fast_driver()
+        main = getattr(stream, "ptr", stream)
+        streams = (main, self.side.ptr)
+        num_chunks, bpc = len(slots), copier.blocks_per_chunk
+        # one argument record per chunk: [its staging buffer, its block ids] (page_copy.cu, one chunk)
+        staging, words = copier._arguments(num_chunks * (1 + bpc), main)
+        records = words.reshape(num_chunks, 1 + bpc)
+        records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % STAGE_BUFFERS]
+        records[:, 1:] = blocks.reshape(num_chunks, bpc)
+        copier._upload(staging, words.nbytes, main)
+        if num_chunks > 1:
+            check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
+            check(lib.cuStreamWaitEvent(self.side.ptr, self._forked.ptr, 0), "cuStreamWaitEvent (fork)")
+        req, record_bytes, chunk_bytes = staging.dev.data.ptr, 8 * (1 + bpc), copier.chunk_bytes
+        for c in range(num_chunks):
+            s = streams[c % STAGE_BUFFERS]
+            buffer = int(records[c, 0])
+            skip = skip_blocks if c == 0 else 0
+            if to_pool:
+                copier.launch_kernel(req + c * record_bytes, 1, skip, True, s, self.grid)
+                check(lib.cuMemcpyAsync(int(slots[c]), buffer, chunk_bytes, s), "cuMemcpyAsync (to the pool)")
+            else:
+                check(lib.cuMemcpyAsync(buffer, int(slots[c]), chunk_bytes, s), "cuMemcpyAsync (from the pool)")
+                copier.launch_kernel(req + c * record_bytes, 1, skip, False, s, self.grid)
+        if num_chunks > 1:
+            check(lib.cuEventRecord(self._joined.ptr, self.side.ptr), "cuEventRecord (join)")
+            check(lib.cuStreamWaitEvent(main, self._joined.ptr, 0), "cuStreamWaitEvent (join)")
+        check(lib.cuEventRecord(staging.used.ptr, main), "cuEventRecord")
+
+    def close(self) -> None:
+        self.side.synchronize()
+        self._buffers = []

@@ -19,7 +19,7 @@ def driver() -> ctypes.CDLL:
 @functools.cache
 def fast_driver() -> ctypes.PyDLL:
     """libcuda for the calls of a launch, which never wait (launch, record, query, stream wait,
-    async copy): loaded as a PyDLL they keep the GIL, so no other thread takes it mid-request,
+    async copies): loaded as a PyDLL they keep the GIL, so no other thread takes it mid-request,
     and their argument types are declared once, so a call costs about a microsecond."""
     lib = ctypes.PyDLL("libcuda.so.1")
     vp, u32 = ctypes.c_void_p, ctypes.c_uint
@@ -28,6 +28,7 @@ def fast_driver() -> ctypes.PyDLL:
     lib.cuEventQuery.argtypes = [vp]
     lib.cuStreamWaitEvent.argtypes = [vp, vp, u32]
     lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, vp, ctypes.c_size_t, vp]
+    lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, vp]
     return lib
 
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lmcd.cudadrv import check, driver, fast_driver
-from lmcd.kernels import DEFAULT_GRID, PageCopier
+from lmcd.kernels import DEFAULT_GRID, PageCopier, StagedCopier
 from lmcd.protocol import KVLayout
 from lmcd.server.transfer import plan
 
@@ -188,6 +188,7 @@ class GpuWorker:
                 self.layer_addresses = bases + np.asarray(layout.layer_offsets, dtype=np.int64)
                 self.copier = PageCopier(self.device, self.layer_addresses.tolist(), layout.num_blocks,
                                          layout.page_bytes, layout.block_stride, blocks_per_chunk, grid)
+                self.staged = StagedCopier(self.copier, grid) if engine == "staged" else None
             except BaseException:
                 self._close_handles()
                 raise
@@ -211,6 +212,8 @@ class GpuWorker:
             self.copier.check(slot_addresses, block_ids, skip_blocks)
             runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
             batch_memcpy(runs.dst, runs.src, runs.size, stream)
+        elif self.staged is not None:
+            self.staged.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
         else:
             self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
         check(lib.cuEventRecord(self.event.ptr, stream), "cuEventRecord (server's event)")
@@ -244,6 +247,8 @@ class GpuWorker:
         self._thread.join()
         with self.host.cupy.cuda.Device(self.device):
             self.stream.synchronize()
+            if self.staged is not None:
+                self.staged.close()
             self._close_handles()
 
     def _close_handles(self) -> None:

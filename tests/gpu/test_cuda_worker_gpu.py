@@ -83,12 +83,14 @@ def result_of(proc: subprocess.Popen[str]) -> dict:
 
 
 @pytest.fixture
-def gpu_server():  # noqa: ANN201
-    server = start_server("--cuda", "on", "--l1-size-gb", "2")
+def gpu_server(request):  # noqa: ANN001, ANN201
+    engine = getattr(request, "param", "kernel")
+    server = start_server("--cuda", "on", "--l1-size-gb", "2", "--copy-engine", engine)
     yield server
     server.stop()
 
 
+@pytest.mark.parametrize("gpu_server", ["kernel", "staged", "dma"], indirect=True)
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
 def test_worker_store_then_load_every_byte(gpu_server, layout: str) -> None:  # noqa: ANN001
     port = int(gpu_server.url.rsplit(":", 1)[1])

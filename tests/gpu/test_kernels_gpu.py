@@ -60,13 +60,15 @@ def planes(kv) -> list:  # noqa: ANN001
     return out
 
 
-def copier_for(kv, buffer, bpc: int, grid: int = 16):  # noqa: ANN001, ANN201
+def copier_for(kv, buffer, bpc: int, grid: int = 16, staged: bool = False):  # noqa: ANN001, ANN201
+    """(layout, copier, launcher): ``launcher`` is the copier itself, or its ``StagedCopier``."""
     from lmcd.connector.worker import describe_pages
-    from lmcd.kernels import PageCopier
+    from lmcd.kernels import PageCopier, StagedCopier
 
     layout = describe_pages(kv, [buffer.data_ptr()], [buffer.nbytes], BLOCKS, BLOCK)
     bases = [buffer.data_ptr() + off for off in layout.layer_offsets]
-    return layout, PageCopier(0, bases, layout.num_blocks, layout.page_bytes, layout.block_stride, bpc, grid)
+    copier = PageCopier(0, bases, layout.num_blocks, layout.page_bytes, layout.block_stride, bpc, grid)
+    return layout, copier, StagedCopier(copier, grid) if staged else copier
 
 
 def reference_gather(pl, ids, num_chunks: int, bpc: int):  # noqa: ANN001, ANN201
@@ -76,16 +78,17 @@ def reference_gather(pl, ids, num_chunks: int, bpc: int):  # noqa: ANN001, ANN20
     return stacked.view(len(pl), num_chunks, bpc, -1).permute(1, 0, 2, 3).contiguous().view(-1)
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16", "fp8"])
 @pytest.mark.parametrize("layout_name", ["LBHNC", "LBNHC", "MLA", "KV_SPLIT"])
-def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str) -> None:
+def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str, staged: bool) -> None:
     import cupy
     import torch
 
     rng = np.random.default_rng()
     buffer, kv = build_kv(layout_name, dtype_name)
     bpc, num_chunks = 4, 3
-    layout, copier = copier_for(kv, buffer, bpc)
+    layout, copier, launcher = copier_for(kv, buffer, bpc, staged=staged)
     pl = planes(kv)
     assert layout.num_layers == len(pl) and layout.page_bytes == pl[0].shape[1]
     assert copier.vec16
@@ -97,13 +100,13 @@ def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str) -> None:
         pool = torch.full((num_chunks * copier.chunk_bytes + 4096,), 0x5A, dtype=torch.int8, pin_memory=True)
         slots = pool.data_ptr() + np.arange(num_chunks, dtype=np.int64) * copier.chunk_bytes
         torch.cuda.synchronize()
-        copier.launch(slots, src, True, stream)
+        launcher.launch(slots, src, True, stream)
         stream.synchronize()
         expected = reference_gather(pl, torch.as_tensor(src, device="cuda"), num_chunks, bpc).cpu()
         assert torch.equal(pool[: num_chunks * copier.chunk_bytes], expected)
         assert bool((pool[num_chunks * copier.chunk_bytes:] == 0x5A).all()), "gather wrote past the last slot"
         before = [p.clone() for p in pl]
-        copier.launch(slots, dst, False, stream)
+        launcher.launch(slots, dst, False, stream)
         stream.synchronize()
         dst_t, src_t = torch.as_tensor(dst, device="cuda"), torch.as_tensor(src, device="cuda")
         others = torch.as_tensor(np.setdiff1d(np.arange(BLOCKS), dst), device="cuda")
@@ -112,23 +115,24 @@ def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str) -> None:
             assert torch.equal(plane[others], old[others]), "scatter touched blocks it was not given"
 
 
-def test_skip_blocks_leaves_the_first_blocks_alone() -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_skip_blocks_leaves_the_first_blocks_alone(staged: bool) -> None:
     import cupy
     import torch
 
     buffer, kv = build_kv("LBHNC", "bf16")
     bpc = 4
-    _, copier = copier_for(kv, buffer, bpc)
+    _, copier, launcher = copier_for(kv, buffer, bpc, staged=staged)
     pl = planes(kv)
     pool = torch.empty(2 * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
     slots = pool.data_ptr() + np.arange(2, dtype=np.int64) * copier.chunk_bytes
     stream = cupy.cuda.Stream(non_blocking=True)
     torch.cuda.synchronize()
-    copier.launch(slots, np.arange(0, 8), True, stream)
+    launcher.launch(slots, np.arange(0, 8), True, stream)
     stream.synchronize()
     before = [p.clone() for p in pl]
     dst = np.arange(20, 28)
-    copier.launch(slots, dst, False, stream, skip_blocks=3)
+    launcher.launch(slots, dst, False, stream, skip_blocks=3)
     stream.synchronize()
     for plane, old in zip(pl, before, strict=True):
         assert torch.equal(plane[20:23], old[20:23]), "skipped blocks were written"
@@ -158,21 +162,22 @@ def test_unaligned_pages_use_the_byte_kernel() -> None:
     assert torch.equal(pool, expected)
 
 
-def test_out_of_range_block_is_refused_before_launch() -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_out_of_range_block_is_refused_before_launch(staged: bool) -> None:
     import cupy
     import torch
 
     from lmcd.kernels import KernelInputError
 
     buffer, kv = build_kv("LBHNC", "bf16")
-    _, copier = copier_for(kv, buffer, 4)
+    _, copier, launcher = copier_for(kv, buffer, 4, staged=staged)
     pool = torch.empty(copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
     stream = cupy.cuda.Stream(non_blocking=True)
     before = buffer.clone()
     for bad in ([0, 1, 2, BLOCKS], [-1, 1, 2, 3]):
         with pytest.raises(KernelInputError, match="out of range"):
-            copier.launch(np.array([pool.data_ptr()]), np.array(bad), False, stream)
+            launcher.launch(np.array([pool.data_ptr()]), np.array(bad), False, stream)
     with pytest.raises(KernelInputError, match="block ids"):
-        copier.launch(np.array([pool.data_ptr()]), np.array([1, 2, 3]), False, stream)
+        launcher.launch(np.array([pool.data_ptr()]), np.array([1, 2, 3]), False, stream)
     stream.synchronize()
     assert torch.equal(buffer, before)
