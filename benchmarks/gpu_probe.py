@@ -80,7 +80,9 @@ def staged() -> None:
     dev = cupy.empty(pool_bytes, dtype=cupy.int8)
     rng = np.random.default_rng(0)
     direct = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
-    stagers = {g: StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), g) for g in (16, 32, 132)}
+    stagers = {f"staged {g}": StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), g)
+               for g in (16, 32, 132)}
+    stagers["staged 132x4"] = StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), 132, stages=4)
     for tokens in (256, 4096, 16384):
         n = tokens // 256
         nbytes = n * chunk_bytes
@@ -103,13 +105,13 @@ def staged() -> None:
         slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes
         blocks = rng.choice(num_blocks, n * BPC, replace=False)
         variants: list[tuple[str, PageCopier | StagedCopier]] = [("direct 16", direct)]
-        variants += [(f"staged {g}", c) for g, c in stagers.items()]
+        variants += list(stagers.items())
         for name, copier in variants:
             g = kernel_gbps(copier, slots, blocks, True, stream)
             sc = kernel_gbps(copier, slots, blocks, False, stream)
             wg = wall_gbps(copier, slots, blocks, True, stream)
             ws = wall_gbps(copier, slots, blocks, False, stream)
-            print(f"  {name:11s} device: store {g:5.1f} ({g / d2h:.3f}) retrieve {sc:5.1f} ({sc / h2d:.3f})   "
+            print(f"  {name:12s} device: store {g:5.1f} ({g / d2h:.3f}) retrieve {sc:5.1f} ({sc / h2d:.3f})   "
                   f"host wall: store {wg:5.1f} ({wg / d2h:.3f}) retrieve {ws:5.1f} ({ws / h2d:.3f})")
     # bit-exactness of the staged path against the direct one
     n = 4
@@ -117,7 +119,7 @@ def staged() -> None:
     other = pool.ptr + np.arange(n, 2 * n, dtype=np.int64) * chunk_bytes
     src = rng.choice(num_blocks // 2, n * BPC, replace=False)
     dst = num_blocks // 2 + rng.choice(num_blocks // 2, n * BPC, replace=False)
-    stager = stagers[32]
+    stager = stagers["staged 32"]
     stager.launch(slots, src, True, stream)
     direct.launch(other, src, True, stream)
     stream.synchronize()

@@ -77,3 +77,13 @@ if [[ $what == timeline+tests ]]; then
   timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
     -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
+if [[ $what == staged2 ]]; then
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+  timeout 100 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
+  bench staged16 --copy-engine staged -- --repeats 20 --load
+  LMCD_STAGE_BUFFERS=4 bench staged16x4 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
+  bench staged132 --copy-engine staged --copy-ctas 132 -- --repeats 20 --load
+  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 --copy-engine staged 2>&1 \
+    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+fi

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 from lmcd.cudadrv import CUDA_ERROR_NOT_READY, check, fast_driver
 
 BLOCK_THREADS = 512
+MAX_INLINE_BLOCKS = 64  # block ids of one chunk that travel inside a launch (page_copy.cu: OneChunk)
 DEFAULT_GRID = 16  # CTAs: 16 saturate PCIe on an H100 (../docs/BENCHMARKS.md); more cost the engine SMs
 SOURCE_NAME = "page_copy.cu"
 
@@ -49,13 +51,15 @@ def _module(device: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=source(), options=("--std=c++17",))
+        module = cupy.RawModule(code=source(), options=("--std=c++17", f"-DMAX_INLINE_BLOCKS={MAX_INLINE_BLOCKS}"))
         module.compile()  # now, on this device, so that a launch never waits on NVRTC
         return module
 
 
-def kernel(device: int, vec16: bool) -> Any:
-    return _module(device).get_function("lmcd_page_copy_v16" if vec16 else "lmcd_page_copy_v1")
+def kernel(device: int, vec16: bool, one_chunk: bool = False) -> Any:
+    """The copy kernel for 16-byte aligned pages (else the byte kernel); ``one_chunk``: the entry that
+    takes one chunk's arguments inline."""
+    return _module(device).get_function(f"lmcd_page_copy{'_one' if one_chunk else ''}_{'v16' if vec16 else 'v1'}")
 
 
 STAGING_SLOTS = 8
@@ -119,6 +123,7 @@ class PageCopier:
         with cupy.cuda.Device(device):
             self.layer_bases = cupy.asarray(bases)
             self._function = kernel(device, self.vec16).kernel.ptr
+            self._one_function = kernel(device, self.vec16, one_chunk=True).kernel.ptr
             self._staging = [_Staging(cupy) for _ in range(STAGING_SLOTS)]
         self._next = 0
         # the kernel's parameters (see page_copy.cu), filled in per launch: req, num_chunks, skip, to_pool
@@ -130,6 +135,12 @@ class PageCopier:
                         ctypes.c_int32(self.num_planes), ctypes.c_int32(blocks_per_chunk), ctypes.c_int64(page_bytes),
                         ctypes.c_int64(block_stride), self._skip, self._to_pool]
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
+        # the one-chunk entry's parameters: the chunk's words (slot, block ids) replace req and num_chunks
+        self.inline = blocks_per_chunk <= MAX_INLINE_BLOCKS
+        self._chunk = (ctypes.c_int64 * (1 + MAX_INLINE_BLOCKS))()
+        self._chunk_words = np.ctypeslib.as_array(self._chunk)
+        one = [self._values[0], self._chunk, *self._values[3:]]
+        self._one_params = (ctypes.c_void_p * len(one))(*(ctypes.addressof(v) for v in one))
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0) -> None:
@@ -143,6 +154,9 @@ class PageCopier:
         slots, blocks = self.check(slot_addresses, block_ids, skip_blocks)
         stream_ptr = getattr(stream, "ptr", stream)
         num_chunks = len(slots)
+        if num_chunks == 1 and self.inline:
+            self.launch_one(int(slots[0]), blocks, skip_blocks, to_pool, stream_ptr)
+            return
         staging, words = self._arguments(num_chunks + len(blocks), stream_ptr)
         words[:num_chunks] = slots
         words[num_chunks:] = blocks
@@ -173,6 +187,17 @@ class PageCopier:
         check(fast_driver().cuLaunchKernel(self._function, grid or self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0,
                                            stream_ptr, self._params, None), "cuLaunchKernel (page copy)")
 
+    def launch_one(self, slot: int, blocks: np.ndarray, skip_blocks: int, to_pool: bool, stream_ptr: int,
+                   grid: int | None = None) -> None:
+        """One chunk (slot address, its ``blocks_per_chunk`` block ids), arguments inside the launch
+        (``self.inline``); the inputs were checked by the caller."""
+        self._chunk_words[0] = slot
+        self._chunk_words[1 : 1 + self.blocks_per_chunk] = blocks
+        self._skip.value = skip_blocks
+        self._to_pool.value = 1 if to_pool else 0
+        check(fast_driver().cuLaunchKernel(self._one_function, grid or self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0,
+                                           stream_ptr, self._one_params, None), "cuLaunchKernel (page copy)")
+
     def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:
         """Validate a request on the host; returns (slots, block ids) as int64 arrays."""
@@ -200,7 +225,7 @@ class PageCopier:
         return num_chunks * self.chunk_bytes - skip_blocks * self.num_planes * self.page_bytes
 
 
-STAGE_BUFFERS = 2  # one per stream: a chunk crosses PCIe while the next is gathered or scattered
+STAGE_BUFFERS = int(os.environ.get("LMCD_STAGE_BUFFERS", "2"))  # = streams; the experiment's knob, see BENCHMARKS
 
 
 class StagedCopier:
@@ -208,65 +233,83 @@ class StagedCopier:
     per chunk done by the copy engines (the fastest way across the link) and the kernel only moves
     pages inside GPU memory (thousands of GB/s: microseconds per chunk).
 
-    store:    kernel gathers chunk c's pages into buffer c%2 -> copy engine: buffer -> pool slot
-    retrieve: copy engine: pool slot -> buffer c%2 -> kernel scatters it into chunk c's blocks
+    store:    kernel gathers chunk c's pages into buffer c%K -> copy engine: buffer -> pool slot
+    retrieve: copy engine: pool slot -> buffer c%K -> kernel scatters it into chunk c's blocks
 
-    Chunk c runs on stream c%2 (the caller's stream, then a second one): while one chunk crosses
-    PCIe the other stream gathers or scatters the next, and stream order alone keeps a buffer from
-    being reused before its copy is done. Host work per chunk: one launch and one async copy. The
-    second stream starts after the caller's stream (event), and the caller's stream ends after it,
-    so the caller records its completion events as for ``PageCopier.launch``.
+    Chunk c runs on stream c%K (the caller's stream, then K-1 more), K = ``STAGE_BUFFERS``: while
+    one chunk crosses PCIe the next is gathered or scattered, and stream order alone keeps a
+    buffer from being reused before its copy is done. Host work per chunk: one launch and one
+    async copy. Every stream starts after ``after`` (the worker's event), and the caller's stream
+    ends after the others, so the caller records its completion events as for ``PageCopier.launch``.
     """
 
-    def __init__(self, copier: PageCopier, grid: int) -> None:
+    def __init__(self, copier: PageCopier, grid: int, stages: int = 0) -> None:
         import cupy
 
         self.copier = copier
         self.grid = grid
+        self.stages = stages or STAGE_BUFFERS
         with cupy.cuda.Device(copier.device):
-            self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(STAGE_BUFFERS)]
+            self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(self.stages)]
             self.buffer_addresses = np.asarray([b.data.ptr for b in self._buffers], dtype=np.int64)
-            self.side = cupy.cuda.Stream(non_blocking=True)
+            self.sides = [cupy.cuda.Stream(non_blocking=True) for _ in range(self.stages - 1)]
             self._forked = cupy.cuda.Event(block=False, disable_timing=True)
-            self._joined = cupy.cuda.Event(block=False, disable_timing=True)
+            self._joined = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self.sides]
 
     @property
     def nbytes(self) -> int:
-        return STAGE_BUFFERS * self.copier.chunk_bytes
+        return self.stages * self.copier.chunk_bytes
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
-               skip_blocks: int = 0) -> None:
+               skip_blocks: int = 0, after: int | None = None) -> None:
+        """As ``PageCopier.launch``; ``after``: an event (CUevent) every stream waits on first."""
         copier = self.copier
         slots, blocks = copier.check(slot_addresses, block_ids, skip_blocks)
         lib = fast_driver()
-        main = getattr(stream, "ptr", stream)
-        streams = (main, self.side.ptr)
-        num_chunks, bpc = len(slots), copier.blocks_per_chunk
-        # one argument record per chunk: [its staging buffer, its block ids] (page_copy.cu, one chunk)
-        staging, words = copier._arguments(num_chunks * (1 + bpc), main)
-        records = words.reshape(num_chunks, 1 + bpc)
-        records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % STAGE_BUFFERS]
-        records[:, 1:] = blocks.reshape(num_chunks, bpc)
-        copier._upload(staging, words.nbytes, main)
-        if num_chunks > 1:
+        streams = [getattr(stream, "ptr", stream), *(side.ptr for side in self.sides)]
+        main, k = streams[0], self.stages
+        num_chunks, bpc, chunk_bytes = len(slots), copier.blocks_per_chunk, copier.chunk_bytes
+        used = streams[1 : min(k, num_chunks)]  # the side streams this request runs on
+        per_chunk = blocks.reshape(num_chunks, bpc)
+        if after is not None:
+            check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent")
+        staging = None
+        start = after  # what the side streams wait on before their first chunk
+        if not copier.inline:  # block ids beyond what a launch carries: one upload of per-chunk records
+            staging, words = copier._arguments(num_chunks * (1 + bpc), main)
+            records = words.reshape(num_chunks, 1 + bpc)
+            records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % k]
+            records[:, 1:] = per_chunk
+            copier._upload(staging, words.nbytes, main)
+        if used and (staging is not None or after is None):  # they start where the caller's stream is now
             check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
-            check(lib.cuStreamWaitEvent(self.side.ptr, self._forked.ptr, 0), "cuStreamWaitEvent (fork)")
-        req, record_bytes, chunk_bytes = staging.dev.data.ptr, 8 * (1 + bpc), copier.chunk_bytes
+            start = self._forked.ptr
+
+        def move_pages(c: int, s: int, buffer: int, skip: int) -> None:
+            if staging is None:
+                copier.launch_one(buffer, per_chunk[c], skip, to_pool, s, self.grid)
+            else:
+                copier.launch_kernel(staging.dev.data.ptr + 8 * c * (1 + bpc), 1, skip, to_pool, s, self.grid)
+
         for c in range(num_chunks):
-            s = streams[c % STAGE_BUFFERS]
-            buffer = int(records[c, 0])
+            s = streams[c % k]
+            if 0 < c < k and start is not None:  # a side stream's first chunk (after chunk 0 is on its way)
+                check(lib.cuStreamWaitEvent(s, start, 0), "cuStreamWaitEvent")
+            buffer = int(self.buffer_addresses[c % k])
             skip = skip_blocks if c == 0 else 0
             if to_pool:
-                copier.launch_kernel(req + c * record_bytes, 1, skip, True, s, self.grid)
+                move_pages(c, s, buffer, skip)
                 check(lib.cuMemcpyAsync(int(slots[c]), buffer, chunk_bytes, s), "cuMemcpyAsync (to the pool)")
             else:
                 check(lib.cuMemcpyAsync(buffer, int(slots[c]), chunk_bytes, s), "cuMemcpyAsync (from the pool)")
-                copier.launch_kernel(req + c * record_bytes, 1, skip, False, s, self.grid)
-        if num_chunks > 1:
-            check(lib.cuEventRecord(self._joined.ptr, self.side.ptr), "cuEventRecord (join)")
-            check(lib.cuStreamWaitEvent(main, self._joined.ptr, 0), "cuStreamWaitEvent (join)")
-        check(lib.cuEventRecord(staging.used.ptr, main), "cuEventRecord")
+                move_pages(c, s, buffer, skip)
+        for side, joined in zip(used, self._joined, strict=False):
+            check(lib.cuEventRecord(joined.ptr, side), "cuEventRecord (join)")
+            check(lib.cuStreamWaitEvent(main, joined.ptr, 0), "cuStreamWaitEvent (join)")
+        if staging is not None:
+            check(lib.cuEventRecord(staging.used.ptr, main), "cuEventRecord")
 
     def close(self) -> None:
-        self.side.synchronize()
+        for side in self.sides:
+            side.synchronize()
         self._buffers = []

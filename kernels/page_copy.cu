@@ -13,6 +13,17 @@
 // outstanding reads, not by many CTAs: a bounded grid of 16-32 CTAs saturates the link).
 // The first ``skip_blocks`` blocks of chunk 0 are left alone (the engine already has them).
 // The host validates every block id and the 16-byte alignment before it launches.
+//
+// The ``_one`` entries copy ONE chunk whose arguments travel inside the launch itself (a
+// __grid_constant__ struct: the slot address, then the chunk's block ids), so a small request
+// needs no argument upload before its kernel: one driver call from request to copy.
+
+#ifndef MAX_INLINE_BLOCKS
+#define MAX_INLINE_BLOCKS 64
+#endif
+struct OneChunk {
+  long long words[1 + MAX_INLINE_BLOCKS];
+};
 
 #define UNROLL 4
 
@@ -67,4 +78,18 @@ extern "C" __global__ void lmcd_page_copy_v1(
     int to_pool) {
   copy_pages<unsigned char>(layer_base, req, num_chunks, num_planes, bpc, page_bytes,
                             block_stride, skip_blocks, to_pool);
+}
+
+extern "C" __global__ void lmcd_page_copy_one_v16(
+    const long long* __restrict__ layer_base, const __grid_constant__ OneChunk chunk, int num_planes,
+    int bpc, long long page_bytes, long long block_stride, int skip_blocks, int to_pool) {
+  copy_pages<uint4>(layer_base, chunk.words, 1, num_planes, bpc, page_bytes, block_stride,
+                    skip_blocks, to_pool);
+}
+
+extern "C" __global__ void lmcd_page_copy_one_v1(
+    const long long* __restrict__ layer_base, const __grid_constant__ OneChunk chunk, int num_planes,
+    int bpc, long long page_bytes, long long block_stride, int skip_blocks, int to_pool) {
+  copy_pages<unsigned char>(layer_base, chunk.words, 1, num_planes, bpc, page_bytes, block_stride,
+                            skip_blocks, to_pool);
 }

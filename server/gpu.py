@@ -206,16 +206,17 @@ class GpuWorker:
         lib = fast_driver()
         self.host.runtime.setDevice(self.device)  # this worker's context is current for the calls below
         stream = self.stream.ptr
-        if self.worker_event is not None:  # the copy starts after the worker's recorded work
-            check(lib.cuStreamWaitEvent(stream, self.worker_event, 0), "cuStreamWaitEvent (worker's event)")
-        if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
-            self.copier.check(slot_addresses, block_ids, skip_blocks)
-            runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
-            batch_memcpy(runs.dst, runs.src, runs.size, stream)
-        elif self.staged is not None:
-            self.staged.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
+        if self.staged is not None:  # its two streams wait on the worker's event themselves
+            self.staged.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks, after=self.worker_event)
         else:
-            self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
+            if self.worker_event is not None:  # the copy starts after the worker's recorded work
+                check(lib.cuStreamWaitEvent(stream, self.worker_event, 0), "cuStreamWaitEvent (worker's event)")
+            if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
+                self.copier.check(slot_addresses, block_ids, skip_blocks)
+                runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
+                batch_memcpy(runs.dst, runs.src, runs.size, stream)
+            else:
+                self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
         check(lib.cuEventRecord(self.event.ptr, stream), "cuEventRecord (server's event)")
         try:
             finished = self._idle_events.pop()

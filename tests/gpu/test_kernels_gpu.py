@@ -87,13 +87,13 @@ def test_gather_scatter_bit_exact(layout_name: str, dtype_name: str, staged: boo
 
     rng = np.random.default_rng()
     buffer, kv = build_kv(layout_name, dtype_name)
-    bpc, num_chunks = 4, 3
+    bpc = 4
     layout, copier, launcher = copier_for(kv, buffer, bpc, staged=staged)
     pl = planes(kv)
     assert layout.num_layers == len(pl) and layout.page_bytes == pl[0].shape[1]
     assert copier.vec16
     stream = cupy.cuda.Stream(non_blocking=True)
-    for _ in range(3):  # fresh random ids (and, below, fresh data) every round
+    for num_chunks in (1, 3, 2):  # one chunk (arguments inside the launch), several; fresh ids and data each
         buffer.random_(-128, 128)
         ids = rng.choice(BLOCKS, 2 * num_chunks * bpc, replace=False)
         src, dst = ids[: num_chunks * bpc], ids[num_chunks * bpc:]
@@ -181,3 +181,37 @@ def test_out_of_range_block_is_refused_before_launch(staged: bool) -> None:
         launcher.launch(np.array([pool.data_ptr()]), np.array([1, 2, 3]), False, stream)
     stream.synchronize()
     assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_chunks_with_more_block_ids_than_a_launch_carries(staged: bool) -> None:
+    """Small blocks (many per chunk): the block ids go through the argument upload instead."""
+    import cupy
+    import torch
+
+    from lmcd.kernels import MAX_INLINE_BLOCKS, PageCopier, StagedCopier
+
+    blocks, page, bpc = 400, 64, MAX_INLINE_BLOCKS + 6
+    buffer = torch.randint(-128, 128, (2 * blocks * page,), dtype=torch.int8, device="cuda")
+    copier = PageCopier(0, [buffer.data_ptr(), buffer.data_ptr() + blocks * page], blocks, page, page, bpc)
+    assert not copier.inline
+    launcher = StagedCopier(copier, 16) if staged else copier
+    rng = np.random.default_rng()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    pl = [buffer[: blocks * page].view(blocks, page), buffer[blocks * page:].view(blocks, page)]
+    for num_chunks in (1, 3):
+        ids = rng.choice(blocks, 2 * num_chunks * bpc, replace=False)
+        src, dst = ids[: num_chunks * bpc], ids[num_chunks * bpc:]
+        pool = torch.zeros(num_chunks * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
+        slots = pool.data_ptr() + np.arange(num_chunks, dtype=np.int64) * copier.chunk_bytes
+        torch.cuda.synchronize()
+        launcher.launch(slots, src, True, stream)
+        stream.synchronize()
+        assert torch.equal(pool, reference_gather(pl, torch.as_tensor(src, device="cuda"), num_chunks, bpc).cpu())
+        before = [p.clone() for p in pl]
+        launcher.launch(slots, dst, False, stream, skip_blocks=2)
+        stream.synchronize()
+        dst_t, src_t = torch.as_tensor(dst, device="cuda"), torch.as_tensor(src, device="cuda")
+        for plane, old in zip(pl, before, strict=True):
+            assert torch.equal(plane[dst_t[2:]], old[src_t[2:]])
+            assert torch.equal(plane[dst_t[:2]], old[dst_t[:2]]), "skipped blocks were written"
