@@ -82,7 +82,7 @@ def staged() -> None:
     direct = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
     stagers = {f"staged {g}": StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), g)
                for g in (16, 32, 132)}
-    stagers["staged 132x4"] = StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), 132, stages=4)
+    stagers["staged 32 x2"] = StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), 32, stages=2)
     for tokens in (256, 4096, 16384):
         n = tokens // 256
         nbytes = n * chunk_bytes

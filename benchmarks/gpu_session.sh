@@ -87,3 +87,12 @@ if [[ $what == staged2 ]]; then
   timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 --copy-engine staged 2>&1 \
     | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
 fi
+if [[ $what == staged3 ]]; then
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+  timeout 100 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
+  bench staged --copy-engine staged -- --repeats 20 --load
+  LMCD_STAGE_BUFFERS=2 bench staged-x2 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
+  LMCD_STAGE_BUFFERS=8 bench staged-x8 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
+  bench dma --copy-engine dma -- --repeats 10 --load --tokens 16384
+fi

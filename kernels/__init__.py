@@ -225,7 +225,7 @@ class PageCopier:
         return num_chunks * self.chunk_bytes - skip_blocks * self.num_planes * self.page_bytes
 
 
-STAGE_BUFFERS = int(os.environ.get("LMCD_STAGE_BUFFERS", "2"))  # = streams; the experiment's knob, see BENCHMARKS
+STAGE_BUFFERS = int(os.environ.get("LMCD_STAGE_BUFFERS", "4"))  # chunks in flight; the experiment's knob
 
 
 class StagedCopier:
@@ -236,11 +236,14 @@ class StagedCopier:
     store:    kernel gathers chunk c's pages into buffer c%K -> copy engine: buffer -> pool slot
     retrieve: copy engine: pool slot -> buffer c%K -> kernel scatters it into chunk c's blocks
 
-    Chunk c runs on stream c%K (the caller's stream, then K-1 more), K = ``STAGE_BUFFERS``: while
-    one chunk crosses PCIe the next is gathered or scattered, and stream order alone keeps a
-    buffer from being reused before its copy is done. Host work per chunk: one launch and one
-    async copy. Every stream starts after ``after`` (the worker's event), and the caller's stream
-    ends after the others, so the caller records its completion events as for ``PageCopier.launch``.
+    The first step of every chunk runs on a side stream, the second on the caller's stream, one
+    chunk after another, with an event per buffer each way (filled, freed): the first steps run
+    up to K = ``STAGE_BUFFERS`` chunks ahead, and the copy engine crosses PCIe one chunk at a time
+    (one contiguous copy is what the link does best; several at once do worse). Under an engine's
+    compute the server's kernels wait for time slices; K chunks gathered ahead keep the link busy
+    meanwhile. A one-chunk request runs both steps on the caller's stream. Both streams start
+    after ``after`` (the worker's event); the caller's stream ends after the whole copy, so the
+    caller records its completion events as for ``PageCopier.launch``.
     """
 
     def __init__(self, copier: PageCopier, grid: int, stages: int = 0) -> None:
@@ -252,9 +255,10 @@ class StagedCopier:
         with cupy.cuda.Device(copier.device):
             self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(self.stages)]
             self.buffer_addresses = np.asarray([b.data.ptr for b in self._buffers], dtype=np.int64)
-            self.sides = [cupy.cuda.Stream(non_blocking=True) for _ in range(self.stages - 1)]
+            self.side = cupy.cuda.Stream(non_blocking=True)
             self._forked = cupy.cuda.Event(block=False, disable_timing=True)
-            self._joined = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self.sides]
+            self._filled = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self._buffers]
+            self._freed = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self._buffers]
 
     @property
     def nbytes(self) -> int:
@@ -262,54 +266,58 @@ class StagedCopier:
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0, after: int | None = None) -> None:
-        """As ``PageCopier.launch``; ``after``: an event (CUevent) every stream waits on first."""
+        """As ``PageCopier.launch``; ``after``: an event (CUevent) both streams wait on first."""
         copier = self.copier
         slots, blocks = copier.check(slot_addresses, block_ids, skip_blocks)
         lib = fast_driver()
-        streams = [getattr(stream, "ptr", stream), *(side.ptr for side in self.sides)]
-        main, k = streams[0], self.stages
-        num_chunks, bpc, chunk_bytes = len(slots), copier.blocks_per_chunk, copier.chunk_bytes
-        used = streams[1 : min(k, num_chunks)]  # the side streams this request runs on
+        main = getattr(stream, "ptr", stream)
+        num_chunks, bpc, chunk_bytes, k = len(slots), copier.blocks_per_chunk, copier.chunk_bytes, self.stages
+        first = main if num_chunks == 1 else self.side.ptr  # the stream of each chunk's first step
         per_chunk = blocks.reshape(num_chunks, bpc)
         if after is not None:
             check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent")
         staging = None
-        start = after  # what the side streams wait on before their first chunk
         if not copier.inline:  # block ids beyond what a launch carries: one upload of per-chunk records
             staging, words = copier._arguments(num_chunks * (1 + bpc), main)
             records = words.reshape(num_chunks, 1 + bpc)
             records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % k]
             records[:, 1:] = per_chunk
             copier._upload(staging, words.nbytes, main)
-        if used and (staging is not None or after is None):  # they start where the caller's stream is now
-            check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
-            start = self._forked.ptr
+        if first != main:  # the side stream starts where the caller's stream is now
+            start = after
+            if staging is not None or after is None:
+                check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
+                start = self._forked.ptr
+            check(lib.cuStreamWaitEvent(first, start, 0), "cuStreamWaitEvent (fork)")
 
-        def move_pages(c: int, s: int, buffer: int, skip: int) -> None:
+        def move_pages(c: int, s: int, buffer: int) -> None:
+            skip = skip_blocks if c == 0 else 0
             if staging is None:
                 copier.launch_one(buffer, per_chunk[c], skip, to_pool, s, self.grid)
             else:
                 copier.launch_kernel(staging.dev.data.ptr + 8 * c * (1 + bpc), 1, skip, to_pool, s, self.grid)
 
         for c in range(num_chunks):
-            s = streams[c % k]
-            if 0 < c < k and start is not None:  # a side stream's first chunk (after chunk 0 is on its way)
-                check(lib.cuStreamWaitEvent(s, start, 0), "cuStreamWaitEvent")
-            buffer = int(self.buffer_addresses[c % k])
-            skip = skip_blocks if c == 0 else 0
+            b = c % k
+            buffer = int(self.buffer_addresses[b])
+            if first != main and c >= k:  # the buffer's previous chunk has left it
+                check(lib.cuStreamWaitEvent(first, self._freed[b].ptr, 0), "cuStreamWaitEvent (buffer freed)")
             if to_pool:
-                move_pages(c, s, buffer, skip)
-                check(lib.cuMemcpyAsync(int(slots[c]), buffer, chunk_bytes, s), "cuMemcpyAsync (to the pool)")
+                move_pages(c, first, buffer)
             else:
-                check(lib.cuMemcpyAsync(buffer, int(slots[c]), chunk_bytes, s), "cuMemcpyAsync (from the pool)")
-                move_pages(c, s, buffer, skip)
-        for side, joined in zip(used, self._joined, strict=False):
-            check(lib.cuEventRecord(joined.ptr, side), "cuEventRecord (join)")
-            check(lib.cuStreamWaitEvent(main, joined.ptr, 0), "cuStreamWaitEvent (join)")
+                check(lib.cuMemcpyAsync(buffer, int(slots[c]), chunk_bytes, first), "cuMemcpyAsync (from the pool)")
+            if first != main:
+                check(lib.cuEventRecord(self._filled[b].ptr, first), "cuEventRecord (buffer filled)")
+                check(lib.cuStreamWaitEvent(main, self._filled[b].ptr, 0), "cuStreamWaitEvent (buffer filled)")
+            if to_pool:
+                check(lib.cuMemcpyAsync(int(slots[c]), buffer, chunk_bytes, main), "cuMemcpyAsync (to the pool)")
+            else:
+                move_pages(c, main, buffer)
+            if first != main and c + k < num_chunks:
+                check(lib.cuEventRecord(self._freed[b].ptr, main), "cuEventRecord (buffer freed)")
         if staging is not None:
             check(lib.cuEventRecord(staging.used.ptr, main), "cuEventRecord")
 
     def close(self) -> None:
-        for side in self.sides:
-            side.synchronize()
+        self.side.synchronize()
         self._buffers = []

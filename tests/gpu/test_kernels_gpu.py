@@ -68,7 +68,7 @@ def copier_for(kv, buffer, bpc: int, grid: int = 16, staged: bool = False):  # n
     layout = describe_pages(kv, [buffer.data_ptr()], [buffer.nbytes], BLOCKS, BLOCK)
     bases = [buffer.data_ptr() + off for off in layout.layer_offsets]
     copier = PageCopier(0, bases, layout.num_blocks, layout.page_bytes, layout.block_stride, bpc, grid)
-    return layout, copier, StagedCopier(copier, grid) if staged else copier
+    return layout, copier, StagedCopier(copier, grid, stages=2) if staged else copier  # 3 chunks reuse a buffer
 
 
 def reference_gather(pl, ids, num_chunks: int, bpc: int):  # noqa: ANN001, ANN201
@@ -191,15 +191,15 @@ def test_chunks_with_more_block_ids_than_a_launch_carries(staged: bool) -> None:
 
     from lmcd.kernels import MAX_INLINE_BLOCKS, PageCopier, StagedCopier
 
-    blocks, page, bpc = 400, 64, MAX_INLINE_BLOCKS + 6
+    blocks, page, bpc = 600, 64, MAX_INLINE_BLOCKS + 6
     buffer = torch.randint(-128, 128, (2 * blocks * page,), dtype=torch.int8, device="cuda")
     copier = PageCopier(0, [buffer.data_ptr(), buffer.data_ptr() + blocks * page], blocks, page, page, bpc)
     assert not copier.inline
-    launcher = StagedCopier(copier, 16) if staged else copier
+    launcher = StagedCopier(copier, 16, stages=2) if staged else copier
     rng = np.random.default_rng()
     stream = cupy.cuda.Stream(non_blocking=True)
     pl = [buffer[: blocks * page].view(blocks, page), buffer[blocks * page:].view(blocks, page)]
-    for num_chunks in (1, 3):
+    for num_chunks in (1, 3):  # 3 chunks on 2 buffers: one is reused
         ids = rng.choice(blocks, 2 * num_chunks * bpc, replace=False)
         src, dst = ids[: num_chunks * bpc], ids[num_chunks * bpc:]
         pool = torch.zeros(num_chunks * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
