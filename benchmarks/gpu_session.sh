@@ -96,3 +96,12 @@ if [[ $what == staged3 ]]; then
   LMCD_STAGE_BUFFERS=8 bench staged-x8 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
   bench dma --copy-engine dma -- --repeats 10 --load --tokens 16384
 fi
+if [[ $what == engines ]]; then
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+  bench staged --copy-engine staged -- --repeats 20 --load
+  bench dma --copy-engine dma -- --repeats 20 --load
+  bench kernel --copy-engine kernel -- --repeats 20 --load
+  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 \
+    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+fi

@@ -19,7 +19,7 @@ EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
 CUDA_MODES = ("auto", "on", "off")
-COPY_ENGINES = ("kernel", "staged", "dma")
+COPY_ENGINES = ("staged", "dma", "kernel")
 
 
 class ConfigError(ValueError):
@@ -100,10 +100,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("copy_ctas", "--copy-ctas", "LMCACHE_COPY_CTAS", int,
             "thread blocks per GPU copy kernel (16 saturate PCIe; more take SMs from the engine)"),
     Setting("copy_engine", "--copy-engine", "LMCACHE_COPY_ENGINE", str,
-            "how GPU copies run: kernel (a gather/scatter kernel on a few SMs, straight between KV pages and the "
-            "pinned pool), staged (the kernel moves pages inside GPU memory, the copy engines move each chunk "
-            "across PCIe as one contiguous copy) or dma (the GPU's copy engines only, one cuMemcpyBatchAsync per "
-            "request; CUDA 12.8+)"),
+            "how GPU copies run: staged (a kernel moves pages inside GPU memory, the copy engines move each chunk "
+            "across PCIe as one contiguous copy), dma (as staged, with the copy engines moving the pages too: no "
+            "SMs at all; CUDA 12.8+) or kernel (a gather/scatter kernel on a few SMs, straight between KV pages "
+            "and the pinned pool)"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -125,7 +125,7 @@ class ServerConfig:
     share_pool: bool = False
     cuda: str = "auto"
     copy_ctas: int = 16
-    copy_engine: str = "kernel"
+    copy_engine: str = "staged"
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:

@@ -196,7 +196,7 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
 
 class WorkerRegistry:
     def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed",
-                 grid: int = 16, copy_engine: str = "kernel") -> None:
+                 grid: int = 16, copy_engine: str = "staged") -> None:
         self.cuda = cuda
         self.cuda_problem = cuda_problem
         self.grid = grid
