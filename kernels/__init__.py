@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -225,7 +225,6 @@ class PageCopier:
 
 
 STAGE_BYTES = 256 << 20  # staging memory per worker: chunks in flight = STAGE_BYTES // chunk bytes, 2..8
-Mover = Callable[[int, np.ndarray, bool, int, int], None]  # (buffer, block ids, to_pool, stream, skip_blocks)
 
 
 def stages_for(chunk_bytes: int) -> int:
@@ -246,19 +245,17 @@ class StagedCopier:
     up to K (``stages_for``) chunks ahead, and the copy engine crosses PCIe one chunk at a time
     (one contiguous copy is what the link does best; several at once do worse). Under an engine's
     compute the server's kernels wait for time slices; K chunks gathered ahead keep the link busy
-    meanwhile. A one-chunk request runs both steps on the caller's stream. ``mover`` replaces the
-    kernel's step (the server's ``dma`` engine moves the pages with the copy engines too). Both streams start
+    meanwhile. A one-chunk request runs both steps on the caller's stream. Both streams start
     after ``after`` (the worker's event); the caller's stream ends after the whole copy, so the
     caller records its completion events as for ``PageCopier.launch``.
     """
 
-    def __init__(self, copier: PageCopier, grid: int, stages: int = 0, mover: Mover | None = None) -> None:
+    def __init__(self, copier: PageCopier, grid: int, stages: int = 0) -> None:
         import cupy
 
         self.copier = copier
         self.grid = grid
         self.stages = stages or stages_for(copier.chunk_bytes)
-        self.mover = mover  # None: the kernel moves the pages
         with cupy.cuda.Device(copier.device):
             self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(self.stages)]
             self.buffer_addresses = np.asarray([b.data.ptr for b in self._buffers], dtype=np.int64)
@@ -284,7 +281,7 @@ class StagedCopier:
         if after is not None:
             check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent")
         staging = None
-        if not copier.inline and self.mover is None:  # more block ids than a launch carries: upload records
+        if not copier.inline:  # more block ids than a launch carries: one upload of per-chunk records
             staging, words = copier._arguments(num_chunks * (1 + bpc), main)
             records = words.reshape(num_chunks, 1 + bpc)
             records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % k]
@@ -299,9 +296,7 @@ class StagedCopier:
 
         def move_pages(c: int, s: int, buffer: int) -> None:
             skip = skip_blocks if c == 0 else 0
-            if self.mover is not None:
-                self.mover(buffer, per_chunk[c], to_pool, s, skip)
-            elif staging is None:
+            if staging is None:
                 copier.launch_one(buffer, per_chunk[c], skip, to_pool, s, self.grid)
             else:
                 copier.launch_kernel(staging.dev.data.ptr + 8 * c * (1 + bpc), 1, skip, to_pool, s, self.grid)

@@ -19,7 +19,7 @@ EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
 CUDA_MODES = ("auto", "on", "off")
-COPY_ENGINES = ("staged", "dma", "kernel")
+COPY_ENGINES = ("staged", "kernel", "dma")
 
 
 class ConfigError(ValueError):
@@ -101,9 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
             "thread blocks per GPU copy kernel (16 saturate PCIe; more take SMs from the engine)"),
     Setting("copy_engine", "--copy-engine", "LMCACHE_COPY_ENGINE", str,
             "how GPU copies run: staged (a kernel moves pages inside GPU memory, the copy engines move each chunk "
-            "across PCIe as one contiguous copy), dma (as staged, with the copy engines moving the pages too: no "
-            "SMs at all; CUDA 12.8+) or kernel (a gather/scatter kernel on a few SMs, straight between KV pages "
-            "and the pinned pool)"),
+            "across PCIe as one contiguous copy), kernel (a gather/scatter kernel on a few SMs, straight between "
+            "KV pages and the pinned pool) or dma (the copy engines only, one cuMemcpyBatchAsync of the pages per "
+            "request: no SMs taken, slower; CUDA 12.8+)"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 

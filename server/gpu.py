@@ -188,11 +188,7 @@ class GpuWorker:
                 self.layer_addresses = bases + np.asarray(layout.layer_offsets, dtype=np.int64)
                 self.copier = PageCopier(self.device, self.layer_addresses.tolist(), layout.num_blocks,
                                          layout.page_bytes, layout.block_stride, blocks_per_chunk, grid)
-                self.staged = None
-                if engine == "staged":
-                    self.staged = StagedCopier(self.copier, grid)
-                elif engine == "dma":  # the copy engines move the pages into (out of) the staging buffer too
-                    self.staged = StagedCopier(self.copier, grid, mover=self._move_pages_dma)
+                self.staged = StagedCopier(self.copier, grid) if engine == "staged" else None
                 if self.staged is not None:
                     log.info("GPU %d: %d staging buffers of %.1f MiB for %s copies", self.device,
                              self.staged.stages, self.copier.chunk_bytes / 2**20, engine)
@@ -218,7 +214,12 @@ class GpuWorker:
         else:
             if self.worker_event is not None:  # the copy starts after the worker's recorded work
                 check(lib.cuStreamWaitEvent(stream, self.worker_event, 0), "cuStreamWaitEvent (worker's event)")
-            self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
+            if self.engine == "dma":  # the copy engines (no SMs), one batched call of merged runs
+                self.copier.check(slot_addresses, block_ids, skip_blocks)
+                runs = plan(self.layout, self.layer_addresses, slot_addresses, block_ids, to_pool, skip_blocks)
+                batch_memcpy(runs.dst, runs.src, runs.size, stream)
+            else:
+                self.copier.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks)
         check(lib.cuEventRecord(self.event.ptr, stream), "cuEventRecord (server's event)")
         try:
             finished = self._idle_events.pop()
@@ -226,13 +227,6 @@ class GpuWorker:
             finished = self.host.cupy.cuda.Event(block=True, disable_timing=True)
         check(lib.cuEventRecord(finished.ptr, stream), "cuEventRecord (completion)")
         self._completions.put((finished, started, done))
-
-    def _move_pages_dma(self, buffer: int, blocks: np.ndarray, to_pool: bool, stream: int, skip_blocks: int) -> None:
-        """One chunk's pages between the KV blocks and a staging buffer, by the copy engines (one
-        cuMemcpyBatchAsync of the merged runs)."""
-        runs = plan(self.layout, self.layer_addresses, np.array([buffer], dtype=np.int64), blocks, to_pool,
-                    skip_blocks)
-        batch_memcpy(runs.dst, runs.src, runs.size, stream)
 
     def _complete(self) -> None:
         while True:
