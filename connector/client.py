@@ -94,6 +94,7 @@ class CacheClient:
         self._lock = threading.Lock()
         self._ctx: zmq.Context = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._replies: zmq.Poller | None = None  # made once per socket: Socket.poll makes one per call
         if connect:
             self.connect()
 
@@ -109,6 +110,8 @@ class CacheClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         sock.connect(self.url)
         self._sock = sock
+        self._replies = zmq.Poller()
+        self._replies.register(sock, zmq.POLLIN)
         return self.say_hello()
 
     def say_hello(self) -> p.HelloReply:
@@ -138,6 +141,7 @@ class CacheClient:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+            self._replies = None
 
     def __enter__(self) -> CacheClient:
         return self
@@ -239,20 +243,25 @@ class CacheClient:
 
     def _exchange(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
         """One request, one reply (the caller holds the lock)."""
-        if self._sock is None:
+        sock, replies = self._sock, self._replies
+        if sock is None or replies is None:
             raise LmcdError(f"{op}: the client is closed; call connect() first")
         rid = next(self._rids)
-        wait_s = min(self.timeout_s, self.connect_timeout_s)
-        if not self._sock.poll(int(wait_s * 1000), zmq.POLLOUT):  # no connection (IMMEDIATE): do not wait long
-            raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {wait_s:.1f} s;"
-                                " is `lmcache server` running there?")
+        request = p.encoder.encode(make(rid))
+        try:
+            sock.send(request, zmq.NOBLOCK)  # connected: sent at once, no poll
+        except zmq.Again:  # no connection (IMMEDIATE): wait for one, but not long
+            wait_s = min(self.timeout_s, self.connect_timeout_s)
+            if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+                raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {wait_s:.1f} s;"
+                                    " is `lmcache server` running there?") from None
+            sock.send(request)
         deadline = time.monotonic() + self.timeout_s
-        self._sock.send(p.encoder.encode(make(rid)))
         while True:
-            if not self._sock.poll(self._ms_left(deadline), zmq.POLLIN):
+            if not replies.poll(self._ms_left(deadline)):
                 raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url} within "
                                     f"{self.timeout_s:.1f} s")
-            reply = p.reply_decoder.decode(self._sock.recv())
+            reply = p.reply_decoder.decode(sock.recv())
             if reply.rid == rid:
                 return reply  # anything else answers a request that already timed out
 

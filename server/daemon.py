@@ -42,6 +42,11 @@ from lmcd.server.workers import sweep_orphans
 log = logging.getLogger("lmcd.server")
 T = TypeVar("T")
 MAX_FRAMES_PER_TURN = 256
+# pyzmq's flags are enum.IntFlag, and combining them (| or &) runs Python enum code: the request
+# path uses plain ints
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+POLLIN = int(zmq.POLLIN)
 
 
 def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq.Socket:
@@ -104,8 +109,7 @@ class CacheServer:
         self._stack.callback(self.service.copies.shutdown)
         self.service.full_status = self.status
         self.metrics = Metrics(self.service.stats, self._gauges)
-        self.service.observe_copy = lambda direction, seconds: self.metrics.copy_seconds.labels(direction).observe(
-            seconds)
+        self.service.observe_copy = self.metrics.copy_seconds.observe
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -254,11 +258,9 @@ class CacheServer:
             os.write(self._wake_w, b"\0")
 
     def _run_calls(self) -> None:
-        while True:
-            try:
-                fn = self._calls.get_nowait()
-            except queue.Empty:
-                return
+        calls = self._calls
+        while not calls.empty():  # cheaper than get_nowait raising Empty on most turns
+            fn = calls.get_nowait()  # this thread is the only consumer: the queue still has fn
             try:
                 fn()
             except Exception:
@@ -275,9 +277,15 @@ class CacheServer:
     # ------------------------------------------------------------ requests
 
     def _drain_router(self) -> None:
-        for _ in range(MAX_FRAMES_PER_TURN):
+        router = self.router
+        for turn in range(MAX_FRAMES_PER_TURN):
+            # the poller saw the first message; after it, asking is cheaper than a recv raising Again
+            if turn and not int(router.getsockopt(zmq.EVENTS)) & POLLIN:
+                return
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [router.recv(NOBLOCK, copy=False)]
+                while frames[-1].more:  # ZMQ delivers every frame of a message at once
+                    frames.append(router.recv(NOBLOCK, copy=False))
             except zmq.Again:
                 return
             try:
@@ -320,11 +328,12 @@ class CacheServer:
         if isinstance(reply, p.Error):
             self.service.stats.errors[reply.code.name] += 1
         try:
-            self.router.send_multipart([session.routing_id, p.encoder.encode(reply)], zmq.NOBLOCK)
+            self.router.send(session.routing_id, SNDMORE_NOBLOCK)
+            self.router.send(p.encoder.encode(reply), NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone; its disconnect cleans up
             log.debug("Reply to session %d dropped: %s", session.session_id, exc)
         elapsed = time.perf_counter() - started
-        self.metrics.latency.labels(op).observe(elapsed)
+        self.metrics.latency.observe(op, elapsed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Replied to %s of session %d %.0f us after it arrived", op, session.session_id, elapsed * 1e6)
 

@@ -84,14 +84,30 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(f"lmcd_{name}", help_text, value=value)
 
 
+class LabelledHistogram:
+    """A histogram with one label whose children are looked up once per label value, not per
+    observation (``Histogram.labels`` validates and locks on every call). Thread-safe: two
+    threads that miss at once get the same child from ``labels``."""
+
+    def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(name, documentation, [label], buckets=LATENCY_BUCKETS, registry=registry)
+        self._children: dict[str, Histogram] = {}
+
+    def observe(self, value: str, seconds: float) -> None:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self.histogram.labels(value)
+        child.observe(seconds)
+
+
 class Metrics:
     def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(stats, gauges))
-        self.latency = Histogram("lmcd_request_seconds", "Request latency from receipt to reply, by operation",
-                                 ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.copy_seconds = Histogram("lmcd_copy_seconds", "Copy time of one store or retrieve, by direction",
-                                      ["direction"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = LabelledHistogram("lmcd_request_seconds", "Request latency from receipt to reply, by operation",
+                                         "op", self.registry)
+        self.copy_seconds = LabelledHistogram("lmcd_copy_seconds", "Copy time of one store or retrieve, by direction",
+                                              "direction", self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

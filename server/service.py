@@ -231,16 +231,14 @@ class CacheService:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
                                f"{len(hashes)} chunks need {expected} block ids "
                                f"({worker.blocks_per_chunk} per chunk), got {len(block_ids)}")
-        try:
-            blocks: np.ndarray | None = np.asarray(block_ids, dtype=np.int64)
-        except OverflowError:  # an id beyond int64 (msgpack carries up to uint64)
-            blocks = None
-        if blocks is None or (blocks.size and int(blocks.max()) >= worker.layout.num_blocks):
-            bad = max(block_ids)
+        # checked in Python before numpy sees them: faster for a request's few ids, and an id beyond
+        # int64 (msgpack carries up to uint64) is out of range too
+        num_blocks = worker.layout.num_blocks
+        if block_ids and max(block_ids) >= num_blocks:
             raise RequestError(p.ErrorCode.BLOCK_OUT_OF_RANGE,
-                               f"block id {bad} is out of range: worker {worker.worker_id} registered "
-                               f"{worker.layout.num_blocks} blocks (0..{worker.layout.num_blocks - 1})")
-        return blocks
+                               f"block id {max(block_ids)} is out of range: worker {worker.worker_id} registered "
+                               f"{num_blocks} blocks (0..{num_blocks - 1})")
+        return np.asarray(block_ids, dtype=np.int64)
 
     # ------------------------------------------------------------ lookup
 
@@ -295,15 +293,16 @@ class CacheService:
                     statuses[i] = p.ChunkStatus.FAILED
             self.workers.copy_done(worker)
             self.pending_copies -= 1
-            if error is None:
+            if error is None:  # counted before the reply: a scrape after it sees the store
                 self.stats.stored_chunks += len(writing)
                 self.stats.stored_bytes += num_bytes
+            if not early:  # the reply before the log line: the worker need not wait for it
+                text = f"copy failed: {error}" if error is not None else message
+                self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
+            if error is None:
                 self._log_copy("Stored", len(writing), num_bytes, started)
             else:
                 log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
-            if not early:
-                text = f"copy failed: {error}" if error is not None else message
-                self._send(session, p.StoreReply(req.rid, statuses, text), "store", started)
 
         self._copy(worker, [e for e, _ in writing], blocks, [i for _, i in writing], True, 0, "store", finish,
                    started)
@@ -335,9 +334,9 @@ class CacheService:
                 return
             self.stats.retrieved_chunks += len(pinned)
             self.stats.retrieved_bytes += num_bytes
-            self._log_copy("Retrieved", len(pinned), num_bytes, started)
-            if not early:
+            if not early:  # the reply before the log line, as for a store
                 self._send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
+            self._log_copy("Retrieved", len(pinned), num_bytes, started)
 
         self._copy(worker, pinned, blocks, list(range(len(pinned))), False, req.skip_blocks, "retrieve", finish,
                    started)
@@ -437,8 +436,8 @@ class CacheService:
             chosen = blocks
         else:
             chosen = blocks.reshape(-1, bpc)[np.asarray(chunk_positions)].ravel()
-        slots = np.array([entry.slot for entry in entries], dtype=np.int64)
-        slots += self.pool.base_address
+        base = self.pool.base_address
+        slots = np.array([base + entry.slot for entry in entries], dtype=np.int64)
         worker.inflight += 1
         self.pending_copies += 1
         if worker.gpu is not None:
