@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site
 # run from a copy without the source folders, so that the installed lmcd is the one imported
-cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py
+cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py; cp benchmarks/request_path.py /tmp/lmcd-request-path.py
 RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
 nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
@@ -104,4 +104,9 @@ if [[ $what == engines ]]; then
   bench kernel --copy-engine kernel -- --repeats 20 --load
   timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 \
     | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+fi
+if [[ $what == latency ]]; then
+  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+  timeout 120 python3 /tmp/lmcd-request-path.py --requests 2000 2>&1 | tail -30 | tee "$OUT/request-path.log"
+  bench staged --copy-engine staged -- --repeats 30
 fi

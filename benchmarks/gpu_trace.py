@@ -140,12 +140,13 @@ def timeline_server() -> None:
 
 
 def timeline_worker() -> None:
+    import zmq.sugar.poll as zpoll
     import zmq.sugar.socket as zsocket
 
     from lmcd.connector import bench_gpu, client
 
     encoder = client.p.encoder
-    send, poll = zsocket.Socket.send, zsocket.Socket.poll
+    send, poll, poller_poll = zsocket.Socket.send, zsocket.Socket.poll, zpoll.Poller.poll
 
     def call_stamped(fn: Any) -> Any:
         @functools.wraps(fn)
@@ -172,11 +173,13 @@ def timeline_worker() -> None:
             STAMPS[NOW["rid"]].setdefault("sent", time.perf_counter())
         return out
 
-    def poll_stamped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = poll(self, *args, **kwargs)
-        if NOW["rid"] is not None and "sent" in STAMPS[NOW["rid"]]:
-            STAMPS[NOW["rid"]].setdefault("polled", time.perf_counter())
-        return out
+    def polled(fn: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = fn(self, *args, **kwargs)
+            if NOW["rid"] is not None and "sent" in STAMPS[NOW["rid"]]:
+                STAMPS[NOW["rid"]].setdefault("polled", time.perf_counter())
+            return out
+        return wrapper
 
     def returned(fn: Any) -> Any:
         @functools.wraps(fn)
@@ -188,7 +191,7 @@ def timeline_worker() -> None:
         return wrapper
 
     client.p.encoder = Encoder()
-    zsocket.Socket.send, zsocket.Socket.poll = send_stamped, poll_stamped
+    zsocket.Socket.send, zsocket.Socket.poll, zpoll.Poller.poll = send_stamped, polled(poll), polled(poller_poll)
     from lmcd.connector import worker
 
     worker.WorkerState.store = returned(worker.WorkerState.store)

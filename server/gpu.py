@@ -116,6 +116,7 @@ class CudaHost:
             self.devices[pci_id(props["pciDomainID"], props["pciBusID"], props["pciDeviceID"])] = index
             self.names[index] = props["name"].decode()
         self._pinned: list[int] = []
+        self._current = -1  # the device the request loop made current last (use())
 
     @staticmethod
     def probe() -> tuple[CudaHost | None, str]:
@@ -145,6 +146,13 @@ class CudaHost:
                                    "addressing); lmcd needs a 64-bit Linux host with UVA")
             done += piece
             progress(done, nbytes)
+
+    def use(self, device: int) -> None:
+        """Make ``device`` current on the calling thread (the request loop), skipping the runtime call
+        when it already is (CuPy's ``Device`` blocks restore the device they found on exit)."""
+        if device != self._current:
+            self.runtime.setDevice(device)
+            self._current = device
 
     def unpin(self) -> None:
         for address in self._pinned:
@@ -207,7 +215,7 @@ class GpuWorker:
         straight to the driver (``fast_driver``): a few microseconds from request to launch."""
         started = time.perf_counter()
         lib = fast_driver()
-        self.host.runtime.setDevice(self.device)  # this worker's context is current for the calls below
+        self.host.use(self.device)  # this worker's context is current for the calls below
         stream = self.stream.ptr
         if self.staged is not None:  # its two streams wait on the worker's event themselves
             self.staged.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks, after=self.worker_event)
