@@ -126,9 +126,16 @@ def timeline_server() -> None:
         if "submitted" in NOW:
             STAMPS[p.peek_rid(frames[-1].bytes)].update(arrived=arrived, **NOW)
 
-    def submit_stamped(*args: Any, **kwargs: Any) -> None:
-        submit(*args, **kwargs)
+    def submit_stamped(self: Any, *args: Any, **kwargs: Any) -> None:
+        import cupy
+
+        with cupy.cuda.Device(self.device):  # GPU time from the server's first call to the copy's end
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(self.stream)
+            submit(self, *args, **kwargs)
+            end.record(self.stream)
         NOW["submitted"] = time.perf_counter()
+        NOW["gpu_events"] = (start, end)
 
     def send_reply_stamped(*args: Any, **kwargs: Any) -> None:
         send_reply(*args, **kwargs)
@@ -206,6 +213,8 @@ def timeline_report(worker_stamps: dict[str, dict[str, Any]]) -> None:
         server = STAMPS.get(int(rid))
         if server and "op" in stamps:
             rows[str(stamps["op"])].append({**stamps, **server})
+    import cupy
+
     for op, requests in rows.items():
         requests = requests[1:]  # the first is a warm-up
         print(f"--- {op}: {len(requests)} requests, median us per leg")
@@ -213,6 +222,9 @@ def timeline_report(worker_stamps: dict[str, dict[str, Any]]) -> None:
             values = [r[end] - r[start] for r in requests if start in r and end in r]
             if values:
                 print(f"  {name:42s} {statistics.median(values) * 1e6:9.1f}")
+        gpu = [cupy.cuda.get_elapsed_time(*r["gpu_events"]) / 1e3 for r in requests if "gpu_events" in r]
+        if gpu:
+            print(f"  {'GPU: server stream, first call -> copy end':42s} {statistics.median(gpu) * 1e6:9.1f}")
 
 
 def report() -> None:

@@ -250,13 +250,15 @@ class StagedCopier:
     caller records its completion events as for ``PageCopier.launch``.
     """
 
-    def __init__(self, copier: PageCopier, grid: int, stages: int = 0) -> None:
+    def __init__(self, copier: PageCopier, grid: int = 0, stages: int = 0) -> None:
         import cupy
 
         self.copier = copier
-        self.grid = grid
         self.stages = stages or stages_for(copier.chunk_bytes)
-        with cupy.cuda.Device(copier.device):
+        device = cupy.cuda.Device(copier.device)
+        # the kernel moves a chunk inside GPU memory: every SM makes that microseconds (16 CTAs: ~100 us)
+        self.grid = grid or int(device.attributes["MultiProcessorCount"])
+        with device:
             self._buffers = [cupy.empty(copier.chunk_bytes, dtype=cupy.uint8) for _ in range(self.stages)]
             self.buffer_addresses = np.asarray([b.data.ptr for b in self._buffers], dtype=np.int64)
             self.side = cupy.cuda.Stream(non_blocking=True)

@@ -98,7 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
             "GPU workers (CUDA IPC, pinned pool): auto (when CuPy and a GPU are present), on (refuse to start "
             "without them), off"),
     Setting("copy_ctas", "--copy-ctas", "LMCACHE_COPY_CTAS", int,
-            "thread blocks per GPU copy kernel (16 saturate PCIe; more take SMs from the engine)"),
+            "thread blocks of the --copy-engine kernel copy (16 saturate PCIe; more take SMs from the engine); "
+            "staged copies use every SM for their short in-GPU step"),
     Setting("copy_engine", "--copy-engine", "LMCACHE_COPY_ENGINE", str,
             "how GPU copies run: staged (a kernel moves pages inside GPU memory, the copy engines move each chunk "
             "across PCIe as one contiguous copy), kernel (a gather/scatter kernel on a few SMs, straight between "

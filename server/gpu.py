@@ -196,10 +196,10 @@ class GpuWorker:
                 self.layer_addresses = bases + np.asarray(layout.layer_offsets, dtype=np.int64)
                 self.copier = PageCopier(self.device, self.layer_addresses.tolist(), layout.num_blocks,
                                          layout.page_bytes, layout.block_stride, blocks_per_chunk, grid)
-                self.staged = StagedCopier(self.copier, grid) if engine == "staged" else None
+                self.staged = StagedCopier(self.copier) if engine == "staged" else None
                 if self.staged is not None:
-                    log.info("GPU %d: %d staging buffers of %.1f MiB for %s copies", self.device,
-                             self.staged.stages, self.copier.chunk_bytes / 2**20, engine)
+                    log.info("GPU %d: %d staging buffers of %.1f MiB for %s copies (kernel on %d CTAs)", self.device,
+                             self.staged.stages, self.copier.chunk_bytes / 2**20, engine, self.staged.grid)
             except BaseException:
                 self._close_handles()
                 raise
