@@ -110,3 +110,9 @@ if [[ $what == latency ]]; then
   timeout 120 python3 /tmp/lmcd-request-path.py --requests 2000 2>&1 | tail -30 | tee "$OUT/request-path.log"
   bench staged --copy-engine staged -- --repeats 30
 fi
+if [[ $what == check ]]; then
+  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+  bench staged --copy-engine staged -- --repeats 30 --load
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+fi
