@@ -5,7 +5,7 @@ views ``[blocks, heads, block_size, 2*head_dim]``; default Llama-3-8B: 32 layers
 head_dim 128, bf16, block 16), registers through ``WorkerState`` (CUDA IPC), and times:
 
 - store: ``WorkerState.store`` (record event, Store request, server launch) until the server's
-  event has completed, as seen by this worker;
+  event has completed, as seen by this worker (``WorkerState.stores_done``, polled);
 - retrieve: ``WorkerState.load`` (Retrieve, stream waits on the server's event) until this
   worker's stream has passed it;
 
@@ -148,9 +148,8 @@ class GpuBench:
         t1 = time.perf_counter()
         if not cuda.stores_pending:
             raise LmcdError("the server did not store the chunks (pool full or server gone)")
-        assert cuda.server_event is not None
-        cuda.server_event.synchronize()
-        cuda.stores_pending = False
+        while not self.worker.stores_done():  # how the connector learns it (polls the server's event)
+            pass
         self.phases.append((t1 - t0, time.perf_counter() - t1))
 
     def wait_ready(self, hashes: list[bytes]) -> None:

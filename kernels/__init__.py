@@ -245,9 +245,13 @@ class StagedCopier:
     up to K (``stages_for``) chunks ahead, and the copy engine crosses PCIe one chunk at a time
     (one contiguous copy is what the link does best; several at once do worse). Under an engine's
     compute the server's kernels wait for time slices; K chunks gathered ahead keep the link busy
-    meanwhile. A one-chunk request runs both steps on the caller's stream. Both streams start
-    after ``after`` (the worker's event); the caller's stream ends after the whole copy, so the
-    caller records its completion events as for ``PageCopier.launch``.
+    meanwhile. A one-chunk request runs both steps on the caller's stream.
+
+    Ordering: the side stream starts where the caller's stream is (so buffers a previous request
+    still reads are not overwritten); ``after`` (the worker's event) comes before the first step
+    that touches the worker's blocks: the first gather (store), or the first scatter (retrieve:
+    the pool's chunks cross PCIe into the buffers meanwhile). The caller's stream ends after the
+    whole copy, so the caller records its completion events as for ``PageCopier.launch``.
     """
 
     def __init__(self, copier: PageCopier, grid: int = 0, stages: int = 0) -> None:
@@ -272,7 +276,8 @@ class StagedCopier:
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0, after: int | None = None) -> None:
-        """As ``PageCopier.launch``; ``after``: an event (CUevent) both streams wait on first."""
+        """As ``PageCopier.launch``; ``after``: an event (CUevent) to wait on before the worker's blocks
+        are read (store) or written (retrieve)."""
         copier = self.copier
         slots, blocks = copier.check(slot_addresses, block_ids, skip_blocks)
         lib = fast_driver()
@@ -280,8 +285,8 @@ class StagedCopier:
         num_chunks, bpc, chunk_bytes, k = len(slots), copier.blocks_per_chunk, copier.chunk_bytes, self.stages
         first = main if num_chunks == 1 else self.side.ptr  # the stream of each chunk's first step
         per_chunk = blocks.reshape(num_chunks, bpc)
-        if after is not None:
-            check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent")
+        if to_pool and after is not None:  # the gathers read the worker's blocks
+            check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent (worker's event)")
         staging = None
         if not copier.inline:  # more block ids than a launch carries: one upload of per-chunk records
             staging, words = copier._arguments(num_chunks * (1 + bpc), main)
@@ -290,11 +295,8 @@ class StagedCopier:
             records[:, 1:] = per_chunk
             copier._upload(staging, words.nbytes, main)
         if first != main:  # the side stream starts where the caller's stream is now
-            start = after
-            if staging is not None or after is None:
-                check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
-                start = self._forked.ptr
-            check(lib.cuStreamWaitEvent(first, start, 0), "cuStreamWaitEvent (fork)")
+            check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
+            check(lib.cuStreamWaitEvent(first, self._forked.ptr, 0), "cuStreamWaitEvent (fork)")
 
         def move_pages(c: int, s: int, buffer: int) -> None:
             skip = skip_blocks if c == 0 else 0
@@ -318,6 +320,8 @@ class StagedCopier:
             if to_pool:
                 check(lib.cuMemcpyAsync(int(slots[c]), buffer, chunk_bytes, main), "cuMemcpyAsync (to the pool)")
             else:
+                if c == 0 and after is not None:  # the scatters write the worker's blocks
+                    check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent (worker's event)")
                 move_pages(c, main, buffer)
             if first != main and c + k < num_chunks:
                 check(lib.cuEventRecord(self._freed[b].ptr, main), "cuEventRecord (buffer freed)")

@@ -215,3 +215,30 @@ def test_chunks_with_more_block_ids_than_a_launch_carries(staged: bool) -> None:
         for plane, old in zip(pl, before, strict=True):
             assert torch.equal(plane[dst_t[2:]], old[src_t[2:]])
             assert torch.equal(plane[dst_t[:2]], old[dst_t[:2]]), "skipped blocks were written"
+
+
+def test_staged_requests_back_to_back_keep_their_buffers() -> None:
+    """A staged request's side stream starts only after the previous request has left the staging
+    buffers, even when both wait on an event that is already complete (the worker's event)."""
+    import cupy
+    import torch
+
+    buffer, kv = build_kv("LBHNC", "bf16")
+    bpc, n = 4, 4  # 4 chunks on 2 buffers per request, two requests with no host wait in between
+    _, copier, launcher = copier_for(kv, buffer, bpc, staged=True)
+    pl = planes(kv)
+    rng = np.random.default_rng()
+    ids = rng.choice(BLOCKS, 2 * n * bpc, replace=False)
+    pool = torch.zeros(2 * n * copier.chunk_bytes, dtype=torch.int8, pin_memory=True)
+    first = pool.data_ptr() + np.arange(n, dtype=np.int64) * copier.chunk_bytes
+    second = first + n * copier.chunk_bytes
+    stream = cupy.cuda.Stream(non_blocking=True)
+    worker_event = cupy.cuda.Event(disable_timing=True)
+    torch.cuda.synchronize()
+    worker_event.record(stream)
+    for _ in range(3):
+        launcher.launch(first, ids[: n * bpc], True, stream, after=worker_event.ptr)
+        launcher.launch(second, ids[n * bpc:], True, stream, after=worker_event.ptr)
+        stream.synchronize()
+        src = torch.as_tensor(ids, device="cuda")
+        assert torch.equal(pool, reference_gather(pl, src, 2 * n, bpc).cpu())
