@@ -239,7 +239,61 @@ def main() -> None:
     proc.join(5)
 
 
+def pool_copies() -> None:
+    """32 MiB copies between GPU memory and host memory as the server's pool is (an anonymous mmap
+    registered with cudaHostRegister), with and without transparent huge pages, against
+    cudaHostAlloc'd memory; each region is visited once cold, then again."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    piece, size = 32 << 20, 2 << 30
+    dev = cupy.empty(piece, dtype=cupy.uint8)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
+    try:
+        print("THP:", open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip())
+    except OSError:
+        pass
+
+    def sweep(base: int, label: str) -> None:
+        for direction in ("H2D", "D2H"):
+            for visit in ("cold", "warm"):
+                times = []
+                for off in range(0, size, piece):
+                    t0.record(stream)
+                    if direction == "H2D":
+                        dev.data.copy_from_host_async(base + off, piece, stream)
+                    else:
+                        dev.data.copy_to_host_async(base + off, piece, stream)
+                    t1.record(stream)
+                    t1.synchronize()
+                    times.append(cupy.cuda.get_elapsed_time(t0, t1) / 1e3)
+                print(f"  {label:34s} {direction} {visit}: median {piece / statistics.median(times) / 1e9:5.1f} GB/s, "
+                      f"first {piece / times[0] / 1e9:5.1f}, slowest {piece / max(times) / 1e9:5.1f}")
+
+    pinned = cupy.cuda.alloc_pinned_memory(size)
+    np.frombuffer(pinned, dtype=np.uint8, count=size)[::4096] = 1
+    sweep(pinned.ptr, "cudaHostAlloc")
+    for hint in (False, True):
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        if hint:
+            libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
+        np.frombuffer(m, dtype=np.uint8)[::4096] = 1
+        huge = 0
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("AnonHugePages"):
+                huge = int(line.split()[1]) >> 10
+        t = time.perf_counter()
+        cupy.cuda.runtime.hostRegister(addr, size, 3)
+        reg = time.perf_counter() - t
+        sweep(addr, f"mmap{' +MADV_HUGEPAGE' if hint else ''} ({huge} MiB huge, reg {reg:.2f}s)")
+        cupy.cuda.runtime.hostUnregister(addr)
+        m.close()
+
+
 if __name__ == "__main__":
     import sys
 
-    staged() if sys.argv[1:] == ["staged"] else main()
+    {"staged": staged, "pool": pool_copies}.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -108,7 +108,9 @@ LEGS = (("call", "sent", "worker: call -> request sent"),
         ("replied", "polled", "trip back (reply seen by the worker)"),
         ("polled", "returned", "worker: reply -> return"),
         ("returned", "done", "worker: return -> GPU copy seen done"),
-        ("call", "done", "whole path"))
+        ("call", "done", "whole path"),
+        ("submitted", "server_done", "(spin) submitted -> server sees the copy done"),
+        ("server_done", "done", "(spin) server sees it done -> worker does"))
 STAMPS: dict[int, dict[str, Any]] = collections.defaultdict(dict)  # rid -> stamp name -> perf_counter
 NOW: dict[str, Any] = {"rid": None, "call": 0.0}
 
@@ -136,6 +138,10 @@ def timeline_server() -> None:
             end.record(self.stream)
         NOW["submitted"] = time.perf_counter()
         NOW["gpu_events"] = (start, end)
+        if os.environ.get("LMCD_TRACE_SPIN"):  # when the server itself could see the copy done (delays the reply)
+            while cupy.cuda.runtime.eventQuery(end.ptr) != 0:
+                pass
+            NOW["server_done"] = time.perf_counter()
 
     def send_reply_stamped(*args: Any, **kwargs: Any) -> None:
         send_reply(*args, **kwargs)
