@@ -16,6 +16,7 @@ events and by host wall time from the first call to the completion seen on the h
 from __future__ import annotations
 
 import multiprocessing as mp
+import pathlib
 import statistics
 import time
 
@@ -251,10 +252,8 @@ def pool_copies() -> None:
     dev = cupy.empty(piece, dtype=cupy.uint8)
     stream = cupy.cuda.Stream(non_blocking=True)
     t0, t1 = cupy.cuda.Event(), cupy.cuda.Event()
-    try:
-        print("THP:", open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip())
-    except OSError:
-        pass
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    print("THP:", thp.read_text().strip() if thp.exists() else "?")
 
     def sweep(base: int, label: str) -> None:
         for direction in ("H2D", "D2H"):
@@ -282,7 +281,7 @@ def pool_copies() -> None:
             libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
         np.frombuffer(m, dtype=np.uint8)[::4096] = 1
         huge = 0
-        for line in open("/proc/self/smaps_rollup"):
+        for line in pathlib.Path("/proc/self/smaps_rollup").read_text().splitlines():
             if line.startswith("AnonHugePages"):
                 huge = int(line.split()[1]) >> 10
         t = time.perf_counter()
