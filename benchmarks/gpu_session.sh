@@ -116,3 +116,7 @@ if [[ $what == check ]]; then
   timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
     -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 fi
+if [[ $what == diag ]]; then
+  timeout 120 python3 /tmp/lmcd-probe.py pool 2>&1 | tee "$OUT/probe-pool.log"
+  LMCD_TRACE_SPIN=1 timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline-spin.log"
+fi
