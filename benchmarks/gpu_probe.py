@@ -41,10 +41,12 @@ def median_us(fn, n: int = 200) -> float:
 
 
 def kernel_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream,
-                rounds: int = 12) -> float:
+                rounds: int = 12, idle_s: float = 0.0) -> float:
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     times = []
     for _ in range(rounds):
+        if idle_s:  # the GPU idles between requests, as it does between a server's requests
+            time.sleep(idle_s)
         start.record(stream)
         copier.launch(slots, blocks, to_pool, stream)
         end.record(stream)
@@ -114,6 +116,14 @@ def staged() -> None:
             ws = wall_gbps(copier, slots, blocks, False, stream)
             print(f"  {name:12s} device: store {g:5.1f} ({g / d2h:.3f}) retrieve {sc:5.1f} ({sc / h2d:.3f})   "
                   f"host wall: store {wg:5.1f} ({wg / d2h:.3f}) retrieve {ws:5.1f} ({ws / h2d:.3f})")
+    n = 1
+    slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes
+    blocks = rng.choice(num_blocks, n * BPC, replace=False)
+    print("256 tokens with the GPU idle 1 ms before each copy (device time):")
+    for name, copier in [("direct 16", direct), ("staged 132", stagers["staged 132"])]:
+        g = kernel_gbps(copier, slots, blocks, True, stream, 20, 0.001)
+        sc = kernel_gbps(copier, slots, blocks, False, stream, 20, 0.001)
+        print(f"  {name:12s} store {g:5.1f} GB/s  retrieve {sc:5.1f} GB/s")
     # bit-exactness of the staged path against the direct one
     n = 4
     slots = pool.ptr + np.arange(n, dtype=np.int64) * chunk_bytes

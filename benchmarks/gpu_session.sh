@@ -120,3 +120,6 @@ if [[ $what == diag ]]; then
   timeout 120 python3 /tmp/lmcd-probe.py pool 2>&1 | tee "$OUT/probe-pool.log"
   LMCD_TRACE_SPIN=1 timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline-spin.log"
 fi
+if [[ $what == probe ]]; then
+  timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
+fi
