@@ -123,3 +123,7 @@ fi
 if [[ $what == probe ]]; then
   timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
 fi
+if [[ $what == cpuwait ]]; then
+  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | grep -E "tokens|^ +[0-9]|Store|Retrieve|whole|GPU:" | tee "$OUT/timeline.log"
+  LMCD_TRACE_CPU_WAIT=1 timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | grep -E "tokens|^ +[0-9]|Store|Retrieve|whole|GPU:" | tee "$OUT/timeline-cpuwait.log"
+fi
