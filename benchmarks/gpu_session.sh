@@ -2,7 +2,7 @@
 # One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
 # Usage on the GPU machine, from the repository root, with the wheels from
 # ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|staged|trace|one|quick|debug]
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lmcd-gpu}
@@ -42,88 +42,41 @@ bench() {  # bench NAME SERVER-FLAGS... -- BENCH-FLAGS...
 }
 
 if [[ $what == one ]]; then
-  bench kernel16 --copy-ctas 16 -- --repeats 20 --load
+  bench staged -- --repeats 20 --load
 fi
 if [[ $what == debug ]]; then
   bench debug --log-level DEBUG -- --repeats 10 --tokens 256,4096
   grep -E "launched|Replied to (store|retrieve)|submit us" "$OUT/server-debug.log" | tail -12
 fi
 if [[ $what == quick ]]; then
-  bench kernel16 --copy-ctas 16 -- --repeats 10 --load --in-process --in-process-ctas 16
+  bench staged -- --repeats 10 --load --in-process --in-process-ctas 16
 fi
 if [[ $what == bench || $what == all ]]; then
-  bench kernel16 --copy-ctas 16 -- --repeats 20 --load --in-process --in-process-ctas 16
-  bench kernel132 --copy-ctas 132 -- --repeats 10 --tokens 4096,16384 --load --in-process --in-process-ctas 132
-  bench kernel8 --copy-ctas 8 -- --repeats 10 --tokens 256,4096,16384 --load
+  bench staged -- --repeats 20 --load --in-process --in-process-ctas 16
+  bench kernel16 --copy-engine kernel --copy-ctas 16 -- --repeats 20 --load
+  bench kernel132 --copy-engine kernel --copy-ctas 132 -- --repeats 10 --tokens 4096,16384 --load --in-process \
+    --in-process-ctas 132
   bench dma --copy-engine dma -- --repeats 20 --load
 fi
 if [[ $what == trace ]]; then
   timeout 400 python3 /tmp/lmcd-trace.py --tokens ${TRACE_TOKENS:-256,4096,16384} --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
 fi
-if [[ $what == final ]]; then
-  bench kernel16 --copy-ctas 16 -- --repeats 20 --load
+if [[ $what == final ]]; then  # the default twice (two servers), then the other engines
+  bench staged -- --repeats 30 --load
+  bench staged-again -- --repeats 30 --load
+  bench kernel16 --copy-engine kernel --copy-ctas 16 -- --repeats 20 --load
   bench dma --copy-engine dma -- --repeats 20 --load
-fi
-if [[ $what == staged ]]; then
-  timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
-  bench staged --copy-engine staged -- --repeats 20 --load
-  bench kernel16 --copy-ctas 16 -- --repeats 20
-fi
-if [[ $what == timeline || $what == timeline+tests ]]; then
-  timeout 200 python3 /tmp/lmcd-trace.py --timeline --tokens ${TRACE_TOKENS:-256,4096} --repeats 30 ${TRACE_FLAGS:-} 2>&1 \
-    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-fi
-if [[ $what == timeline+tests ]]; then
-  timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
-fi
-if [[ $what == staged2 ]]; then
-  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-  timeout 100 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
-  bench staged16 --copy-engine staged -- --repeats 20 --load
-  LMCD_STAGE_BUFFERS=4 bench staged16x4 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
-  bench staged132 --copy-engine staged --copy-ctas 132 -- --repeats 20 --load
-  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 --copy-engine staged 2>&1 \
-    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-fi
-if [[ $what == staged3 ]]; then
-  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-  timeout 100 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
-  bench staged --copy-engine staged -- --repeats 20 --load
-  LMCD_STAGE_BUFFERS=2 bench staged-x2 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
-  LMCD_STAGE_BUFFERS=8 bench staged-x8 --copy-engine staged -- --repeats 20 --load --tokens 4096,16384
-  bench dma --copy-engine dma -- --repeats 10 --load --tokens 16384
-fi
-if [[ $what == engines ]]; then
-  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-  bench staged --copy-engine staged -- --repeats 20 --load
-  bench dma --copy-engine dma -- --repeats 20 --load
-  bench kernel --copy-engine kernel -- --repeats 20 --load
-  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 \
-    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-fi
-if [[ $what == latency ]]; then
-  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-  timeout 120 python3 /tmp/lmcd-request-path.py --requests 2000 2>&1 | tail -30 | tee "$OUT/request-path.log"
-  bench staged --copy-engine staged -- --repeats 30
-fi
-if [[ $what == check ]]; then
-  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-  bench staged --copy-engine staged -- --repeats 30 --load
-  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 100 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
-fi
-if [[ $what == diag ]]; then
-  timeout 120 python3 /tmp/lmcd-probe.py pool 2>&1 | tee "$OUT/probe-pool.log"
-  LMCD_TRACE_SPIN=1 timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256 --repeats 30 2>&1 | grep -v "LMCache INFO" | tee "$OUT/timeline-spin.log"
+  timeout 120 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" \
+    | tee "$OUT/timeline.log"
 fi
 if [[ $what == probe ]]; then
   timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
+  timeout 120 python3 /tmp/lmcd-probe.py pool 2>&1 | tee "$OUT/probe-pool.log"
 fi
-if [[ $what == cpuwait ]]; then
-  timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | grep -E "tokens|^ +[0-9]|Store|Retrieve|whole|GPU:" | tee "$OUT/timeline.log"
-  LMCD_TRACE_CPU_WAIT=1 timeout 100 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" | grep -E "tokens|^ +[0-9]|Store|Retrieve|whole|GPU:" | tee "$OUT/timeline-cpuwait.log"
+if [[ $what == timeline ]]; then  # TRACE_FLAGS: server flags; LMCD_TRACE_SPIN / LMCD_TRACE_CPU_WAIT: experiments
+  timeout 200 python3 /tmp/lmcd-trace.py --timeline --tokens ${TRACE_TOKENS:-256,4096} --repeats 30 ${TRACE_FLAGS:-} 2>&1 \
+    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
+fi
+if [[ $what == latency ]]; then
+  timeout 120 python3 /tmp/lmcd-request-path.py --requests 2000 2>&1 | tail -30 | tee "$OUT/request-path.log"
 fi

@@ -8,7 +8,12 @@ the process, and CuPy caches the binary on disk across processes.
 ``PageCopier`` is one KV registration on one device: it holds the per-plane base addresses on
 the device and launches ONE kernel per request over every plane and block, on the caller's
 stream, after validating every input on the host (block ids against the registered block
-count, sizes, alignment): nothing invalid is ever launched.
+count, sizes, alignment): nothing invalid is ever launched. A one-chunk request carries its
+block ids inside the launch (no argument upload before the kernel).
+
+``StagedCopier`` wraps a ``PageCopier`` for the server's default engine: each chunk crosses
+PCIe as one contiguous copy-engine copy through a staging buffer in GPU memory, and the kernel
+(one launch per chunk, on every SM) only moves pages between that buffer and the KV blocks.
 
 The copy is layout-agnostic: vLLM's per-layer views ``[blocks, heads, block_size, 2*head_dim]``
 (LBHNC) or ``[blocks, block_size, heads, 2*head_dim]`` (LBNHC), MLA's ``[blocks, 1, block_size,
@@ -156,14 +161,14 @@ class PageCopier:
         if num_chunks == 1 and self.inline:
             self.launch_one(int(slots[0]), blocks, skip_blocks, to_pool, stream_ptr)
             return
-        staging, words = self._arguments(num_chunks + len(blocks), stream_ptr)
+        staging, words = self.argument_buffer(num_chunks + len(blocks))
         words[:num_chunks] = slots
         words[num_chunks:] = blocks
-        self._upload(staging, words.nbytes, stream_ptr)
+        self.upload_arguments(staging, words.nbytes, stream_ptr)
         self.launch_kernel(staging.dev.data.ptr, num_chunks, skip_blocks, to_pool, stream_ptr)
         check(fast_driver().cuEventRecord(staging.used.ptr, stream_ptr), "cuEventRecord")
 
-    def _arguments(self, count: int, stream_ptr: int) -> tuple[_Staging, np.ndarray]:
+    def argument_buffer(self, count: int) -> tuple[_Staging, np.ndarray]:
         """The next argument buffer of the ring, with room for ``count`` int64 words (host view)."""
         staging = self._staging[self._next % STAGING_SLOTS]
         self._next += 1
@@ -171,7 +176,7 @@ class PageCopier:
         return staging, staging.words[:count]
 
     @staticmethod
-    def _upload(staging: _Staging, nbytes: int, stream_ptr: int) -> None:
+    def upload_arguments(staging: _Staging, nbytes: int, stream_ptr: int) -> None:
         check(fast_driver().cuMemcpyHtoDAsync_v2(staging.dev.data.ptr, staging.host.ptr, nbytes, stream_ptr),
               "cuMemcpyHtoDAsync (copy arguments)")
 
@@ -289,11 +294,11 @@ class StagedCopier:
             check(lib.cuStreamWaitEvent(main, after, 0), "cuStreamWaitEvent (worker's event)")
         staging = None
         if not copier.inline:  # more block ids than a launch carries: one upload of per-chunk records
-            staging, words = copier._arguments(num_chunks * (1 + bpc), main)
+            staging, words = copier.argument_buffer(num_chunks * (1 + bpc))
             records = words.reshape(num_chunks, 1 + bpc)
             records[:, 0] = self.buffer_addresses[np.arange(num_chunks) % k]
             records[:, 1:] = per_chunk
-            copier._upload(staging, words.nbytes, main)
+            copier.upload_arguments(staging, words.nbytes, main)
         if first != main:  # the side stream starts where the caller's stream is now
             check(lib.cuEventRecord(self._forked.ptr, main), "cuEventRecord (fork)")
             check(lib.cuStreamWaitEvent(first, self._forked.ptr, 0), "cuStreamWaitEvent (fork)")

@@ -9,12 +9,16 @@ Imported only when CuPy is installed and a GPU is visible; the server never impo
   the worker's own device), a non-blocking stream, the worker's interprocess event (opened)
   and the server's own interprocess event (its handle goes back in ``Registered``).
 
-A copy is: the stream waits on the worker's event (the worker recorded it after the step that
-produced the KV, or before the forward that will read it) -> one kernel over every plane and
-block of the request -> the server's event is recorded -> the request is answered at once.
-The worker waits on the server's event on its own stream (load) or polls it before its blocks
-may be reused (store): no host waits on the hot path. A per-worker completion thread waits for
-each copy's own event and hands the bookkeeping (chunk ready, pins released) back to the loop.
+A copy (``--copy-engine``): staged (the default; ``lmcd.kernels.StagedCopier``: every chunk crosses
+PCIe as one contiguous copy-engine copy through a staging buffer in GPU memory, a kernel moves
+the pages between that buffer and the KV blocks), kernel (one kernel over every plane and block
+of the request, reading or writing the pinned pool in place) or dma (one batch of copy-engine
+copies of the page runs). Ordering: the copy waits on the worker's event (recorded after the
+step that produced the KV, or before the forward that will read it) before it touches the
+worker's blocks -> the server's event is recorded -> the request is answered at once. The worker
+waits on the server's event on its own stream (load) or polls it before its blocks may be reused
+(store): no host waits on the hot path. A per-worker completion thread waits for each copy's
+own event and hands the bookkeeping (chunk ready, pins released) back to the loop.
 """
 
 from __future__ import annotations
