@@ -200,10 +200,7 @@ class GpuWorker:
                 self.layer_addresses = bases + np.asarray(layout.layer_offsets, dtype=np.int64)
                 self.copier = PageCopier(self.device, self.layer_addresses.tolist(), layout.num_blocks,
                                          layout.page_bytes, layout.block_stride, blocks_per_chunk, grid)
-                self.staged = StagedCopier(self.copier) if engine == "staged" else None
-                if self.staged is not None:
-                    log.info("GPU %d: %d staging buffers of %.1f MiB for %s copies (kernel on %d CTAs)", self.device,
-                             self.staged.stages, self.copier.chunk_bytes / 2**20, engine, self.staged.grid)
+                self.staged = self._staged_copier() if engine == "staged" else None
             except BaseException:
                 self._close_handles()
                 raise
@@ -211,6 +208,21 @@ class GpuWorker:
         self._completions: queue.SimpleQueue[tuple[Any, float, Done] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete, name=f"lmcd-gpu{self.device}", daemon=True)
         self._thread.start()
+
+    def _staged_copier(self) -> StagedCopier | None:
+        """The staging buffers in this GPU's memory, or None (the kernel engine) where vLLM left too
+        little free memory for them: copies still work, at the zero-copy kernel's speed."""
+        try:
+            staged = StagedCopier(self.copier)
+        except self.host.cupy.cuda.memory.OutOfMemoryError as exc:
+            log.warning("GPU %d has too little free memory for the staging buffers of staged copies (%s); this "
+                        "worker's copies use the kernel engine instead. Lower vLLM's --gpu-memory-utilization a "
+                        "little (a few hundred MiB) to get them", self.device, exc)
+            self.engine = "kernel"
+            return None
+        log.info("GPU %d: %d staging buffers of %.1f MiB for staged copies (kernel on %d CTAs)", self.device,
+                 staged.stages, self.copier.chunk_bytes / 2**20, staged.grid)
+        return staged
 
     def submit(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, done: Done,
                skip_blocks: int = 0) -> None:

@@ -34,6 +34,9 @@ WORKER = textwrap.dedent(r"""
     buf = torch.randint(-128, 128, (L * B * page,), dtype=torch.int8, device=dev)   # vLLM: one int8 buffer
     kv = {f"model.layers.{i}.self_attn.attn": buf[i * B * page:(i + 1) * B * page].view(torch.bfloat16).view(shape)
           for i in range(L)}
+    if os.environ.get("LMCD_TEST_FILL_GPU"):  # leave the server less GPU memory than its staging buffers need
+        free, _ = torch.cuda.mem_get_info(dev)
+        hog = torch.empty(free - (96 << 20), dtype=torch.uint8, device=dev)
     settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port})
     w = WorkerState(settings, p.Namespace("harness", "bfloat16", f"L{L}.{layout}", 1, 0), f"harness gpu{dev}")
     w.register_kv_caches(kv, B, N)
@@ -88,6 +91,13 @@ def gpu_server(request):  # noqa: ANN001, ANN201
     server = start_server("--cuda", "on", "--l1-size-gb", "2", "--copy-engine", engine)
     yield server
     server.stop()
+
+
+def test_staged_copies_fall_back_to_the_kernel_when_gpu_memory_is_short(gpu_server) -> None:  # noqa: ANN001
+    port = int(gpu_server.url.rsplit(":", 1)[1])
+    result = result_of(run_worker(0, port, "LBHNC", env={"LMCD_TEST_FILL_GPU": "1"}))
+    assert result["results"] == [True, True, True]
+    gpu_server.wait_for_log(r"too little free memory for the staging buffers .* use the kernel engine instead")
 
 
 @pytest.mark.parametrize("gpu_server", ["kernel", "staged", "dma"], indirect=True)
