@@ -35,8 +35,13 @@ WORKER = textwrap.dedent(r"""
     kv = {f"model.layers.{i}.self_attn.attn": buf[i * B * page:(i + 1) * B * page].view(torch.bfloat16).view(shape)
           for i in range(L)}
     if os.environ.get("LMCD_TEST_FILL_GPU"):  # leave the server less GPU memory than its staging buffers need
-        free, _ = torch.cuda.mem_get_info(dev)
-        hog = torch.empty(free - (96 << 20), dtype=torch.uint8, device=dev)
+        hog = []
+        try:
+            while True:
+                hog.append(torch.empty(64 << 20, dtype=torch.uint8, device=dev))
+        except torch.OutOfMemoryError:
+            del hog[-2:]  # about 128-190 MiB free again: enough for this worker, not for 256 MiB of staging
+            torch.cuda.empty_cache()
     settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port})
     w = WorkerState(settings, p.Namespace("harness", "bfloat16", f"L{L}.{layout}", 1, 0), f"harness gpu{dev}")
     w.register_kv_caches(kv, B, N)
