@@ -39,7 +39,7 @@ WORKER = textwrap.dedent(r"""
         try:
             while True:
                 hog.append(torch.empty(64 << 20, dtype=torch.uint8, device=dev))
-        except torch.OutOfMemoryError:
+        except RuntimeError:  # torch.OutOfMemoryError, or AcceleratorError "out of memory"
             del hog[-2:]  # about 128-190 MiB free again: enough for this worker, not for 256 MiB of staging
             torch.cuda.empty_cache()
     settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port})
