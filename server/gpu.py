@@ -215,6 +215,7 @@ class GpuWorker:
         try:
             staged = StagedCopier(self.copier)
         except self.host.cupy.cuda.memory.OutOfMemoryError as exc:
+            self.host.cupy.get_default_memory_pool().free_all_blocks()  # the buffers it did get go back to vLLM
             log.warning("GPU %d has too little free memory for the staging buffers of staged copies (%s); this "
                         "worker's copies use the kernel engine instead. Lower vLLM's --gpu-memory-utilization a "
                         "little (a few hundred MiB) to get them", self.device, exc)
