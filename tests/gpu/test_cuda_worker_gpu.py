@@ -34,19 +34,20 @@ WORKER = textwrap.dedent(r"""
     buf = torch.randint(-128, 128, (L * B * page,), dtype=torch.int8, device=dev)   # vLLM: one int8 buffer
     kv = {f"model.layers.{i}.self_attn.attn": buf[i * B * page:(i + 1) * B * page].view(torch.bfloat16).view(shape)
           for i in range(L)}
-    if os.environ.get("LMCD_TEST_FILL_GPU"):  # leave 40-56 MiB free: enough for this worker's rounds, too
+    if os.environ.get("LMCD_TEST_FILL_GPU"):  # leave the server 16-32 MiB: too little for 64 MiB of staging
         warm = torch.randint(-128, 128, (32, H * N * 2 * D * 2), dtype=torch.int8, device=dev)  # load the
         assert torch.equal(warm.clone(), warm[torch.arange(32, device=dev)])  # kernels the rounds use first
         del warm
-        hog = []                              # little for the server's 64 MiB of staging buffers
+        reserve = torch.empty(48 << 20, dtype=torch.uint8, device=dev)  # this worker's rounds use it later
+        hog = []
         try:
             while True:
                 hog.append(torch.empty(16 << 20, dtype=torch.uint8, device=dev))
         except RuntimeError:  # torch.OutOfMemoryError, or AcceleratorError "out of memory"
             pass
-        while hog and torch.cuda.mem_get_info(dev)[0] < (40 << 20):
-            del hog[-1]
-            torch.cuda.empty_cache()
+        del hog[-1]
+        torch.cuda.empty_cache()  # that piece goes back to the driver; the reserve stays in torch's cache:
+        del reserve
     settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port})
     w = WorkerState(settings, p.Namespace("harness", "bfloat16", f"L{L}.{layout}", 1, 0), f"harness gpu{dev}")
     w.register_kv_caches(kv, B, N)
