@@ -19,6 +19,7 @@ import multiprocessing as mp
 import pathlib
 import statistics
 import time
+from typing import Any
 
 import cupy
 import numpy as np
@@ -40,6 +41,26 @@ def median_us(fn, n: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
+def setup() -> tuple[int, Any, list[int], Any, int, int, Any, Any, np.random.Generator]:
+    """KV pages (Llama-3-8B geometry, room for two 16K-token requests), a stream, a pinned pool of
+    64 chunks filled with 7s, a device buffer as large, and a seeded generator."""
+    num_blocks = 2 * 16384 // BLOCK + 2
+    kv = cupy.random.randint(-128, 127, LAYERS * num_blocks * PAGE, dtype=cupy.int8)
+    bases = [kv.data.ptr + i * num_blocks * PAGE for i in range(LAYERS)]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    chunk_bytes = LAYERS * BPC * PAGE
+    pool_bytes = 64 * chunk_bytes
+    pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
+    np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
+    dev = cupy.empty(pool_bytes, dtype=cupy.int8)
+    rng = np.random.default_rng(0)
+    return num_blocks, kv, bases, stream, chunk_bytes, pool_bytes, pool, dev, rng
+
+
+def chunk_bytes_of(copier: PageCopier | StagedCopier) -> int:
+    return (copier.copier if isinstance(copier, StagedCopier) else copier).chunk_bytes
+
+
 def kernel_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np.ndarray, to_pool: bool, stream,
                 rounds: int = 12, idle_s: float = 0.0) -> float:
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
@@ -52,7 +73,7 @@ def kernel_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np
         end.record(stream)
         end.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    nbytes = len(slots) * (copier.copier if isinstance(copier, StagedCopier) else copier).chunk_bytes
+    nbytes = len(slots) * chunk_bytes_of(copier)
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
@@ -67,21 +88,12 @@ def wall_gbps(copier: PageCopier | StagedCopier, slots: np.ndarray, blocks: np.n
         end.record(stream)
         end.synchronize()
         times.append(time.perf_counter() - t0)
-    nbytes = len(slots) * (copier.copier if isinstance(copier, StagedCopier) else copier).chunk_bytes
+    nbytes = len(slots) * chunk_bytes_of(copier)
     return nbytes / statistics.median(times[2:]) / 1e9
 
 
 def staged() -> None:
-    num_blocks = 2 * 16384 // BLOCK + 2
-    kv = cupy.random.randint(-128, 127, LAYERS * num_blocks * PAGE, dtype=cupy.int8)
-    bases = [kv.data.ptr + i * num_blocks * PAGE for i in range(LAYERS)]
-    stream = cupy.cuda.Stream(non_blocking=True)
-    chunk_bytes = LAYERS * BPC * PAGE
-    pool_bytes = 64 * chunk_bytes
-    pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
-    np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
-    dev = cupy.empty(pool_bytes, dtype=cupy.int8)
-    rng = np.random.default_rng(0)
+    num_blocks, kv, bases, stream, chunk_bytes, pool_bytes, pool, dev, rng = setup()
     direct = PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16)
     stagers = {f"staged {g}": StagedCopier(PageCopier(0, bases, num_blocks, PAGE, PAGE, BPC, 16), g)
                for g in (16, 32, 132)}
@@ -162,16 +174,7 @@ def zmq_peer(port: int) -> None:
 
 
 def main() -> None:
-    num_blocks = 2 * 16384 // BLOCK + 2
-    kv = cupy.random.randint(-128, 127, LAYERS * num_blocks * PAGE, dtype=cupy.int8)
-    bases = [kv.data.ptr + i * num_blocks * PAGE for i in range(LAYERS)]
-    stream = cupy.cuda.Stream(non_blocking=True)
-    chunk_bytes = LAYERS * BPC * PAGE
-    pool_bytes = 64 * chunk_bytes
-    pool = cupy.cuda.alloc_pinned_memory(pool_bytes)
-    np.frombuffer(pool, dtype=np.uint8, count=pool_bytes)[:] = 7
-    rng = np.random.default_rng(0)
-    dev = cupy.empty(pool_bytes, dtype=cupy.int8)
+    num_blocks, kv, bases, stream, chunk_bytes, pool_bytes, pool, dev, rng = setup()
     sources = {u: variant_source(u) for u in (4, 8)}
     for tokens in (256, 4096, 16384):
         n = tokens // 256

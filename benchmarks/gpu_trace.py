@@ -82,10 +82,6 @@ def instrument_worker() -> None:
         encode = staticmethod(timed("worker:       encode", client.p.encoder.encode))
 
     client.p.encoder = Encoder()
-    if os.environ.get("LMCD_TRACE_CPU_WAIT"):  # experiment: the worker waits for a load on the CPU, not the GPU
-        from lmcd.connector import cuda
-
-        cuda.CudaShare.after_load = lambda self: self.server_event.synchronize()
 
 
 def worker_main(port: int, tokens: str, repeats: int, timeline: bool) -> int:
@@ -94,6 +90,10 @@ def worker_main(port: int, tokens: str, repeats: int, timeline: bool) -> int:
         timeline_worker()
     else:
         instrument_worker()
+    if os.environ.get("LMCD_TRACE_CPU_WAIT"):  # experiment: the worker waits for a load on the CPU, not the GPU
+        from lmcd.connector import cuda
+
+        cuda.CudaShare.after_load = lambda self: self.server_event.synchronize()
     from lmcd import cli
 
     rc = cli.main(["bench", "--device", "cuda", "--host", "127.0.0.1", "--port", str(port), "--tokens", tokens,
@@ -208,10 +208,6 @@ def timeline_worker() -> None:
         return wrapper
 
     client.p.encoder = Encoder()
-    if os.environ.get("LMCD_TRACE_CPU_WAIT"):  # experiment: the worker waits for a load on the CPU, not the GPU
-        from lmcd.connector import cuda
-
-        cuda.CudaShare.after_load = lambda self: self.server_event.synchronize()
     zsocket.Socket.send, zsocket.Socket.poll, zpoll.Poller.poll = send_stamped, polled(poll), polled(poller_poll)
     from lmcd.connector import worker
 

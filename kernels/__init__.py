@@ -275,10 +275,6 @@ class StagedCopier:
             self._filled = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self._buffers]
             self._freed = [cupy.cuda.Event(block=False, disable_timing=True) for _ in self._buffers]
 
-    @property
-    def nbytes(self) -> int:
-        return self.stages * self.copier.chunk_bytes
-
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0, after: int | None = None) -> None:
         """As ``PageCopier.launch``; ``after``: an event (CUevent) to wait on before the worker's blocks

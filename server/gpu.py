@@ -234,7 +234,7 @@ class GpuWorker:
         lib = fast_driver()
         self.host.use(self.device)  # this worker's context is current for the calls below
         stream = self.stream.ptr
-        if self.staged is not None:  # its two streams wait on the worker's event themselves
+        if self.staged is not None:  # it waits on the worker's event before touching the worker's blocks
             self.staged.launch(slot_addresses, block_ids, to_pool, stream, skip_blocks, after=self.worker_event)
         else:
             if self.worker_event is not None:  # the copy starts after the worker's recorded work
