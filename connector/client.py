@@ -54,6 +54,7 @@ def server_url(host: str = "localhost", port: int = DEFAULT_PORT) -> str:
 class LookupResult:
     num_hit_chunks: int
     lease_id: int | None
+    slot_offsets: list[list[int]] | None = None  # per rank, where the leased chunks are (shared pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,8 @@ class CacheClient:
         self._ctx: zmq.Context = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._replies: zmq.Poller | None = None  # made once per socket: Socket.poll makes one per call
+        self._posted: dict[int, str] = {}  # rid -> op of requests sent with post(), reply not yet read
+        self._arrived: dict[int, p.Reply] = {}  # their replies, read while waiting for another one
         if connect:
             self.connect()
 
@@ -103,6 +106,8 @@ class CacheClient:
     def connect(self) -> p.HelloReply:
         """(Re)open the socket and say Hello; raises ServerError on version/auth mismatch."""
         self.close()
+        self._posted.clear()
+        self._arrived.clear()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue a request for a server that is not there
@@ -169,10 +174,23 @@ class CacheClient:
     def unregister_worker(self, worker_id: int) -> None:
         self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister")
 
-    def lookup(self, chunk_hashes: Sequence[bytes], lease: bool = True) -> LookupResult:
-        reply = self._call(lambda rid: p.Lookup(rid, list(chunk_hashes), lease), "lookup")
+    def lookup(self, chunk_hashes: Sequence[bytes], lease: bool = True, slots: bool = False) -> LookupResult:
+        """``slots``: also where every rank's leased chunks are in the shared pool (if the server shares it)."""
+        reply = self._call(lambda rid: p.Lookup(rid, list(chunk_hashes), lease, slots), "lookup")
         assert isinstance(reply, p.LookupReply)
-        return LookupResult(reply.num_hit_chunks, reply.lease_id)
+        return LookupResult(reply.num_hit_chunks, reply.lease_id, reply.slot_offsets or None)
+
+    def lookup_for_load(self, chunk_hashes: Sequence[bytes]) -> tuple[int, int | None, list[list[int]] | None, float]:
+        """A scheduler's leased lookup: (hit chunks, lease id, per-rank slot offsets, valid until). The
+        offsets come where the server shares its pool, so that workers that copy themselves read the
+        chunks with no request of their own; they are trusted for half the lease's time to live
+        (``time.monotonic()``), then a worker pins the chunks again by their hashes."""
+        shared = self.hello is not None and bool(self.hello.pool_segment)
+        asked = time.monotonic()
+        result = self.lookup(chunk_hashes, True, shared)
+        ttl = self.hello.lease_ttl_s if self.hello is not None else 0.0
+        valid_until = asked + ttl / 2 if result.slot_offsets else 0.0
+        return result.num_hit_chunks, result.lease_id, result.slot_offsets, valid_until
 
     def store(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int]) -> StoreResult:
         reply = self._call(lambda rid: p.Store(rid, worker_id, list(chunk_hashes), list(block_ids)), "store")
@@ -211,6 +229,23 @@ class CacheClient:
         assert isinstance(reply, p.Released)
         return reply.num_unpinned
 
+    def grant(self, worker_id: int, num_slots: int) -> list[int]:
+        """lmcache_driven: free slots to fill before naming the chunks (``post_commit_granted``)."""
+        reply = self._call(lambda rid: p.Grant(rid, worker_id, num_slots), "grant")
+        assert isinstance(reply, p.Granted)
+        return list(reply.slot_offsets)
+
+    def post_commit_granted(self, worker_id: int, chunk_hashes: Sequence[bytes], slot_offsets: Sequence[int],
+                            want_slots: int, ok: bool = True) -> int:
+        """Send the commit of chunks written into granted slots without waiting; ``collect`` its
+        ``Committed`` (statuses, fresh grants) later."""
+        return self.post(lambda rid: p.Commit(rid, worker_id, list(chunk_hashes), ok, list(slot_offsets),
+                                              want_slots), "commit")
+
+    def post_release_rank(self, lease_id: int, rank: int) -> int:
+        """Send the end of rank ``rank``'s part of a lease without waiting (``collect`` the reply)."""
+        return self.post(lambda rid: p.Release(rid, lease_id, rank), "release")
+
     def clear(self) -> int:
         reply = self._call(lambda rid: p.Clear(rid), "clear")
         assert isinstance(reply, p.Cleared)
@@ -227,6 +262,39 @@ class CacheClient:
         """Send arbitrary frames (tests use it to prove the server survives garbage)."""
         assert self._sock is not None, "not connected"
         self._sock.send_multipart(list(frames))
+
+    def post(self, make: Callable[[int], p.Request], op: str) -> int:
+        """Send a request and return its rid at once; its reply is read by ``collect`` (or kept
+        aside while another call waits for its own reply)."""
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise LmcdError(f"{op}: the client is closed; call connect() first")
+            rid = next(self._rids)
+            try:
+                sock.send(p.encoder.encode(make(rid)), zmq.NOBLOCK)
+            except zmq.Again:
+                raise ServerTimeout(f"{op}: no connection to the lmcd server at {self.url}") from None
+            self._posted[rid] = op
+            return rid
+
+    def collect(self, rid: int, timeout_s: float = 0.0) -> p.Reply | None:
+        """The reply to posted request ``rid``, or None if it has not come within ``timeout_s``.
+        An ``Error`` reply raises ServerError."""
+        with self._lock:
+            reply = self._arrived.pop(rid, None)
+            if reply is None and rid in self._posted:
+                reply = self._wait_for(rid, time.monotonic() + timeout_s, self._posted[rid], quiet=True)
+            if reply is not None:
+                op = self._posted.pop(rid, "request")
+                if isinstance(reply, p.Error):
+                    raise ServerError(reply.code, reply.message, op)
+            return reply
+
+    @property
+    def num_posted(self) -> int:
+        """Posted requests whose reply has not been collected."""
+        return len(self._posted)
 
     def _call(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
         with self._lock:
@@ -256,14 +324,26 @@ class CacheClient:
                 raise ServerTimeout(f"{op}: cannot reach the lmcd server at {self.url} within {wait_s:.1f} s;"
                                     " is `lmcache server` running there?") from None
             sock.send(request)
-        deadline = time.monotonic() + self.timeout_s
+        reply = self._wait_for(rid, time.monotonic() + self.timeout_s, op)
+        assert reply is not None
+        return reply
+
+    def _wait_for(self, rid: int, deadline: float, op: str, quiet: bool = False) -> p.Reply | None:
+        """Read replies until ``rid``'s; a posted request's reply is kept for ``collect``, any other
+        answers a request that already timed out. None (``quiet``) or ServerTimeout at the deadline."""
+        sock, replies = self._sock, self._replies
+        assert sock is not None and replies is not None
         while True:
             if not replies.poll(self._ms_left(deadline)):
+                if quiet:
+                    return None
                 raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url} within "
                                     f"{self.timeout_s:.1f} s")
             reply = p.reply_decoder.decode(sock.recv())
             if reply.rid == rid:
-                return reply  # anything else answers a request that already timed out
+                return reply
+            if reply.rid in self._posted:
+                self._arrived[reply.rid] = reply
 
     @staticmethod
     def _ms_left(deadline: float) -> int:

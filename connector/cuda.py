@@ -23,14 +23,18 @@ Torch is imported here; this module runs inside vLLM (or a test harness), never 
 from __future__ import annotations
 
 import ctypes
+import logging
+import time
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from lmcd.cudadrv import check, driver, fast_driver
 
 CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 IPC_HANDLE_BYTES = 64
+log = logging.getLogger("lmcd.connector")
 VMM_ADVICE = ("vLLM allocated its KV cache with CUDA's virtual memory API, which legacy CUDA IPC cannot share: "
               "start vLLM without --enable-sleep-mode and without PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
               "(or use lmcache.mp.mp_transfer_mode lmcache_driven, where no KV memory is shared)")
@@ -40,13 +44,16 @@ class CudaShareError(ValueError):
     """KV memory this connector cannot share with the server; the message says why and what to do."""
 
 
-def allocation_of(address: int) -> tuple[int, int]:
-    """(base, size) of the CUDA allocation holding ``address``; refuses memory legacy IPC cannot export."""
+def ipc_capable(address: int) -> bool:
+    """Whether legacy CUDA IPC can export the allocation holding ``address`` (not VMM memory)."""
     capable = ctypes.c_uint32(0)
     check(driver().cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
                                            ctypes.c_uint64(address)), "cuPointerGetAttribute", CudaShareError)
-    if not capable.value & 0xFF:
-        raise CudaShareError(VMM_ADVICE)
+    return bool(capable.value & 0xFF)
+
+
+def allocation_of(address: int) -> tuple[int, int]:
+    """(base, size) of the CUDA allocation holding ``address``."""
     base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
     check(driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
            "cuMemGetAddressRange", CudaShareError)
@@ -66,7 +73,7 @@ def device_pci(device: int) -> str:
 
 
 class CudaShare:
-    """One worker's KV allocations, exported once, and the two interprocess events."""
+    """One worker's KV allocations, exported once (``export``), and the two interprocess events."""
 
     def __init__(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         devices = {t.device for t in kv_caches.values()}
@@ -81,13 +88,23 @@ class CudaShare:
             ranges[base] = size
         self.bases = sorted(ranges)
         self.sizes = [ranges[b] for b in self.bases]
-        self.handles = [ipc_handle(b) for b in self.bases]
         self.pci = device_pci(self.device)
+        self.handles: list[bytes] = []
+        self.event_handle = b""
+        self.server_event: torch.cuda.Event | None = None
+        self.stores_pending = False
+
+    def export(self) -> None:
+        """The IPC handles of the allocations and of the worker's event (engine_driven: the server
+        copies); refuses memory legacy IPC cannot export, naming the vLLM setting to change."""
+        if self.handles:
+            return
+        if not all(ipc_capable(base) for base in self.bases):
+            raise CudaShareError(VMM_ADVICE)
+        self.handles = [ipc_handle(b) for b in self.bases]
         self.worker_event = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
         self.worker_event.record(torch.cuda.current_stream(self.device))
         self.event_handle = bytes(self.worker_event.ipc_handle())
-        self.server_event: torch.cuda.Event | None = None
-        self.stores_pending = False
 
     def open_server_event(self, handle: bytes) -> None:
         self.server_event = torch.cuda.Event.from_ipc_handle(self.device, handle)
@@ -116,3 +133,203 @@ class CudaShare:
         """The current stream waits (on the GPU) for stores in flight: their blocks may be rewritten next."""
         if self.stores_pending and self.server_event is not None:
             torch.cuda.current_stream(self.device).wait_event(self.server_event)
+
+
+class PoolCopierError(RuntimeError):
+    """This worker cannot copy through the shared pool itself (the message says why); it falls back."""
+
+
+class PoolCopier:
+    """This worker's own copies between its KV blocks and the server's shared pool (lmcache_driven on CUDA).
+
+    The pool (mapped from SHM here) is registered with CUDA once, so a slot is a DMA target. A chunk
+    crosses PCIe as ONE contiguous copy-engine copy between its slot and a staging buffer in this
+    GPU; one ``index_select`` (store) or ``index_copy_`` (load) on a side stream moves the chunk's
+    pages between that buffer and the KV blocks (every plane and block of the chunk in one
+    kernel). Up to ``stages`` chunks are in flight::
+
+        store  gather stream:  wait(free[b]) index_select -> S[b] record(full[b])
+               copy stream:                   wait(full[b]) S[b] -> slot record(free[b])
+        load   copy stream:    wait(free[b]) slot -> S[b] record(full[b])
+               gather stream:                 wait(full[b]) S[b] -> blocks record(free[b])
+
+    Ordering with the engine: the gather stream waits on the engine's current stream before it
+    touches a block; after a load the engine's stream waits for the scatter; nothing waits on
+    the host. ``store``/``load`` return the event that marks the end of the copy.
+    """
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: object, bases: list[int],
+                 pool_address: int, pool_bytes: int, stage_bytes: int) -> None:
+        from lmcd.protocol import KVLayout
+
+        assert isinstance(layout, KVLayout)
+        self.device = next(iter(kv_caches.values())).device
+        self.layout = layout
+        self.pool_address, self.pool_bytes = pool_address, pool_bytes
+        started = time.monotonic()
+        check(driver().cuMemHostRegister_v2(ctypes.c_void_p(pool_address), ctypes.c_size_t(pool_bytes), 1),
+              "cuMemHostRegister (the shared pool)", PoolCopierError)
+        self.registered = True
+        log.info("Registered the server's shared pool (%.1f GiB) with CUDA in %.2f s: this worker copies "
+                 "between its KV blocks and the pool itself", pool_bytes / 2**30, time.monotonic() - started)
+        page, stride = layout.page_bytes, layout.block_stride
+        addresses = [bases[s] + o for s, o in zip(layout.layer_segments, layout.layer_offsets, strict=True)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in kv_caches.values()}
+        item = 8
+        while item > 1 and (page % item or stride % item or any(a % item for a in addresses)):
+            item //= 2
+        dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[item]
+        self.row_elems = page // item
+        # planes that share a storage and a residue modulo the block stride share one row view
+        views: dict[tuple[int, int], torch.Tensor] = {}
+        self.plane_view: list[torch.Tensor] = []
+        plane_rows: list[int] = []
+        for address in addresses:
+            start = next((ptr for ptr, st in storages.items() if ptr <= address < ptr + st.nbytes()), None)
+            if start is None:
+                raise PoolCopierError(f"a KV page at {address:#x} lies outside every KV tensor's storage")
+            storage = storages[start]
+            residue = (address - start) % stride
+            key = (start, residue)
+            if key not in views:
+                rows = (storage.nbytes() - residue - page) // stride + 1
+                views[key] = torch.empty(0, dtype=dtype, device=self.device).set_(
+                    storage, residue // item, (rows, self.row_elems), (stride // item, 1))
+            self.plane_view.append(views[key])
+            plane_rows.append((address - start - residue) // stride)
+        self.plane_rows = np.asarray(plane_rows, dtype=np.int64)
+        # runs of consecutive planes that share a view: one kernel per run and chunk (usually one run)
+        self.runs: list[tuple[int, int, torch.Tensor]] = []
+        for plane, view in enumerate(self.plane_view):
+            if self.runs and self.runs[-1][2] is view:
+                first, _, _ = self.runs[-1]
+                self.runs[-1] = (first, plane + 1, view)
+            else:
+                self.runs.append((plane, plane + 1, view))
+        self.bpc = 0
+        self.chunk_bytes = 0
+        self.stage_bytes = stage_bytes
+        self.staging: torch.Tensor | None = None
+        self.gather = torch.cuda.Stream(self.device)
+        self.copy = torch.cuda.Stream(self.device)
+        self.dtype = dtype
+
+    def prepare(self, blocks_per_chunk: int) -> None:
+        """Allocate the staging buffers (once the chunk size is known); PoolCopierError if the GPU is full."""
+        self.bpc = blocks_per_chunk
+        self.chunk_bytes = self.layout.num_layers * blocks_per_chunk * self.layout.page_bytes
+        self.stages = max(2, min(8, self.stage_bytes // self.chunk_bytes))
+        try:
+            self.staging = torch.empty((self.stages, self.layout.num_layers * blocks_per_chunk, self.row_elems),
+                                       dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError:
+            raise PoolCopierError(
+                f"no GPU memory for {self.stages} staging buffers of {self.chunk_bytes / 2**20:.0f} MiB; lower "
+                "vLLM's --gpu-memory-utilization") from None
+        self.full = [self._event() for _ in range(self.stages)]
+        self.free = [self._event() for _ in range(self.stages)]
+        self.engine_mark = self._event()
+        self.next_stage = 0
+        log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.stages,
+                 self.chunk_bytes / 2**20)
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=False)
+        event.record(self.copy)  # torch creates the CUDA event at its first record
+        return event
+
+    @staticmethod
+    def _record(event: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+        check(fast_driver().cuEventRecord(event.cuda_event, stream.cuda_stream), "cuEventRecord")
+
+    @staticmethod
+    def _wait(stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        check(fast_driver().cuStreamWaitEvent(stream.cuda_stream, event.cuda_event, 0), "cuStreamWaitEvent")
+
+    def _rows(self, block_ids: list[int], num_chunks: int) -> torch.Tensor:
+        """Per chunk, per plane, per block of the chunk: the row of the page in its plane's view (on the GPU)."""
+        blocks = np.asarray(block_ids, dtype=np.int64).reshape(num_chunks, 1, self.bpc)
+        rows = (self.plane_rows.reshape(1, -1, 1) + blocks).ravel()
+        return torch.from_numpy(rows).pin_memory().to(self.device, non_blocking=True)
+
+    def _check(self, block_ids: list[int], num_chunks: int) -> None:
+        if len(block_ids) != num_chunks * self.bpc:
+            raise ValueError(f"{num_chunks} chunks need {num_chunks * self.bpc} block ids, got {len(block_ids)}")
+        if block_ids and (max(block_ids) >= self.layout.num_blocks or min(block_ids) < 0):
+            raise ValueError(f"block id out of range 0..{self.layout.num_blocks - 1}")
+
+    def store(self, slots: list[int], block_ids: list[int]) -> torch.cuda.Event:
+        """Copy the chunks' blocks into the pool slots at byte offsets ``slots``."""
+        assert self.staging is not None, "prepare() first"
+        self._check(block_ids, len(slots))
+        engine = torch.cuda.current_stream(self.device)
+        self._record(self.engine_mark, engine)
+        self._wait(self.gather, self.engine_mark)  # the step that wrote these blocks comes first
+        per_chunk = self.layout.num_layers * self.bpc
+        with torch.cuda.stream(self.gather):
+            rows = self._rows(block_ids, len(slots))
+            for j, slot in enumerate(slots):
+                b = self._stage()
+                self._wait(self.gather, self.free[b])
+                chunk_rows = rows[j * per_chunk : (j + 1) * per_chunk]
+                for first, end, view in self.runs:
+                    torch.index_select(view, 0, chunk_rows[first * self.bpc : end * self.bpc],
+                                       out=self.staging[b, first * self.bpc : end * self.bpc])
+                self._record(self.full[b], self.gather)
+                self._wait(self.copy, self.full[b])
+                check(fast_driver().cuMemcpyAsync(self.pool_address + slot, self.staging[b].data_ptr(),
+                                                  self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (store)")
+                self._record(self.free[b], self.copy)
+        done = torch.cuda.Event(enable_timing=False)
+        done.record(self.copy)
+        return done
+
+    def load(self, slots: list[int], block_ids: list[int], skip_blocks: int = 0) -> torch.cuda.Event:
+        """Copy the pool slots at byte offsets ``slots`` into the chunks' blocks (leaving out the first
+        ``skip_blocks`` blocks of the first chunk); the engine's current stream waits for it."""
+        assert self.staging is not None, "prepare() first"
+        self._check(block_ids, len(slots))
+        engine = torch.cuda.current_stream(self.device)
+        self._record(self.engine_mark, engine)
+        per_chunk = self.layout.num_layers * self.bpc
+        self._wait(self.gather, self.engine_mark)  # kernels before this point that use the target blocks go first
+        with torch.cuda.stream(self.gather):
+            rows = self._rows(block_ids, len(slots))
+            for j, slot in enumerate(slots):
+                b = self._stage()
+                self._wait(self.copy, self.free[b])
+                check(fast_driver().cuMemcpyAsync(self.staging[b].data_ptr(), self.pool_address + slot,
+                                                  self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (load)")
+                self._record(self.full[b], self.copy)
+                self._wait(self.gather, self.full[b])
+                chunk_rows = rows[j * per_chunk : (j + 1) * per_chunk]
+                source = self.staging[b]
+                for first, end, view in self.runs:
+                    rows_of_run = chunk_rows[first * self.bpc : end * self.bpc]
+                    pages = source[first * self.bpc : end * self.bpc]
+                    if j == 0 and skip_blocks:  # vLLM has these blocks already: never write them
+                        keep = self._kept(end - first, skip_blocks)
+                        rows_of_run, pages = rows_of_run[keep], pages[keep]
+                    view.index_copy_(0, rows_of_run, pages)
+                self._record(self.free[b], self.gather)
+        done = torch.cuda.Event(enable_timing=False)
+        done.record(self.gather)
+        self._wait(engine, done)
+        return done
+
+    def _kept(self, num_planes: int, skip_blocks: int) -> torch.Tensor:
+        """Rows of ``num_planes`` planes of one chunk without each plane's first ``skip_blocks`` blocks."""
+        rows = np.arange(num_planes * self.bpc, dtype=np.int64).reshape(num_planes, self.bpc)[:, skip_blocks:]
+        return torch.from_numpy(rows.ravel()).pin_memory().to(self.device, non_blocking=True)
+
+    def _stage(self) -> int:
+        b = self.next_stage
+        self.next_stage = (b + 1) % self.stages
+        return b
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.synchronize(self.device)
+            driver().cuMemHostUnregister(ctypes.c_void_p(self.pool_address))
+            self.registered = False
+        self.staging = None

@@ -33,6 +33,11 @@ class LoadSpec:
     block_ids: list[int]  # blocks_per_chunk ids per chunk
     skip_blocks: int  # leading blocks of the first chunk that vLLM already computed
     lease_id: int | None
+    # shared pool: per rank, where the leased chunks are; a worker that copies itself reads them
+    # there without a request of its own, until ``slots_valid_until`` (time.monotonic(), which
+    # every process of the host shares), safely before the lease can expire
+    slot_offsets: list[list[int]] | None = None
+    slots_valid_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +63,16 @@ class _Tracker:
     block_ids: list[int] = field(default_factory=list)
     num_stored_chunks: int = 0  # chunks cached or already planned for a store
     lease_id: int | None = None
+    slot_offsets: list[list[int]] | None = None  # the lease's chunks, per rank (shared pool)
+    slots_valid_until: float = 0.0
     hit_chunks: int = 0
     computed_at_lookup: int = 0
     pending_load: tuple[int, int] | None = None  # token range [start, end) to load
     stored: bool = False  # a store was planned for it (GPU workers finish stores asynchronously)
 
 
-LookupFn = Callable[[list[bytes]], tuple[int, int | None]]  # hashes -> (hit chunks, lease id)
+# hashes -> (hit chunks, lease id, per-rank slot offsets or None, time.monotonic() they are valid until)
+LookupFn = Callable[[list[bytes]], tuple[int, int | None, list[list[int]] | None, float]]
 ReleaseFn = Callable[[int], None]
 
 
@@ -94,8 +102,10 @@ class SchedulerState:
         """Tokens vLLM may take from the cache beyond ``num_computed_tokens`` (never more than allowed)."""
         tracker = self._tracker(req_id, prompt)
         self._drop_lease(tracker)  # asked again: the previous answer's pins are not needed
-        hit_chunks, lease_id = self._lookup(tracker.hashes) if tracker.hashes else (0, None)
+        hit_chunks, lease_id, slots, valid_until = (self._lookup(tracker.hashes) if tracker.hashes
+                                                     else (0, None, None, 0.0))
         tracker.hit_chunks, tracker.lease_id = hit_chunks, lease_id
+        tracker.slot_offsets, tracker.slots_valid_until = slots, valid_until
         tracker.num_stored_chunks = max(tracker.num_stored_chunks, hit_chunks)
         hit_tokens = hit_chunks * self.chunk_size
         usable = min(hit_tokens, len(tracker.prompt) - 1)
@@ -142,8 +152,11 @@ class SchedulerState:
         first, last = start // self.chunk_size, -(-end // self.chunk_size)
         bpc = self.blocks_per_chunk
         lease_id, tracker.lease_id = tracker.lease_id, None  # the workers consume it
+        slots, tracker.slot_offsets = tracker.slot_offsets, None
         return LoadSpec(tracker.hashes[first:last], tracker.block_ids[first * bpc : last * bpc],
-                        (start - first * self.chunk_size) // self.block_size, lease_id)
+                        (start - first * self.chunk_size) // self.block_size, lease_id,
+                        [rank[first:last] for rank in slots] if slots is not None else None,
+                        tracker.slots_valid_until)
 
     def _plan_store(self, tracker: _Tracker, num_tokens_after_step: int) -> StoreSpec | None:
         full = min(num_tokens_after_step, len(tracker.prompt)) // self.chunk_size
@@ -165,6 +178,7 @@ class SchedulerState:
         return tracker.stored
 
     def _drop_lease(self, tracker: _Tracker) -> None:
+        tracker.slot_offsets = None
         if tracker.lease_id is not None:
             lease_id, tracker.lease_id = tracker.lease_id, None
             self._release(lease_id)

@@ -170,10 +170,10 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerState(chunk_size, self.block_size, self._lookup, self._release)
         return self._scheduler
 
-    def _lookup(self, hashes: list[bytes]) -> tuple[int, int | None]:
+    def _lookup(self, hashes: list[bytes]) -> tuple[int, int | None, list[list[int]] | None, float]:
         assert self._session is not None
-        result = self._session.call(lambda client: client.lookup(hashes), None, "lookup")
-        return (0, None) if result is None else (result.num_hit_chunks, result.lease_id)
+        result = self._session.call(lambda client: client.lookup_for_load(hashes), None, "lookup")
+        return (0, None, None, 0.0) if result is None else result
 
     def _release(self, lease_id: int) -> None:
         assert self._session is not None
@@ -267,6 +267,8 @@ class LMCacheMPConnector(KVConnectorBase_V1):
     @_timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose stores are complete: vLLM may free their blocks now (GPU only)."""
+        if self._worker is not None:
+            self._worker.settle()  # copies this worker made itself: their Commit/Release go out
         if self._worker is None or not self._delay_frees:
             return None, None
         ended = finished_req_ids & self._storing

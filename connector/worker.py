@@ -26,14 +26,14 @@ import math
 import mmap
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, LmcdError
+from lmcd.connector.client import CacheClient, LmcdError, ServerError, WorkerInfo
 from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
 from lmcd.connector.settings import ConnectorSettings
@@ -42,9 +42,10 @@ from lmcd.server.transfer import CopyPlan, plan, run_plan
 from lmcd.shm import SHM_DIR
 
 if TYPE_CHECKING:
-    from lmcd.connector.cuda import CudaShare
+    from lmcd.connector.cuda import CudaShare, PoolCopier
 
 log = logging.getLogger("lmcd.connector")
+STAGE_BYTES = 256 << 20  # a GPU worker's staging buffers, and the slots it keeps granted
 
 
 class LayoutError(ValueError):
@@ -128,12 +129,21 @@ class SharedPool:
 class WorkerState:
     """One vLLM worker's registration with the server, and its loads and stores.
 
-    engine_driven: the KV tensors move into SHM at registration and the server copies between
-    those pages and its pool (Store, Retrieve). lmcache_driven (and auto, where the server shares
-    its pool): the KV stays in vLLM's own memory and this worker copies between it and the
-    server's shared pool itself, on the calling thread (Reserve + copy + Commit, Pin + copy +
-    Release). Where the server does not share its pool (no --share-pool), the worker moves its KV
-    into SHM then and uses engine_driven (lmcache_driven says so in one warning); the copy keeps
+    engine_driven: the server copies between vLLM's KV and its pool (Store, Retrieve): CPU KV
+    tensors move into SHM at registration, GPU KV is shared over CUDA IPC. lmcache_driven (and
+    auto, where the server shares its pool): the KV stays in vLLM's own memory and this worker
+    copies between it and the server's shared pool itself, with no request before the copy:
+
+    - store: into slots the server GRANTED ahead of time, then ``Commit`` names the chunks (sent
+      without waiting; its reply brings fresh grants). Without enough grants, one ``Grant`` first.
+    - load: from the slots the scheduler's lookup reported (its lease pins them), then a
+      per-rank ``Release``, sent without waiting. Without them (or past their deadline), ``Pin``
+      first, then ``Release`` of that pin.
+
+    CPU copies run on the calling thread (memmove), GPU copies on side streams (``PoolCopier``):
+    their Commit/Release goes out once their event has completed (``settle``, from every call).
+    Where the server does not share its pool (no --share-pool), the worker uses engine_driven
+    (lmcache_driven says so in one warning); a CPU worker moves its KV into SHM then, keeping
     every byte vLLM wrote.
     """
 
@@ -148,6 +158,12 @@ class WorkerState:
         self.pool: SharedPool | None = None
         self.layer_addresses: np.ndarray | None = None
         self.cuda: CudaShare | None = None
+        self.copier: PoolCopier | None = None  # GPU, lmcache_driven: this worker's own copies
+        self.chunk_bytes = 0
+        self.grants: list[int] = []  # free pool slots the server granted to this worker
+        self.grant_target = 0
+        self.in_flight: list[tuple[torch.cuda.Event, Callable[[CacheClient], None], bool]] = []  # GPU copies
+        self.posted: list[tuple[int, int]] = []  # (rid, slots asked) of commits/releases sent without waiting
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, block_size: int) -> None:
@@ -155,9 +171,10 @@ class WorkerState:
             from lmcd.connector.cuda import CudaShare
 
             self.cuda = CudaShare(kv_caches)
+            self.kv_caches = dict(kv_caches)
+            if self.settings.transfer_mode == "engine_driven":
+                self.cuda.export()  # refuses memory CUDA IPC cannot share, now
             self.layout = describe_pages(kv_caches, self.cuda.bases, self.cuda.sizes, num_blocks, block_size)
-            log.info("Sharing %d CUDA allocations (%.1f MiB) of GPU %d (PCI %s) over CUDA IPC",
-                     len(self.cuda.bases), sum(self.cuda.sizes) / 2**20, self.cuda.device, self.cuda.pci)
         else:
             for name, tensor in kv_caches.items():
                 if tensor.device.type != "cpu":
@@ -175,32 +192,26 @@ class WorkerState:
 
     def _register(self, client: CacheClient) -> None:
         self.worker_id = None
-        if self.cuda is not None:
-            assert self.layout is not None
-            cuda = self.cuda
-            info = client.register_worker(self.layout, [], cuda.sizes, "cuda", cuda.handles, cuda.pci,
-                                          cuda.event_handle)
-            cuda.open_server_event(info.event_handle)
-            self.worker_id = info.worker_id
-            if self.settings.transfer_mode == "lmcache_driven":
-                log.warning("lmcache_driven is not available for GPU workers; %s uses engine_driven (the server "
-                            "copies over CUDA IPC)", self.session.name)
-            return
+        self.grants, self.in_flight, self.posted = [], [], []  # a new session: the server forgot them
         pool_name = client.hello.pool_segment if client.hello is not None else ""
-        if self.settings.transfer_mode != "engine_driven" and pool_name:
+        copies_itself = self.settings.transfer_mode != "engine_driven" and bool(pool_name)
+        if self.cuda is not None:
+            if copies_itself and self._gpu_copies_itself(client, pool_name):
+                return
+            self._register_cuda_ipc(client)
+            return
+        if copies_itself:
             self._map_pool(pool_name)
             if not self.segments:  # the KV stays in vLLM's own memory: only the pool is shared
                 storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                             for t in self.kv_caches.values()}
                 self.bases, sizes = list(storages), list(storages.values())
                 self.layout = describe_pages(self.kv_caches, self.bases, sizes, self.num_blocks, self.block_size)
-                self.worker_id = client.register_worker(self.layout, [], sizes).worker_id
+                self._registered(client.register_worker(self.layout, [], sizes))
                 self._set_layer_addresses()
                 return
         else:
-            if self.pool is not None:
-                self.pool.close()
-                self.pool = None
+            self._unmap_pool()
             if self.settings.transfer_mode == "lmcache_driven":
                 log.warning("lmcache_driven needs a server started with --share-pool; %s uses engine_driven",
                             self.session.name)
@@ -210,8 +221,60 @@ class WorkerState:
         info = client.register_worker(self.layout, [seg.shm_name for seg in self.segments],
                                       [seg.nbytes for seg in self.segments])
         self.worker_id = info.worker_id
-        if self.pool is not None:
+        if self.pool is not None:  # KV already in SHM, and the server shares its pool now: still copy here
+            self._registered(info)
             self._set_layer_addresses()
+
+    def _register_cuda_ipc(self, client: CacheClient) -> None:
+        """engine_driven on a GPU: the server maps the KV allocations and copies."""
+        cuda = self.cuda
+        assert cuda is not None and self.layout is not None
+        self._unmap_pool()
+        cuda.export()
+        log.info("Sharing %d CUDA allocations (%.1f MiB) of GPU %d (PCI %s) over CUDA IPC",
+                 len(cuda.bases), sum(cuda.sizes) / 2**20, cuda.device, cuda.pci)
+        info = client.register_worker(self.layout, [], cuda.sizes, "cuda", cuda.handles, cuda.pci, cuda.event_handle)
+        cuda.open_server_event(info.event_handle)
+        self.worker_id = info.worker_id
+
+    def _gpu_copies_itself(self, client: CacheClient, pool_name: str) -> bool:
+        """lmcache_driven on a GPU: register the shared pool with CUDA and copy here; False (with one
+        warning) where this worker cannot, so the server copies instead."""
+        from lmcd.connector.cuda import PoolCopier, PoolCopierError
+
+        cuda = self.cuda
+        assert cuda is not None and self.layout is not None
+        try:
+            if self.copier is None or self.pool is None or self.pool.name != pool_name:
+                self._unmap_pool()
+                self._map_pool(pool_name)
+                assert self.pool is not None
+                self.copier = PoolCopier(self.kv_caches, self.layout, cuda.bases, self.pool.base_address,
+                                         self.pool.array.nbytes, STAGE_BYTES)
+            info = client.register_worker(self.layout, [], cuda.sizes, "cuda", [], cuda.pci)
+            if self.copier.chunk_bytes != info.chunk_bytes:
+                self.copier.prepare(info.chunk_bytes // (self.layout.num_layers * self.layout.page_bytes))
+        except (PoolCopierError, OSError) as exc:
+            log.warning("%s cannot copy through the shared pool itself (%s); the server copies over CUDA IPC "
+                        "instead (engine_driven)", self.session.name, exc)
+            self._unmap_pool()
+            return False
+        self._registered(info)
+        return True
+
+    def _registered(self, info: WorkerInfo) -> None:
+        """A worker that copies itself: keep enough granted slots for a few chunks."""
+        self.worker_id = info.worker_id
+        self.chunk_bytes = info.chunk_bytes
+        self.grant_target = max(2, min(8, STAGE_BYTES // max(1, info.chunk_bytes)))
+
+    def _unmap_pool(self) -> None:
+        if self.copier is not None:
+            self.copier.close()
+            self.copier = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _map_pool(self, name: str) -> None:
         if self.pool is not None and self.pool.name != name:
@@ -255,19 +318,40 @@ class WorkerState:
         return set()
 
     def _load_itself(self, client: CacheClient, spec: LoadSpec, blocks_per_chunk: int) -> int:
-        offsets, pin_id = client.pin(self._worker_id(), spec.chunk_hashes, spec.lease_id)
-        if pin_id is None:
-            return 0
+        worker_id = self._worker_id()
+        self._settle(client)
+        rank = self.session.namespace.rank or 0
+        num_chunks = len(spec.chunk_hashes)
+        lease_slots = spec.slot_offsets[rank] if spec.slot_offsets is not None and rank < len(spec.slot_offsets) \
+            else []
+        if (spec.lease_id is not None and len(lease_slots) >= num_chunks
+                and time.monotonic() < spec.slots_valid_until):
+            offsets, lease_id = lease_slots[:num_chunks], spec.lease_id  # where the lookup pinned them
+            def release(c: CacheClient) -> None:
+                self.posted.append((c.post_release_rank(lease_id, rank), 0))
+        else:  # no usable lookup slots: pin the chunks now (taking this rank's part of the lease)
+            offsets, pin_id = client.pin(worker_id, spec.chunk_hashes, spec.lease_id)
+            if pin_id is None:
+                return 0
+            def release(c: CacheClient) -> None:
+                self.posted.append((c.post(lambda rid: p.Release(rid, pin_id), "release"), 0))
+        blocks = spec.block_ids[: len(offsets) * blocks_per_chunk]
         try:
-            run_plan(self._plan(offsets, spec.block_ids[: len(offsets) * blocks_per_chunk], False,
-                                  spec.skip_blocks))
-        finally:
-            client.release(pin_id)
+            if self.copier is not None:
+                self.in_flight.append((self.copier.load(offsets, blocks, spec.skip_blocks), release, False))
+            else:
+                run_plan(self._plan(offsets, blocks, False, spec.skip_blocks))
+        except BaseException:
+            release(client)
+            raise
+        if self.copier is None:  # a CPU copy ended in this call: so does its request
+            release(client)
+            self._collect(client)
         return len(offsets)
 
     def store(self, spec: StoreSpec) -> None:
         if self.pool is not None:
-            self.session.call(lambda client: self._store_itself(client, spec), None, "reserve")
+            self.session.call(lambda client: self._store_itself(client, spec), None, "store")
             return
         if self.cuda is not None:
             self.cuda.before_copy()
@@ -276,29 +360,86 @@ class WorkerState:
         if self.cuda is not None and result is not None and p.ChunkStatus.STORED in result.statuses:
             self.cuda.stores_pending = True
 
+    def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
+        worker_id = self._worker_id()
+        self._settle(client)
+        num_chunks = len(spec.chunk_hashes)
+        if len(self.grants) < num_chunks:  # one request for what the grants in hand do not cover
+            self.grants += client.grant(worker_id, num_chunks - len(self.grants))
+        n = min(num_chunks, len(self.grants))
+        if n < num_chunks:
+            log.debug("The pool granted slots for %d of %d chunks (full of pinned chunks)", n, num_chunks)
+        if not n:
+            return
+        slots, self.grants = self.grants[:n], self.grants[n:]
+        hashes = spec.chunk_hashes[:n]
+        blocks = spec.block_ids[: n * (len(spec.block_ids) // num_chunks)]
+
+        def commit(c: CacheClient, ok: bool = True) -> None:  # and ask for slots up to the target again
+            coming = sum(want for _, want in self.posted)
+            want = max(0, self.grant_target - len(self.grants) - coming) if ok else 0
+            self.posted.append((c.post_commit_granted(worker_id, hashes, slots, want, ok), want))
+
+        try:
+            if self.copier is not None:
+                self.in_flight.append((self.copier.store(slots, blocks), commit, True))
+                return
+            run_plan(self._plan(slots, blocks, True))
+        except BaseException:
+            commit(client, False)
+            raise
+        commit(client)
+        self._collect(client)  # a CPU copy ended in this call: the chunks are readable when it returns
+
+    def _collect(self, client: CacheClient) -> None:
+        """Wait for the replies of every request sent without waiting."""
+        posted, self.posted = self.posted, []
+        for rid, _ in posted:
+            if self._reply(client, rid, self.settings.request_timeout_s) is None:
+                raise LmcdError(f"no reply from the lmcd server within {self.settings.request_timeout_s} s")
+
+    def settle(self) -> None:
+        """Send the Commit/Release of copies that have finished, and read the replies that came."""
+        if self.pool is not None and (self.in_flight or self.posted):
+            self.session.call(self._settle, None, "settle")
+
+    def _settle(self, client: CacheClient) -> None:
+        while self.in_flight and self.in_flight[0][0].query():  # they finish in order per stream
+            _, then, _ = self.in_flight.pop(0)
+            then(client)
+        still: list[tuple[int, int]] = []
+        for rid, want in self.posted:
+            reply = self._reply(client, rid, 0.0)
+            if reply is None:
+                still.append((rid, want))
+        self.posted = still
+
+    def _reply(self, client: CacheClient, rid: int, timeout_s: float) -> p.Reply | None:
+        """The reply of a request sent without waiting (None: not yet); a refusal is logged, not raised:
+        the copy it followed is over either way (an expired lease, say)."""
+        try:
+            reply = client.collect(rid, timeout_s)
+        except ServerError as exc:
+            log.warning("LMCache server refused a request of %s after its copy: %s", self.session.name, exc)
+            return p.Pong(rid)
+        if isinstance(reply, p.Committed):
+            self.grants += reply.granted
+        return reply
+
     def fence_stores(self) -> None:
-        if self.cuda is not None:
+        if self.copier is not None:
+            stores = [event for event, _, is_store in self.in_flight if is_store]
+            if stores:
+                torch.cuda.current_stream(self.copier.device).wait_event(stores[-1])
+        elif self.cuda is not None:
             self.cuda.fence_stores()
 
     def stores_done(self) -> bool:
         """Whether the stores sent so far are complete (GPU: polled; CPU: they complete in the call)."""
+        if self.copier is not None:
+            self.settle()
+            return not any(is_store for _, _, is_store in self.in_flight)
         return self.cuda is None or self.cuda.stores_done()
-
-    def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
-        worker_id = self._worker_id()
-        statuses, offsets = client.reserve(worker_id, spec.chunk_hashes)
-        mine = [i for i, status in enumerate(statuses) if status == p.ChunkStatus.STORED]
-        if not mine:
-            return
-        bpc = len(spec.block_ids) // len(spec.chunk_hashes)
-        blocks = [b for i in mine for b in spec.block_ids[i * bpc : (i + 1) * bpc]]
-        hashes = [spec.chunk_hashes[i] for i in mine]
-        try:
-            run_plan(self._plan([offsets[i] for i in mine], blocks, True))
-        except BaseException:
-            client.commit(worker_id, hashes, ok=False)
-            raise
-        client.commit(worker_id, hashes)
 
     def _worker_id(self) -> int:
         if self.worker_id is None:
@@ -306,12 +447,14 @@ class WorkerState:
         return self.worker_id
 
     def close(self) -> None:
+        if self.copier is not None:
+            torch.cuda.synchronize(self.copier.device)  # every copy ends: their Commit/Release go out
+        self.settle()
         if self.worker_id is not None and self.session.available:
             worker_id = self.worker_id
             self.session.call(lambda client: client.unregister_worker(worker_id), None, "unregister")
         self.session.close()
-        if self.pool is not None:
-            self.pool.close()
+        self._unmap_pool()
         for seg in self.segments:
             seg.close()
         self.segments = []

@@ -158,11 +158,16 @@ class UnregisterWorker(msgspec.Struct, array_like=True, tag="unregister"):
 
 
 class Lookup(msgspec.Struct, array_like=True, gc=False, tag="lookup"):
-    """How many leading chunks are cached for every rank; pins them under a lease if asked."""
+    """How many leading chunks are cached for every rank; pins them under a lease if asked.
+
+    ``slots`` (a shared pool only, with a lease): the reply also says where every rank's pinned
+    chunks are, so workers that copy themselves read them with no request of their own.
+    """
 
     rid: int
     chunk_hashes: HashList
     lease: bool = True
+    slots: bool = False
 
 
 class Store(msgspec.Struct, array_like=True, gc=False, tag="store"):
@@ -186,8 +191,11 @@ class Retrieve(msgspec.Struct, array_like=True, gc=False, tag="retrieve"):
 
 
 class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
+    """End a lease (``rank`` None), or only rank ``rank``'s part of it: that worker copied its chunks."""
+
     rid: int
     lease_id: int
+    rank: NonNeg | None = None
 
 
 class Reserve(msgspec.Struct, array_like=True, gc=False, tag="reserve"):
@@ -199,12 +207,29 @@ class Reserve(msgspec.Struct, array_like=True, gc=False, tag="reserve"):
 
 
 class Commit(msgspec.Struct, array_like=True, gc=False, tag="commit"):
-    """lmcache_driven store, step 2: the reserved chunks are written (ok) or abandoned."""
+    """lmcache_driven store, step 2: the reserved chunks are written (ok) or abandoned.
+
+    ``slot_offsets`` non-empty: the chunks were written into these GRANTED slots (one per hash),
+    no Reserve came first; each becomes the chunk's slot, or goes back to the pool if the chunk
+    is already cached. ``want_slots``: grant this many fresh slots in the reply.
+    """
 
     rid: int
     worker_id: int
     chunk_hashes: HashList
     ok: bool = True
+    slot_offsets: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)] = []
+    want_slots: NonNeg = 0
+
+
+class Grant(msgspec.Struct, array_like=True, gc=False, tag="grant"):
+    """lmcache_driven: hand this worker free slots it fills before it names the chunks (Commit
+    with ``slot_offsets``), so a store needs no request before its copy. Granted slots belong to
+    the worker until committed, or until it unregisters or disconnects."""
+
+    rid: int
+    worker_id: int
+    num_slots: NonNeg
 
 
 class Pin(msgspec.Struct, array_like=True, gc=False, tag="pin"):
@@ -227,7 +252,7 @@ class GetStatus(msgspec.Struct, array_like=True, tag="status"):
 
 Request = (
     Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Clear | GetStatus
-    | Reserve | Commit | Pin
+    | Reserve | Commit | Pin | Grant
 )
 
 # ---------------------------------------------------------------- replies
@@ -248,6 +273,7 @@ class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
     capabilities: list[str]
     session_id: int
     pool_segment: str = ""  # the shared pool's SHM name (server --share-pool), else ""
+    lease_ttl_s: float = 0.0  # how long a lookup's pins live (server --lease-timeout)
 
 
 class Pong(msgspec.Struct, array_like=True, tag="pong"):
@@ -269,9 +295,13 @@ class Unregistered(msgspec.Struct, array_like=True, tag="unregistered"):
 
 
 class LookupReply(msgspec.Struct, array_like=True, gc=False, tag="lookup_ok"):
+    """``slot_offsets`` (Lookup ``slots``): per rank of the session's namespace (every rank for a
+    scheduler), the pool offsets of the pinned chunks, valid while the lease lives."""
+
     rid: int
     num_hit_chunks: int
     lease_id: int | None
+    slot_offsets: list[list[int]] = []
 
 
 class StoreReply(msgspec.Struct, array_like=True, gc=False, tag="store_ok"):
@@ -307,8 +337,21 @@ class Reserved(msgspec.Struct, array_like=True, gc=False, tag="reserved"):
 
 
 class Committed(msgspec.Struct, array_like=True, gc=False, tag="committed"):
+    """``num_chunks`` chunks became readable. For a commit of granted slots: ``statuses`` per
+    chunk (STORED, or PRESENT: already cached, the slot went back to the pool), and
+    ``granted`` the fresh slots asked for with ``want_slots``."""
+
     rid: int
     num_chunks: int
+    statuses: list[ChunkStatus] = []
+    granted: list[int] = []
+
+
+class Granted(msgspec.Struct, array_like=True, gc=False, tag="granted"):
+    """The granted slots' pool offsets (fewer than asked when the pool is full of pinned chunks)."""
+
+    rid: int
+    slot_offsets: list[int]
 
 
 class Pinned(msgspec.Struct, array_like=True, gc=False, tag="pinned"):
@@ -326,7 +369,7 @@ class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
 
 Reply = (
     Error | HelloReply | Pong | Registered | Unregistered | LookupReply | StoreReply | RetrieveReply | Released
-    | Cleared | StatusReply | Reserved | Committed | Pinned
+    | Cleared | StatusReply | Reserved | Committed | Pinned | Granted
 )
 
 encoder = msgspec.msgpack.Encoder()

@@ -150,6 +150,22 @@ class ChunkIndex:
         if entry.pins == 0:
             self._lru_add(entry)
 
+    def allocate_free(self, nbytes: int) -> SlotId | None:
+        """A slot that no chunk owns yet (a worker's grant), evicting LRU chunks if needed."""
+        return self._allocate(nbytes) if self.pool.can_ever_fit(nbytes) else None
+
+    def insert_ready(self, key: ChunkKey, slot: SlotId, nbytes: int) -> ChunkStatus:
+        """Make ``slot`` (already written) the readable chunk ``key``; PRESENT (the caller keeps
+        the slot) when ``key`` is cached or being stored already."""
+        existing = self.entries.get(key)
+        if existing is not None:
+            self.touch(existing)
+            return ChunkStatus.PRESENT
+        entry = Entry(key, slot, nbytes, ready=True)
+        self.entries[key] = entry
+        self._lru_add(entry)
+        return ChunkStatus.STORED
+
     def _allocate(self, nbytes: int) -> SlotId | None:
         while True:
             slot = self.pool.allocate(nbytes)

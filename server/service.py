@@ -23,7 +23,7 @@ from lmcd.server.gpu import CudaSupport
 from lmcd.server.index import ChunkIndex, ChunkKey, Entry
 from lmcd.server.leases import LeaseTable
 from lmcd.server.metrics import Stats
-from lmcd.server.pool import Pool
+from lmcd.server.pool import Pool, SlotId
 from lmcd.server.transfer import CopyEngine, plan
 from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 
@@ -32,6 +32,7 @@ NO_CUDA = CudaSupport(None, "CUDA was not probed")
 
 CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk"]
 MAX_WORLD_SIZE = 4096
+MIN_GRANT_CAP_BYTES = 1 << 30  # a session may hold this much granted, or a quarter of the pool if more
 
 
 class RequestError(Exception):
@@ -53,6 +54,7 @@ class Session:
     ns_id: int | None = None
     reserved: dict[ChunkKey, Entry] = field(default_factory=dict)  # lmcache_driven stores not committed
     reserved_at: float = 0.0
+    granted: dict[int, int] = field(default_factory=dict)  # lmcache_driven: granted slot -> bytes
 
 
 Send = Callable[[Session, p.Reply, str, float], None]  # (session, reply, op, start time)
@@ -98,6 +100,8 @@ class CacheService:
                 return self.store(session, request, started)
             case p.Retrieve():
                 return self.retrieve(session, request, started)
+            case p.Release(rid=rid, lease_id=lease_id, rank=rank) if rank is not None:
+                return self.release_rank(session, rid, lease_id, rank)
             case p.Release(rid=rid, lease_id=lease_id):
                 lease = self.leases.get(lease_id)
                 entries = self.leases.release(lease_id)
@@ -113,6 +117,8 @@ class CacheService:
                 return self.commit(session, request)
             case p.Pin():
                 return self.pin(session, request)
+            case p.Grant():
+                return self.grant(session, request)
             case p.Clear(rid=rid):
                 return p.Cleared(rid, self.clear())
             case p.GetStatus(rid=rid):
@@ -149,7 +155,8 @@ class CacheService:
         capabilities = (CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
                         + (["cuda-ipc"] if self.workers.cuda is not None else []))
         return p.HelloReply(req.rid, __version__, p.PROTOCOL_VERSION, self.config.chunk_size,
-                            p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name)
+                            p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name,
+                            self.config.lease_timeout_s)
 
     def disconnect(self, session: Session) -> None:
         """The session's peer is gone: release its leases and workers at once."""
@@ -159,6 +166,9 @@ class CacheService:
         for entry in session.reserved.values():  # reserved, never committed: the worker is gone
             self.index.finish_store(entry, False)
         session.reserved.clear()
+        for slot in session.granted:  # granted, never committed
+            self.pool.free(SlotId(slot))
+        session.granted.clear()
         workers = self.workers.for_session(session.session_id)
         for worker in workers:
             self.workers.remove(worker)
@@ -175,7 +185,7 @@ class CacheService:
         if rank is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
                                "register needs a session whose namespace names its rank (role worker)")
-        if req.device == "cpu" and not req.segment_names:
+        if not req.segment_names and not req.ipc_handles:
             self._shared_pool()  # a worker that keeps its KV private copies through the shared pool
         try:
             worker = self.workers.register(session.session_id, session.hello.pid, req.device, req.layout,
@@ -197,7 +207,7 @@ class CacheService:
         else:
             where = f"{len(req.segment_names)} SHM segments"
         log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %s, "
-                 "rank %d)", "GPU" if worker.gpu is not None else "CPU", session.hello.pid, layout.num_layers,
+                 "rank %d)", "GPU" if req.device == "cuda" else "CPU", session.hello.pid, layout.num_layers,
                  layout.num_blocks, layout.block_size, sum(req.segment_sizes) / 2**20, where, rank)
         return p.Registered(req.rid, worker.worker_id, worker.chunk_bytes,
                             worker.gpu.event_handle if worker.gpu is not None else b"")
@@ -256,6 +266,8 @@ class CacheService:
             for part in parts:
                 self.index.pin_many(part)
             lease_id = self.leases.create(session.session_id, dict(zip(ranks, parts, strict=True))).lease_id
+            if req.slots and self.pool.segment is not None:  # workers that copy themselves read these
+                return p.LookupReply(req.rid, num_hits, lease_id, [[e.slot for e in part] for part in parts])
         else:
             for part in parts:
                 for entry in part:
@@ -397,6 +409,8 @@ class CacheService:
 
     def commit(self, session: Session, req: p.Commit) -> p.Committed:
         worker = self._worker(session, req.worker_id)
+        if req.slot_offsets or req.want_slots:
+            return self.commit_granted(session, worker, req)
         done = [session.reserved.pop(self._key(worker, h)) for h in req.chunk_hashes
                 if self._key(worker, h) in session.reserved]
         for entry in done:
@@ -406,6 +420,72 @@ class CacheService:
             self.stats.stored_bytes += len(done) * worker.chunk_bytes
             self._log_copy("Stored", len(done), len(done) * worker.chunk_bytes, session.reserved_at)
         return p.Committed(req.rid, len(done))
+
+    def grant(self, session: Session, req: p.Grant) -> p.Granted:
+        worker = self._worker(session, req.worker_id)
+        self._shared_pool()
+        return p.Granted(req.rid, self._grant(session, worker, req.num_slots))
+
+    def _grant(self, session: Session, worker: Worker, num_slots: int) -> list[int]:
+        """Up to ``num_slots`` free slots for ``worker``'s chunks (bounded per session), evicting LRU chunks."""
+        cap = max(MIN_GRANT_CAP_BYTES, self.pool.capacity_bytes // 4)
+        num_slots = min(num_slots, max(0, cap - sum(session.granted.values())) // worker.chunk_bytes)
+        evictions_before = self.index.num_evictions
+        slots: list[int] = []
+        for _ in range(num_slots):
+            slot = self.index.allocate_free(worker.chunk_bytes)
+            if slot is None:
+                break
+            session.granted[slot] = worker.chunk_bytes
+            slots.append(slot)
+        self.stats.evicted_chunks += self.index.num_evictions - evictions_before
+        return slots
+
+    def commit_granted(self, session: Session, worker: Worker, req: p.Commit) -> p.Committed:
+        """The worker wrote chunks into slots it was granted: index them (see ``p.Commit``)."""
+        self._shared_pool()
+        if len(req.slot_offsets) != len(req.chunk_hashes):
+            raise RequestError(p.ErrorCode.BAD_REQUEST, f"{len(req.chunk_hashes)} chunk hashes need as many slot "
+                               f"offsets, got {len(req.slot_offsets)}")
+        for slot in req.slot_offsets:
+            if session.granted.get(slot) != worker.chunk_bytes:
+                raise RequestError(p.ErrorCode.BAD_REQUEST, f"slot {slot} is not a slot granted to this session "
+                                   f"for chunks of {worker.chunk_bytes} bytes; commit only slots from Grant")
+        if len(set(req.slot_offsets)) != len(req.slot_offsets):
+            raise RequestError(p.ErrorCode.BAD_REQUEST, "a slot is named twice in one commit")
+        statuses: list[p.ChunkStatus] = []
+        for chunk_hash, slot in zip(req.chunk_hashes, req.slot_offsets, strict=True):
+            del session.granted[slot]
+            status = (self.index.insert_ready(self._key(worker, chunk_hash), SlotId(slot), worker.chunk_bytes)
+                      if req.ok else p.ChunkStatus.FAILED)
+            if status != p.ChunkStatus.STORED:
+                self.pool.free(SlotId(slot))
+            statuses.append(status)
+        stored = statuses.count(p.ChunkStatus.STORED)
+        if req.slot_offsets:
+            self.stats.stores += 1
+            self.stats.store_present_chunks += statuses.count(p.ChunkStatus.PRESENT)
+        if stored:
+            self.stats.stored_chunks += stored
+            self.stats.stored_bytes += stored * worker.chunk_bytes
+            log.info("Stored %d tokens (copied by worker %d into granted slots, %.1f MiB)",
+                     stored * self.config.chunk_size, worker.worker_id, stored * worker.chunk_bytes / 2**20)
+        return p.Committed(req.rid, stored, statuses, self._grant(session, worker, req.want_slots))
+
+    def release_rank(self, session: Session, rid: int, lease_id: int, rank: int) -> p.Released:
+        """A worker copied its rank's chunks of a lookup's lease out of the shared pool itself."""
+        entries = self.leases.take(lease_id, rank)
+        if entries is None:
+            raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or already over")
+        self._unpin(entries)
+        if entries:
+            nbytes = sum(entry.nbytes for entry in entries)
+            self.stats.retrieves += 1
+            self.stats.retrieved_chunks += len(entries)
+            self.stats.retrieved_bytes += nbytes
+            log.info("Retrieved %d tokens (copied by the rank %d worker from lease %d, %.1f MiB)",
+                     len(entries) * self.config.chunk_size, rank, lease_id, nbytes / 2**20)
+        return p.Released(rid, len(entries))
 
     def pin(self, session: Session, req: p.Pin) -> p.Pinned:
         worker = self._worker(session, req.worker_id)

@@ -118,7 +118,7 @@ class Worker:
 
     @property
     def copies_itself(self) -> bool:
-        """A CPU worker registered without SHM segments: it copies through the shared pool."""
+        """A worker registered without SHM segments or CUDA IPC handles: it copies through the shared pool."""
         return self.gpu is None and not self.views
 
     def unmap(self) -> None:
@@ -210,11 +210,11 @@ class WorkerRegistry:
         names: list[str], sizes: list[int], chunk_size: int, *, ns_id: int, rank: int,
         ipc_handles: list[bytes] | None = None, device_pci: str = "", event_handle: bytes = b"",
     ) -> Worker:
-        if device == "cuda":
+        if device == "cuda" and (ipc_handles or names):
             return self._register_cuda(session_id, pid, layout, sizes, chunk_size, ns_id=ns_id, rank=rank,
                                        ipc_handles=ipc_handles or [], device_pci=device_pci,
                                        event_handle=event_handle)
-        if device != "cpu":
+        if device not in ("cpu", "cuda"):  # cuda without IPC handles: a GPU worker that copies itself
             raise RegistrationError(f"device {device!r} is unknown: register 'cpu' (SHM) or 'cuda' (CUDA IPC)")
         if names and len(names) != len(sizes):
             raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")

@@ -22,10 +22,11 @@ class FakeServer:
         while n < len(hashes) and hashes[n] in self.cached:
             n += 1
         if not n:
-            return 0, None
+            return 0, None, None, 0.0
         self.leases[self.next_lease] = n
         self.next_lease += 1
-        return n, self.next_lease - 1
+        slots = [[1000 * rank + i for i in range(n)] for rank in range(2)]  # two ranks' slot offsets
+        return n, self.next_lease - 1, slots, 123.0
 
     def release(self, lease_id):
         del self.leases[lease_id]
@@ -105,6 +106,8 @@ def test_local_prefix_cache_is_not_reloaded():
     # chunk 1 is half local (block 2 of it is vLLM's); only block 3 and chunk 2 are written
     assert plan.load.chunk_hashes == chunk_hashes(prompt, C)[1:3]
     assert plan.load.block_ids == [2, 3, 4, 5] and plan.load.skip_blocks == 1
+    # the workers get every rank's slot offsets of exactly the loaded chunks (1 and 2), and the deadline
+    assert plan.load.slot_offsets == [[1, 2], [1001, 1002]] and plan.load.slots_valid_until == 123.0
 
 
 def test_asking_again_releases_the_previous_lease():
@@ -119,7 +122,7 @@ def test_asking_again_releases_the_previous_lease():
 
 def test_block_size_must_divide_chunk_size():
     with pytest.raises(ValueError, match="--chunk-size"):
-        SchedulerState(256, 96, lambda h: (0, None), lambda lease: None)
+        SchedulerState(256, 96, lambda h: (0, None, None, 0.0), lambda lease: None)
 
 
 def test_settings_from_extra_config():

@@ -160,3 +160,40 @@ def test_fallback_moves_written_kv_into_shm_intact(server_factory):
     finally:
         state.close()
     assert shm_names(os.getpid()) == set()
+
+
+def test_lmcache_driven_copies_with_no_request_before_the_copy(server_factory):
+    """Stores go into granted slots (the commit's reply grants fresh ones); a load reads the slots the
+    scheduler's lookup reported and releases its rank's part of the lease. Past the slots' deadline
+    the worker pins the chunks itself instead, and still loads every byte."""
+    srv = server_factory("--l1-size-gb", "0.1", "--share-pool", "true")
+    model = f"m-{os.urandom(4).hex()}"
+    a, kv_a = worker(srv.url, "lmcache_driven", model)
+    b, kv_b = worker(srv.url, "lmcache_driven", model)
+    scheduler = CacheClient(srv.url, p.Namespace(model, "bf16", "test", 1, None), role=p.Role.SCHEDULER)
+    try:
+        for t in kv_a.values():
+            t.normal_()
+        keys = chunk_hashes(range(3 * 256), 256)
+        src = [7, 2, 9, 4, 11, 1]
+        a.store(StoreSpec(keys, src))
+        assert len(a.grants) == a.grant_target > 0  # the commit's reply replaced the slots it used
+        srv.wait_for_log(r"Stored 768 tokens \(copied by worker \d+ into granted slots")
+        hits, lease_id, slots, valid_until = scheduler.lookup_for_load(keys)
+        assert hits == 3 and slots is not None and len(slots[0]) == 3
+        dst = [3, 5, 0, 8, 6, 10]
+        assert b.load(LoadSpec(keys, dst, 0, lease_id, slots, valid_until), 2) == set()
+        srv.wait_for_log(rf"Retrieved 768 tokens \(copied by the rank 0 worker from lease {lease_id}")
+        assert scheduler.status()["leases"] == 0
+        for name in kv_a:
+            assert torch.equal(kv_b[name][dst], kv_a[name][src])
+            kv_b[name].zero_()
+        hits, lease_id, slots, _ = scheduler.lookup_for_load(keys)
+        assert b.load(LoadSpec(keys, dst, 0, lease_id, slots, 0.0), 2) == set()  # deadline passed: pins
+        assert scheduler.status()["leases"] == 0  # the pin took the rank's part of the lease
+        for name in kv_a:
+            assert torch.equal(kv_b[name][dst], kv_a[name][src])
+    finally:
+        scheduler.close()
+        a.close()
+        b.close()
