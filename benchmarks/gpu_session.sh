@@ -2,7 +2,7 @@
 # One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
 # Usage on the GPU machine, from the repository root, with the wheels from
 # ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency]
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lmcd-gpu}
@@ -68,6 +68,13 @@ if [[ $what == final ]]; then  # the default twice (two servers), then the other
   bench dma --copy-engine dma -- --repeats 20 --load
   timeout 120 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" \
     | tee "$OUT/timeline.log"
+fi
+if [[ $what == worker ]]; then  # the worker copying itself through the shared pool, then the server copying
+  df -h /dev/shm | tail -1
+  timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
+    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
+  bench staged -- --repeats 30 --load
 fi
 if [[ $what == probe ]]; then
   timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"

@@ -59,6 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="cpu: a synthetic SHM worker; cuda: a torch GPU worker over CUDA IPC (lmcd.connector)")
     gpu.add_argument("--gpu", type=int, default=0, help="CUDA device index of the GPU worker")
+    gpu.add_argument("--transfer-mode", default="auto", choices=["auto", "engine_driven", "lmcache_driven"],
+                     help="who copies: the server over CUDA IPC (engine_driven) or the worker through the "
+                          "server's shared pool (lmcache_driven; server --share-pool); auto: the worker where the "
+                          "pool is shared")
     gpu.add_argument("--load", action="store_true", help="also measure while bf16 matmuls run in this process")
     gpu.add_argument("--load-seconds", type=float, default=4.0, help="seconds per loaded measurement")
     gpu.add_argument("--matmul-size", type=int, default=8192)

@@ -9,6 +9,12 @@ head_dim 128, bf16, block 16), registers through ``WorkerState`` (CUDA IPC), and
 - retrieve: ``WorkerState.load`` (Retrieve, stream waits on the server's event) until this
   worker's stream has passed it;
 
+or, where the worker copies itself through the server's shared pool (``--transfer-mode``
+lmcache_driven, or auto against a ``--share-pool`` server): the store into slots granted ahead
+until its event has completed (``stores_done``, which then sends the Commit), and the load from
+the slots a lookup reported until the worker's stream has passed the copy. That lookup is made
+untimed before the load, as vLLM's scheduler makes it before the step that loads.
+
 for 256, 4096 and 16384 tokens at random block ids, checking every byte of the last round,
 against the same-run pinned D2H / H2D copy of the same bytes (one contiguous torch copy).
 
@@ -103,6 +109,7 @@ class GpuBench:
         self.rng = np.random.default_rng()
         settings = ConnectorSettings.from_extra_config(
             {"lmcache.mp.host": args.host, "lmcache.mp.port": args.port, "lmcache.mp.request_timeout": args.timeout,
+             "lmcache.mp.mp_transfer_mode": getattr(args, "transfer_mode", "auto"),
              **({"lmcache.mp.auth_token": args.auth_token} if args.auth_token else {})})
         self.block = args.block_size
         self.layers, self.heads, self.head = args.layers, args.kv_heads, args.head_size
@@ -146,7 +153,7 @@ class GpuBench:
         t0 = time.perf_counter()
         self.worker.store(StoreSpec(hashes, blocks))
         t1 = time.perf_counter()
-        if not cuda.stores_pending:
+        if not (self.worker.in_flight if self.worker.copier is not None else cuda.stores_pending):
             raise LmcdError("the server did not store the chunks (pool full or server gone)")
         while not self.worker.stores_done():  # how the connector learns it (polls the server's event)
             pass
@@ -162,14 +169,23 @@ class GpuBench:
             time.sleep(0.0002)
         raise LmcdError("stored chunks never became ready on the server")
 
-    def retrieve(self, hashes: list[bytes], blocks: list[int]) -> None:
+    def retrieve(self, hashes: list[bytes], blocks: list[int]) -> float:
+        """Seconds from the connector call until this worker's stream has passed the copy."""
+        spec = LoadSpec(hashes, blocks, 0, None)
+        if self.worker.copier is not None:  # the scheduler's lookup, before the step (untimed)
+            found = self.worker.session.call(lambda client: client.lookup_for_load(hashes), None, "lookup")
+            if found is None or found[0] != len(hashes):
+                raise LmcdError("the lookup before the load missed chunks that were just stored")
+            spec = LoadSpec(hashes, blocks, 0, found[1], found[2], found[3])
         t0 = time.perf_counter()
-        failed = self.worker.load(LoadSpec(hashes, blocks, 0, None), self.bpc)
+        failed = self.worker.load(spec, self.bpc)
         t1 = time.perf_counter()
         if failed:
             raise LmcdError(f"retrieve missed {len(failed)} blocks of chunks that were just stored")
         torch.cuda.current_stream(self.device).synchronize()
-        self.phases.append((t1 - t0, time.perf_counter() - t1))
+        t2 = time.perf_counter()
+        self.phases.append((t1 - t0, t2 - t1))
+        return t2 - t0
 
     def check(self, src: list[int], dst: list[int]) -> None:
         s = torch.tensor(src, device=self.device)
@@ -197,9 +213,7 @@ class GpuBench:
             store_s.append(time.perf_counter() - t0)
             store_ph.append(self.phases[-1])
             self.wait_ready(hashes)
-            t0 = time.perf_counter()
-            self.retrieve(hashes, dst)
-            retrieve_s.append(time.perf_counter() - t0)
+            retrieve_s.append(self.retrieve(hashes, dst))
             retrieve_ph.append(self.phases[-1])
             last = (src, dst)
         assert last is not None
@@ -226,13 +240,10 @@ class GpuBench:
                 self.store(hashes, src)
                 t1 = time.perf_counter()
                 self.wait_ready(hashes)
-                t1b = time.perf_counter()
-                self.retrieve(hashes, dst)
-                t2 = time.perf_counter()
+                moved[3] += self.retrieve(hashes, dst)
                 moved[0] += nbytes
                 moved[1] += t1 - t0
                 moved[2] += nbytes
-                moved[3] += t2 - t1b
 
         tflops = matmuls.run(body)
         return {"tokens": tokens, "store_gbps": moved[0] / moved[1] / 1e9,
@@ -293,7 +304,9 @@ def run_gpu(args: argparse.Namespace) -> int:
     try:
         results = [bench.size(t, args.repeats) for t in bench.sizes]
         name = torch.cuda.get_device_name(bench.device)
-        print(f"lmcd GPU bench: GPU {bench.device} ({name}), {bench.layers} layers, "
+        who = ("the worker, through the server's shared pool" if bench.worker.copier is not None
+               else "the server, over CUDA IPC")
+        print(f"lmcd GPU bench: copies by {who}; GPU {bench.device} ({name}), {bench.layers} layers, "
               f"{bench.heads} KV heads, head {bench.head}, {bench.dtype}, block {bench.block}, chunk {bench.chunk}; "
               f"median of {args.repeats} rounds; ceiling: same-run pinned torch copy of the same bytes")
         print(f"{'tokens':>7} {'MiB':>8} {'store':>7} {'D2H':>7} {'ratio':>6} {'retr':>7} {'H2D':>7} "
@@ -304,7 +317,7 @@ def run_gpu(args: argparse.Namespace) -> int:
                   f"{r['retrieve_gbps'] / r['h2d_gbps']:>6.2f}   (reply / then GPU wait, ms: store "
                   f"{r['store_reply_ms']} / {r['store_gpu_wait_ms']}, retrieve {r['retrieve_reply_ms']} / "
                   f"{r['retrieve_gpu_wait_ms']})")
-        out: dict[str, Any] = {"results": results}
+        out: dict[str, Any] = {"results": results, "worker_copies": bench.worker.copier is not None}
         if args.load or args.in_process:
             matmuls = Matmuls(bench.device, args.matmul_size)
             alone = matmuls.run(lambda: time.sleep(args.load_seconds))

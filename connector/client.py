@@ -236,15 +236,15 @@ class CacheClient:
         return list(reply.slot_offsets)
 
     def post_commit_granted(self, worker_id: int, chunk_hashes: Sequence[bytes], slot_offsets: Sequence[int],
-                            want_slots: int, ok: bool = True) -> int:
+                            want_slots: int, ok: bool = True, copy_seconds: float = 0.0) -> int:
         """Send the commit of chunks written into granted slots without waiting; ``collect`` its
         ``Committed`` (statuses, fresh grants) later."""
         return self.post(lambda rid: p.Commit(rid, worker_id, list(chunk_hashes), ok, list(slot_offsets),
-                                              want_slots), "commit")
+                                              want_slots, copy_seconds), "commit")
 
-    def post_release_rank(self, lease_id: int, rank: int) -> int:
+    def post_release_rank(self, lease_id: int, rank: int, copy_seconds: float = 0.0) -> int:
         """Send the end of rank ``rank``'s part of a lease without waiting (``collect`` the reply)."""
-        return self.post(lambda rid: p.Release(rid, lease_id, rank), "release")
+        return self.post(lambda rid: p.Release(rid, lease_id, rank, copy_seconds), "release")
 
     def clear(self) -> int:
         reply = self._call(lambda rid: p.Clear(rid), "clear")

@@ -229,6 +229,10 @@ class PoolCopier:
         self.full = [self._event() for _ in range(self.stages)]
         self.free = [self._event() for _ in range(self.stages)]
         self.engine_mark = self._event()
+        self._rows_ready = self._event()
+        self._rows_host: torch.Tensor | None = None
+        self._rows_dev = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.stage_ptrs = [self.staging[b].data_ptr() for b in range(self.stages)]
         self.next_stage = 0
         log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.stages,
                  self.chunk_bytes / 2**20)
@@ -247,10 +251,24 @@ class PoolCopier:
         check(fast_driver().cuStreamWaitEvent(stream.cuda_stream, event.cuda_event, 0), "cuStreamWaitEvent")
 
     def _rows(self, block_ids: list[int], num_chunks: int) -> torch.Tensor:
-        """Per chunk, per plane, per block of the chunk: the row of the page in its plane's view (on the GPU)."""
-        blocks = np.asarray(block_ids, dtype=np.int64).reshape(num_chunks, 1, self.bpc)
-        rows = (self.plane_rows.reshape(1, -1, 1) + blocks).ravel()
-        return torch.from_numpy(rows).pin_memory().to(self.device, non_blocking=True)
+        """Per chunk, per plane, per block of the chunk: the row of the page in its plane's view, uploaded
+        on the gather stream (which is current) through one pinned buffer and one device buffer."""
+        count = num_chunks * self.layout.num_layers * self.bpc
+        if self._rows_host is None or count > self._rows_host.numel():
+            if self._rows_host is not None:
+                self._rows_ready.synchronize()
+            capacity = max(count, 8 * self.layout.num_layers * self.bpc)
+            self._rows_host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+            self._rows_dev = torch.empty(capacity, dtype=torch.int64, device=self.device)
+        else:
+            self._rows_ready.synchronize()  # the previous upload has read the pinned buffer (long since)
+        host = self._rows_host.numpy()[:count].reshape(num_chunks, -1, self.bpc)
+        np.add(self.plane_rows.reshape(1, -1, 1), np.asarray(block_ids, dtype=np.int64).reshape(num_chunks, 1, -1),
+               out=host)
+        check(fast_driver().cuMemcpyHtoDAsync_v2(self._rows_dev.data_ptr(), self._rows_host.data_ptr(), count * 8,
+                                                 self.gather.cuda_stream), "cuMemcpyHtoDAsync (block rows)")
+        self._record(self._rows_ready, self.gather)
+        return self._rows_dev[:count]
 
     def _check(self, block_ids: list[int], num_chunks: int) -> None:
         if len(block_ids) != num_chunks * self.bpc:
@@ -258,13 +276,16 @@ class PoolCopier:
         if block_ids and (max(block_ids) >= self.layout.num_blocks or min(block_ids) < 0):
             raise ValueError(f"block id out of range 0..{self.layout.num_blocks - 1}")
 
-    def store(self, slots: list[int], block_ids: list[int]) -> torch.cuda.Event:
-        """Copy the chunks' blocks into the pool slots at byte offsets ``slots``."""
+    def store(self, slots: list[int], block_ids: list[int]) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        """Copy the chunks' blocks into the pool slots at byte offsets ``slots``; returns the (start, end)
+        events of the copy (timed, so that the server can log how long it took)."""
         assert self.staging is not None, "prepare() first"
         self._check(block_ids, len(slots))
         engine = torch.cuda.current_stream(self.device)
         self._record(self.engine_mark, engine)
         self._wait(self.gather, self.engine_mark)  # the step that wrote these blocks comes first
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.gather)
         per_chunk = self.layout.num_layers * self.bpc
         with torch.cuda.stream(self.gather):
             rows = self._rows(block_ids, len(slots))
@@ -277,28 +298,32 @@ class PoolCopier:
                                        out=self.staging[b, first * self.bpc : end * self.bpc])
                 self._record(self.full[b], self.gather)
                 self._wait(self.copy, self.full[b])
-                check(fast_driver().cuMemcpyAsync(self.pool_address + slot, self.staging[b].data_ptr(),
+                check(fast_driver().cuMemcpyAsync(self.pool_address + slot, self.stage_ptrs[b],
                                                   self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (store)")
                 self._record(self.free[b], self.copy)
-        done = torch.cuda.Event(enable_timing=False)
+        done = torch.cuda.Event(enable_timing=True)
         done.record(self.copy)
-        return done
+        return start, done
 
-    def load(self, slots: list[int], block_ids: list[int], skip_blocks: int = 0) -> torch.cuda.Event:
+    def load(self, slots: list[int], block_ids: list[int], skip_blocks: int = 0
+             ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         """Copy the pool slots at byte offsets ``slots`` into the chunks' blocks (leaving out the first
-        ``skip_blocks`` blocks of the first chunk); the engine's current stream waits for it."""
+        ``skip_blocks`` blocks of the first chunk); the engine's current stream waits for it. Returns
+        the (start, end) events of the copy."""
         assert self.staging is not None, "prepare() first"
         self._check(block_ids, len(slots))
         engine = torch.cuda.current_stream(self.device)
         self._record(self.engine_mark, engine)
         per_chunk = self.layout.num_layers * self.bpc
         self._wait(self.gather, self.engine_mark)  # kernels before this point that use the target blocks go first
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.copy)
         with torch.cuda.stream(self.gather):
             rows = self._rows(block_ids, len(slots))
             for j, slot in enumerate(slots):
                 b = self._stage()
                 self._wait(self.copy, self.free[b])
-                check(fast_driver().cuMemcpyAsync(self.staging[b].data_ptr(), self.pool_address + slot,
+                check(fast_driver().cuMemcpyAsync(self.stage_ptrs[b], self.pool_address + slot,
                                                   self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (load)")
                 self._record(self.full[b], self.copy)
                 self._wait(self.gather, self.full[b])
@@ -312,10 +337,10 @@ class PoolCopier:
                         rows_of_run, pages = rows_of_run[keep], pages[keep]
                     view.index_copy_(0, rows_of_run, pages)
                 self._record(self.free[b], self.gather)
-        done = torch.cuda.Event(enable_timing=False)
+        done = torch.cuda.Event(enable_timing=True)
         done.record(self.gather)
         self._wait(engine, done)
-        return done
+        return start, done
 
     def _kept(self, num_planes: int, skip_blocks: int) -> torch.Tensor:
         """Rows of ``num_planes`` planes of one chunk without each plane's first ``skip_blocks`` blocks."""

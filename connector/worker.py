@@ -27,6 +27,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -126,6 +127,16 @@ class SharedPool:
             self._mmap.close()
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A GPU copy through the shared pool; ``then(client, seconds)`` sends its Commit or Release."""
+
+    start: torch.cuda.Event
+    done: torch.cuda.Event
+    then: Callable[[CacheClient, float], None]
+    is_store: bool
+
+
 class WorkerState:
     """One vLLM worker's registration with the server, and its loads and stores.
 
@@ -162,7 +173,7 @@ class WorkerState:
         self.chunk_bytes = 0
         self.grants: list[int] = []  # free pool slots the server granted to this worker
         self.grant_target = 0
-        self.in_flight: list[tuple[torch.cuda.Event, Callable[[CacheClient], None], bool]] = []  # GPU copies
+        self.in_flight: list[InFlight] = []  # GPU copies this worker made, until it sees them end
         self.posted: list[tuple[int, int]] = []  # (rid, slots asked) of commits/releases sent without waiting
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
@@ -171,7 +182,7 @@ class WorkerState:
             from lmcd.connector.cuda import CudaShare
 
             self.cuda = CudaShare(kv_caches)
-            self.kv_caches = dict(kv_caches)
+            self.kv_caches, self.num_blocks, self.block_size = dict(kv_caches), num_blocks, block_size
             if self.settings.transfer_mode == "engine_driven":
                 self.cuda.export()  # refuses memory CUDA IPC cannot share, now
             self.layout = describe_pages(kv_caches, self.cuda.bases, self.cuda.sizes, num_blocks, block_size)
@@ -203,10 +214,7 @@ class WorkerState:
         if copies_itself:
             self._map_pool(pool_name)
             if not self.segments:  # the KV stays in vLLM's own memory: only the pool is shared
-                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                            for t in self.kv_caches.values()}
-                self.bases, sizes = list(storages), list(storages.values())
-                self.layout = describe_pages(self.kv_caches, self.bases, sizes, self.num_blocks, self.block_size)
+                self.bases, sizes, self.layout = self._storage_layout()
                 self._registered(client.register_worker(self.layout, [], sizes))
                 self._set_layer_addresses()
                 return
@@ -244,14 +252,15 @@ class WorkerState:
 
         cuda = self.cuda
         assert cuda is not None and self.layout is not None
+        bases, sizes, layout = self._storage_layout()  # no memory is shared: pages count from their tensors
         try:
             if self.copier is None or self.pool is None or self.pool.name != pool_name:
                 self._unmap_pool()
                 self._map_pool(pool_name)
                 assert self.pool is not None
-                self.copier = PoolCopier(self.kv_caches, self.layout, cuda.bases, self.pool.base_address,
+                self.copier = PoolCopier(self.kv_caches, layout, bases, self.pool.base_address,
                                          self.pool.array.nbytes, STAGE_BYTES)
-            info = client.register_worker(self.layout, [], cuda.sizes, "cuda", [], cuda.pci)
+            info = client.register_worker(layout, [], sizes, "cuda", [], cuda.pci)
             if self.copier.chunk_bytes != info.chunk_bytes:
                 self.copier.prepare(info.chunk_bytes // (self.layout.num_layers * self.layout.page_bytes))
         except (PoolCopierError, OSError) as exc:
@@ -261,6 +270,13 @@ class WorkerState:
             return False
         self._registered(info)
         return True
+
+    def _storage_layout(self) -> tuple[list[int], list[int], p.KVLayout]:
+        """The KV tensors' storages (start, bytes) and the pages relative to them: the layout of a worker
+        that shares no memory (it copies itself)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.kv_caches.values()}
+        bases, sizes = list(storages), list(storages.values())
+        return bases, sizes, describe_pages(self.kv_caches, bases, sizes, self.num_blocks, self.block_size)
 
     def _registered(self, info: WorkerInfo) -> None:
         """A worker that copies itself: keep enough granted slots for a few chunks."""
@@ -327,25 +343,27 @@ class WorkerState:
         if (spec.lease_id is not None and len(lease_slots) >= num_chunks
                 and time.monotonic() < spec.slots_valid_until):
             offsets, lease_id = lease_slots[:num_chunks], spec.lease_id  # where the lookup pinned them
-            def release(c: CacheClient) -> None:
-                self.posted.append((c.post_release_rank(lease_id, rank), 0))
+            def release(c: CacheClient, seconds: float = 0.0) -> None:
+                self.posted.append((c.post_release_rank(lease_id, rank, seconds), 0))
         else:  # no usable lookup slots: pin the chunks now (taking this rank's part of the lease)
             offsets, pin_id = client.pin(worker_id, spec.chunk_hashes, spec.lease_id)
             if pin_id is None:
                 return 0
-            def release(c: CacheClient) -> None:
+            def release(c: CacheClient, seconds: float = 0.0) -> None:  # the server timed it from the pin
                 self.posted.append((c.post(lambda rid: p.Release(rid, pin_id), "release"), 0))
         blocks = spec.block_ids[: len(offsets) * blocks_per_chunk]
+        started = time.perf_counter()
         try:
             if self.copier is not None:
-                self.in_flight.append((self.copier.load(offsets, blocks, spec.skip_blocks), release, False))
+                start, done = self.copier.load(offsets, blocks, spec.skip_blocks)
+                self.in_flight.append(InFlight(start, done, release, False))
             else:
                 run_plan(self._plan(offsets, blocks, False, spec.skip_blocks))
         except BaseException:
             release(client)
             raise
         if self.copier is None:  # a CPU copy ended in this call: so does its request
-            release(client)
+            release(client, time.perf_counter() - started)
             self._collect(client)
         return len(offsets)
 
@@ -364,31 +382,49 @@ class WorkerState:
         worker_id = self._worker_id()
         self._settle(client)
         num_chunks = len(spec.chunk_hashes)
-        if len(self.grants) < num_chunks:  # one request for what the grants in hand do not cover
-            self.grants += client.grant(worker_id, num_chunks - len(self.grants))
-        n = min(num_chunks, len(self.grants))
-        if n < num_chunks:
-            log.debug("The pool granted slots for %d of %d chunks (full of pinned chunks)", n, num_chunks)
-        if not n:
-            return
-        slots, self.grants = self.grants[:n], self.grants[n:]
-        hashes = spec.chunk_hashes[:n]
-        blocks = spec.block_ids[: n * (len(spec.block_ids) // num_chunks)]
+        bpc = len(spec.block_ids) // num_chunks
+        asked = None
+        if len(self.grants) < num_chunks:  # ask for the rest now; its reply is read once the first copies are queued
+            need = num_chunks - len(self.grants)
+            asked = client.post(lambda rid: p.Grant(rid, worker_id, need), "grant")
+        done = 0
+        while True:
+            n = min(num_chunks - done, len(self.grants))
+            if n:
+                self._store_into_grants(client, worker_id, spec.chunk_hashes[done : done + n],
+                                        spec.block_ids[done * bpc : (done + n) * bpc])
+                done += n
+            if done == num_chunks or asked is None:
+                break
+            reply = client.collect(asked, self.settings.request_timeout_s)
+            asked = None
+            if not isinstance(reply, p.Granted):
+                raise LmcdError(f"no reply to Grant from the lmcd server within {self.settings.request_timeout_s} s")
+            self.grants += reply.slot_offsets
+        if done < num_chunks:
+            log.debug("The pool granted slots for %d of %d chunks (full of pinned chunks)", done, num_chunks)
 
-        def commit(c: CacheClient, ok: bool = True) -> None:  # and ask for slots up to the target again
+    def _store_into_grants(self, client: CacheClient, worker_id: int, hashes: list[bytes], blocks: list[int]) -> None:
+        """Copy chunks into as many granted slots; their Commit goes out when the copy has ended."""
+        n = len(hashes)
+        slots, self.grants = self.grants[:n], self.grants[n:]
+
+        def commit(c: CacheClient, seconds: float, ok: bool = True) -> None:  # and ask for slots up to the target
             coming = sum(want for _, want in self.posted)
             want = max(0, self.grant_target - len(self.grants) - coming) if ok else 0
-            self.posted.append((c.post_commit_granted(worker_id, hashes, slots, want, ok), want))
+            self.posted.append((c.post_commit_granted(worker_id, hashes, slots, want, ok, seconds), want))
 
+        started = time.perf_counter()
         try:
             if self.copier is not None:
-                self.in_flight.append((self.copier.store(slots, blocks), commit, True))
+                start, done = self.copier.store(slots, blocks)
+                self.in_flight.append(InFlight(start, done, commit, True))
                 return
             run_plan(self._plan(slots, blocks, True))
         except BaseException:
-            commit(client, False)
+            commit(client, 0.0, False)
             raise
-        commit(client)
+        commit(client, time.perf_counter() - started)
         self._collect(client)  # a CPU copy ended in this call: the chunks are readable when it returns
 
     def _collect(self, client: CacheClient) -> None:
@@ -404,9 +440,9 @@ class WorkerState:
             self.session.call(self._settle, None, "settle")
 
     def _settle(self, client: CacheClient) -> None:
-        while self.in_flight and self.in_flight[0][0].query():  # they finish in order per stream
-            _, then, _ = self.in_flight.pop(0)
-            then(client)
+        while self.in_flight and self.in_flight[0].done.query():  # they finish in order per stream
+            copy = self.in_flight.pop(0)
+            copy.then(client, copy.start.elapsed_time(copy.done) / 1e3)
         still: list[tuple[int, int]] = []
         for rid, want in self.posted:
             reply = self._reply(client, rid, 0.0)
@@ -428,7 +464,7 @@ class WorkerState:
 
     def fence_stores(self) -> None:
         if self.copier is not None:
-            stores = [event for event, _, is_store in self.in_flight if is_store]
+            stores = [copy.done for copy in self.in_flight if copy.is_store]
             if stores:
                 torch.cuda.current_stream(self.copier.device).wait_event(stores[-1])
         elif self.cuda is not None:
@@ -438,7 +474,7 @@ class WorkerState:
         """Whether the stores sent so far are complete (GPU: polled; CPU: they complete in the call)."""
         if self.copier is not None:
             self.settle()
-            return not any(is_store for _, _, is_store in self.in_flight)
+            return not any(copy.is_store for copy in self.in_flight)
         return self.cuda is None or self.cuda.stores_done()
 
     def _worker_id(self) -> int:

@@ -196,6 +196,7 @@ class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
     rid: int
     lease_id: int
     rank: NonNeg | None = None
+    copy_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # a worker's copy of its part took this long
 
 
 class Reserve(msgspec.Struct, array_like=True, gc=False, tag="reserve"):
@@ -220,6 +221,7 @@ class Commit(msgspec.Struct, array_like=True, gc=False, tag="commit"):
     ok: bool = True
     slot_offsets: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)] = []
     want_slots: NonNeg = 0
+    copy_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # how long the worker's copy took (for the log)
 
 
 class Grant(msgspec.Struct, array_like=True, gc=False, tag="grant"):

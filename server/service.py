@@ -100,8 +100,8 @@ class CacheService:
                 return self.store(session, request, started)
             case p.Retrieve():
                 return self.retrieve(session, request, started)
-            case p.Release(rid=rid, lease_id=lease_id, rank=rank) if rank is not None:
-                return self.release_rank(session, rid, lease_id, rank)
+            case p.Release(rid=rid, lease_id=lease_id, rank=rank, copy_seconds=seconds) if rank is not None:
+                return self.release_rank(session, rid, lease_id, rank, seconds)
             case p.Release(rid=rid, lease_id=lease_id):
                 lease = self.leases.get(lease_id)
                 entries = self.leases.release(lease_id)
@@ -468,11 +468,10 @@ class CacheService:
         if stored:
             self.stats.stored_chunks += stored
             self.stats.stored_bytes += stored * worker.chunk_bytes
-            log.info("Stored %d tokens (copied by worker %d into granted slots, %.1f MiB)",
-                     stored * self.config.chunk_size, worker.worker_id, stored * worker.chunk_bytes / 2**20)
+            self._log_copy("Stored", stored, stored * worker.chunk_bytes, 0.0, req.copy_seconds)
         return p.Committed(req.rid, stored, statuses, self._grant(session, worker, req.want_slots))
 
-    def release_rank(self, session: Session, rid: int, lease_id: int, rank: int) -> p.Released:
+    def release_rank(self, session: Session, rid: int, lease_id: int, rank: int, seconds: float) -> p.Released:
         """A worker copied its rank's chunks of a lookup's lease out of the shared pool itself."""
         entries = self.leases.take(lease_id, rank)
         if entries is None:
@@ -483,8 +482,7 @@ class CacheService:
             self.stats.retrieves += 1
             self.stats.retrieved_chunks += len(entries)
             self.stats.retrieved_bytes += nbytes
-            log.info("Retrieved %d tokens (copied by the rank %d worker from lease %d, %.1f MiB)",
-                     len(entries) * self.config.chunk_size, rank, lease_id, nbytes / 2**20)
+            self._log_copy("Retrieved", len(entries), nbytes, 0.0, seconds)
         return p.Released(rid, len(entries))
 
     def pin(self, session: Session, req: p.Pin) -> p.Pinned:
@@ -557,8 +555,9 @@ class CacheService:
         for entry in entries:
             self.index.unpin(entry)
 
-    def _log_copy(self, verb: str, num_chunks: int, num_bytes: int, started: float) -> None:
-        seconds = time.perf_counter() - started
+    def _log_copy(self, verb: str, num_chunks: int, num_bytes: int, started: float, seconds: float = 0.0) -> None:
+        """LMCache's familiar line; ``seconds`` given: a copy the worker made (and timed) itself."""
+        seconds = seconds or time.perf_counter() - started
         tokens = num_chunks * self.config.chunk_size
         log.info("%s %d tokens in %.4f seconds (%.2f GB/s, %.1f MiB)", verb, tokens, seconds,
                  num_bytes / seconds / 1e9 if seconds > 0 else 0.0, num_bytes / 2**20)

@@ -48,10 +48,13 @@ WORKER = textwrap.dedent(r"""
         del hog[-1]
         torch.cuda.empty_cache()  # that piece goes back to the driver; the reserve stays in torch's cache:
         del reserve
-    settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port})
+    mode = os.environ.get("LMCD_TEST_MODE", "engine_driven")
+    settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port,
+                                                    "lmcache.mp.mp_transfer_mode": mode})
     w = WorkerState(settings, p.Namespace("harness", "bfloat16", f"L{L}.{layout}", 1, 0), f"harness gpu{dev}")
     w.register_kv_caches(kv, B, N)
     assert w.worker_id is not None and w.cuda is not None, "registration failed"
+    assert (w.copier is not None) == (mode == "lmcache_driven"), "the worker copies itself iff lmcache_driven"
     bpc = 256 // N
     pages = [buf[i * B * page:(i + 1) * B * page].view(B, page) for i in range(L)]
     rng = np.random.default_rng()
@@ -66,16 +69,28 @@ WORKER = textwrap.dedent(r"""
             pg[torch.as_tensor(src, device=dev)] = torch.randint(-128, 128, (len(src), page), dtype=torch.int8,
                                                                  device=dev)
         w.store(StoreSpec(hashes, src.tolist()))
-        assert w.cuda.stores_pending, "nothing was stored"
+        assert (w.in_flight if w.copier is not None else w.cuda.stores_pending), "nothing was stored"
         t0 = time.monotonic()
         while not w.stores_done():
             assert time.monotonic() - t0 < 10, "store never completed"
             time.sleep(0.0005)
         expected = [pg[torch.as_tensor(src, device=dev)].clone() for pg in pages]
-        failed = w.load(LoadSpec(hashes, dst.tolist(), 0, None), bpc)
+        before = [pg[torch.as_tensor(dst, device=dev)].clone() for pg in pages]
+        skip = 3 if round_ == 1 else 0  # round 1: vLLM has the first 3 blocks of the first chunk
+        spec = LoadSpec(hashes, dst.tolist(), skip, None)
+        if w.copier is not None:  # the scheduler's lookup: it reports where the chunks are
+            while True:
+                hits, lease, slots, until = w.session.call(lambda c: c.lookup_for_load(hashes), None, "lookup")
+                if hits == 2:
+                    break
+                assert time.monotonic() - t0 < 10, "the commit never made the chunks visible"
+            spec = LoadSpec(hashes, dst.tolist(), skip, lease, slots, until)
+        failed = w.load(spec, bpc)
         assert not failed, f"load failed for blocks {sorted(failed)[:4]}"
-        # compared on the current stream, which waits for the server's copy on the GPU
-        same = all(torch.equal(pg[torch.as_tensor(dst, device=dev)], e) for pg, e in zip(pages, expected))
+        # compared on the current stream, which waits for the copy on the GPU
+        same = all(torch.equal(pg[torch.as_tensor(dst[skip:], device=dev)], e[skip:])
+                   and torch.equal(pg[torch.as_tensor(dst[:skip], device=dev)], b[:skip])
+                   for pg, e, b in zip(pages, expected, before))
         results.append(same)
     w.close()
     print("RESULT " + json.dumps({"results": results, "pid": os.getpid()}), flush=True)
@@ -99,7 +114,7 @@ def result_of(proc: subprocess.Popen[str]) -> dict:
 @pytest.fixture
 def gpu_server(request):  # noqa: ANN001, ANN201
     engine = getattr(request, "param", "kernel")
-    server = start_server("--cuda", "on", "--l1-size-gb", "2", "--copy-engine", engine)
+    server = start_server("--cuda", "on", "--l1-size-gb", "2", "--copy-engine", engine, "--share-pool", "true")
     yield server
     server.stop()
 
@@ -123,13 +138,29 @@ def test_worker_store_then_load_every_byte(gpu_server, layout: str) -> None:  # 
     gpu_server.wait_for_log(r"Retrieved 512 tokens in [0-9.]+ seconds")
 
 
+@pytest.mark.parametrize("alloc_conf", ["", "expandable_segments:True"])
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+def test_worker_copies_itself_through_the_shared_pool(gpu_server, layout: str, alloc_conf: str) -> None:  # noqa: ANN001
+    """lmcache_driven: the worker registers the shared pool with CUDA and copies itself, with no request
+    before a copy; no KV memory is shared, so even VMM-allocated KV (expandable segments) works."""
+    port = int(gpu_server.url.rsplit(":", 1)[1])
+    env = {"LMCD_TEST_MODE": "lmcache_driven", **({"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if alloc_conf else {})}
+    result = result_of(run_worker(0, port, layout, env))
+    assert result["results"] == [True, True, True]
+    gpu_server.wait_for_log(rf"Registered KV cache for GPU ID {result['pid']} with 8 layers .*it copies through the "
+                            "shared pool")
+    gpu_server.wait_for_log(r"Stored 512 tokens in [0-9.]+ seconds \([0-9.]+ GB/s")
+    gpu_server.wait_for_log(r"Retrieved 512 tokens in [0-9.]+ seconds \([0-9.]+ GB/s")
+
+
 def test_two_gpus_at_once(gpu_server) -> None:  # noqa: ANN001
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs; this machine has one")
     port = int(gpu_server.url.rsplit(":", 1)[1])
-    procs = [run_worker(d, port, "LBHNC") for d in (0, 1)]
+    procs = [run_worker(d, port, "LBHNC", {"LMCD_TEST_MODE": mode}) for d in (0, 1)
+             for mode in ("engine_driven", "lmcache_driven")]
     for proc in procs:
         assert result_of(proc)["results"] == [True, True, True]
 

@@ -134,7 +134,7 @@ def test_lookup_reports_every_ranks_slots_and_each_rank_releases_its_part(server
             assert scheduler.status()["leases"] == (1 if rank == 0 else 0)  # gone once every rank copied
         with pytest.raises(ServerError, match="unknown or already over"):
             workers[0][0].collect(workers[0][0].post_release_rank(lease_id, 0), 10.0)
-        srv.wait_for_log(r"Retrieved 768 tokens \(copied by the rank 1 worker from lease")
+        srv.wait_for_log(r"Retrieved 768 tokens in ")
         # without slots asked, a lookup says nothing about them
         assert scheduler.lookup(keys, lease=False).slot_offsets is None
     finally:
