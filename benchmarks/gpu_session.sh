@@ -2,7 +2,7 @@
 # One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
 # Usage on the GPU machine, from the repository root, with the wheels from
 # ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker]
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker|worker-bench]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lmcd-gpu}
@@ -74,6 +74,11 @@ if [[ $what == worker ]]; then  # the worker copying itself through the shared p
   timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
     -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
   bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
+  bench staged -- --repeats 30 --load
+fi
+if [[ $what == worker-bench ]]; then  # worker copies twice (two servers), the server's staged copies once
+  bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
+  bench worker-again --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
   bench staged -- --repeats 30 --load
 fi
 if [[ $what == probe ]]; then

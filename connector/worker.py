@@ -334,8 +334,13 @@ class WorkerState:
         return set()
 
     def _load_itself(self, client: CacheClient, spec: LoadSpec, blocks_per_chunk: int) -> int:
+        try:
+            return self._load_from_pool(client, spec, blocks_per_chunk)
+        finally:
+            self._settle(client)  # after the copy is queued: earlier copies' Commit/Release are not urgent
+
+    def _load_from_pool(self, client: CacheClient, spec: LoadSpec, blocks_per_chunk: int) -> int:
         worker_id = self._worker_id()
-        self._settle(client)
         rank = self.session.namespace.rank or 0
         num_chunks = len(spec.chunk_hashes)
         lease_slots = spec.slot_offsets[rank] if spec.slot_offsets is not None and rank < len(spec.slot_offsets) \
@@ -380,8 +385,15 @@ class WorkerState:
 
     def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
         worker_id = self._worker_id()
-        self._settle(client)
         num_chunks = len(spec.chunk_hashes)
+        if len(self.grants) < num_chunks:
+            self._settle(client)  # replies of earlier commits may bring grants; else the copy goes first
+        try:
+            self._store_in_grants(client, worker_id, spec, num_chunks)
+        finally:
+            self._settle(client)
+
+    def _store_in_grants(self, client: CacheClient, worker_id: int, spec: StoreSpec, num_chunks: int) -> None:
         bpc = len(spec.block_ids) // num_chunks
         asked = None
         if len(self.grants) < num_chunks:  # ask for the rest now; its reply is read once the first copies are queued
