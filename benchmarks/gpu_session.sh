@@ -2,7 +2,7 @@
 # One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
 # Usage on the GPU machine, from the repository root, with the wheels from
 # ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker|worker-bench]
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker|worker-bench|worker-profile]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lmcd-gpu}
@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site
 # run from a copy without the source folders, so that the installed lmcd is the one imported
-cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py; cp benchmarks/request_path.py /tmp/lmcd-request-path.py
+cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py; cp benchmarks/request_path.py /tmp/lmcd-request-path.py; cp benchmarks/worker_profile.py /tmp/lmcd-worker-profile.py
 RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
 nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
@@ -80,6 +80,16 @@ if [[ $what == worker-bench ]]; then  # worker copies twice (two servers), the s
   bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
   bench worker-again --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
   bench staged -- --repeats 30 --load
+fi
+if [[ $what == worker-profile ]]; then  # where the self-copying worker's host time goes
+  port=$((5600 + RANDOM % 300))
+  python3 -m lmcd server --host 127.0.0.1 --port $port --http-port 0 --l1-size-gb 4 --cuda on --share-pool true \
+    > "$OUT/server-profile.log" 2>&1 &
+  spid=$!
+  for _ in $(seq 1 120); do grep -q "cache server is running" "$OUT/server-profile.log" && break; sleep 0.5; done
+  timeout 200 python3 /tmp/lmcd-worker-profile.py --host 127.0.0.1 --port $port --tokens ${TRACE_TOKENS:-256} \
+    --rounds 200 2>&1 | grep -v "LMCache INFO" | tee "$OUT/worker-profile.log" | head -60
+  kill -TERM $spid; wait $spid
 fi
 if [[ $what == probe ]]; then
   timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"

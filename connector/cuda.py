@@ -26,11 +26,15 @@ import ctypes
 import logging
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from lmcd.cudadrv import check, driver, fast_driver
+if TYPE_CHECKING:
+    from lmcd.kernels import OneChunkLaunch
+
+from lmcd.cudadrv import CudaError, check, driver, fast_driver
 
 CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 IPC_HANDLE_BYTES = 64
@@ -144,18 +148,20 @@ class PoolCopier:
 
     The pool (mapped from SHM here) is registered with CUDA once, so a slot is a DMA target. A chunk
     crosses PCIe as ONE contiguous copy-engine copy between its slot and a staging buffer in this
-    GPU; one ``index_select`` (store) or ``index_copy_`` (load) on a side stream moves the chunk's
-    pages between that buffer and the KV blocks (every plane and block of the chunk in one
-    kernel). Up to ``stages`` chunks are in flight::
+    GPU; on a side stream, lmcd's page-copy kernel (``lmcd.kernels``, compiled here with NVRTC; the
+    chunk's block ids inside the launch, on every SM) moves the chunk's pages between that buffer
+    and the KV blocks. Where that kernel cannot run (no NVRTC, more than 64 blocks per chunk),
+    torch's ``index_select``/``index_copy_`` over row views of the KV do it, at a higher host cost.
+    Up to ``stages`` chunks are in flight; the host only queues driver calls::
 
-        store  gather stream:  wait(free[b]) index_select -> S[b] record(full[b])
+        store  gather stream:  wait(free[b]) pages -> S[b] record(full[b])
                copy stream:                   wait(full[b]) S[b] -> slot record(free[b])
         load   copy stream:    wait(free[b]) slot -> S[b] record(full[b])
-               gather stream:                 wait(full[b]) S[b] -> blocks record(free[b])
+               gather stream:                 wait(full[b]) S[b] -> pages record(free[b])
 
     Ordering with the engine: the gather stream waits on the engine's current stream before it
     touches a block; after a load the engine's stream waits for the scatter; nothing waits on
-    the host. ``store``/``load`` return the event that marks the end of the copy.
+    the host. ``store``/``load`` return the (start, end) events of the copy.
     """
 
     def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: object, bases: list[int],
@@ -174,6 +180,7 @@ class PoolCopier:
                  "between its KV blocks and the pool itself", pool_bytes / 2**30, time.monotonic() - started)
         page, stride = layout.page_bytes, layout.block_stride
         addresses = [bases[s] + o for s, o in zip(layout.layer_segments, layout.layer_offsets, strict=True)]
+        self.plane_addresses = addresses
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in kv_caches.values()}
         item = 8
         while item > 1 and (page % item or stride % item or any(a % item for a in addresses)):
@@ -234,8 +241,32 @@ class PoolCopier:
         self._rows_dev = torch.empty(0, dtype=torch.int64, device=self.device)
         self.stage_ptrs = [self.staging[b].data_ptr() for b in range(self.stages)]
         self.next_stage = 0
+        self.launch = self._kernel_launch(blocks_per_chunk)
         log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.stages,
                  self.chunk_bytes / 2**20)
+
+    def _kernel_launch(self, blocks_per_chunk: int) -> OneChunkLaunch | None:
+        """lmcd's page-copy kernel (compiled here with NVRTC), or None where it cannot run: torch's index
+        ops move the pages then, at a higher host cost per chunk."""
+        from lmcd.kernels import MAX_INLINE_BLOCKS, OneChunkLaunch, one_chunk_functions
+
+        if blocks_per_chunk > MAX_INLINE_BLOCKS:
+            log.info("Chunks of %d blocks exceed the %d a kernel launch carries: torch's index ops move the pages",
+                     blocks_per_chunk, MAX_INLINE_BLOCKS)
+            return None
+        index = self.device.index or 0
+        major, minor = torch.cuda.get_device_capability(index)
+        try:
+            v16, v1 = one_chunk_functions(index, f"sm_{major}{minor}")
+        except CudaError as exc:
+            log.info("lmcd's page-copy kernel is not available here (%s): torch's index ops move the pages", exc)
+            return None
+        page, stride = self.layout.page_bytes, self.layout.block_stride
+        vec16 = page % 16 == 0 and stride % 16 == 0 and not any(a % 16 for a in self.plane_addresses)
+        self.plane_bases = torch.tensor(self.plane_addresses, dtype=torch.int64, device=self.device)
+        self.grid = torch.cuda.get_device_properties(index).multi_processor_count
+        return OneChunkLaunch(v16 if vec16 else v1, self.plane_bases.data_ptr(), self.layout.num_layers,
+                              blocks_per_chunk, page, stride)
 
     def _event(self) -> torch.cuda.Event:
         event = torch.cuda.Event(enable_timing=False)
@@ -252,7 +283,7 @@ class PoolCopier:
 
     def _rows(self, block_ids: list[int], num_chunks: int) -> torch.Tensor:
         """Per chunk, per plane, per block of the chunk: the row of the page in its plane's view, uploaded
-        on the gather stream (which is current) through one pinned buffer and one device buffer."""
+        on the gather stream through one pinned buffer and one device buffer (torch's index path)."""
         count = num_chunks * self.layout.num_layers * self.bpc
         if self._rows_host is None or count > self._rows_host.numel():
             if self._rows_host is not None:
@@ -279,68 +310,75 @@ class PoolCopier:
     def store(self, slots: list[int], block_ids: list[int]) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         """Copy the chunks' blocks into the pool slots at byte offsets ``slots``; returns the (start, end)
         events of the copy (timed, so that the server can log how long it took)."""
-        assert self.staging is not None, "prepare() first"
-        self._check(block_ids, len(slots))
-        engine = torch.cuda.current_stream(self.device)
-        self._record(self.engine_mark, engine)
-        self._wait(self.gather, self.engine_mark)  # the step that wrote these blocks comes first
-        start = torch.cuda.Event(enable_timing=True)
-        start.record(self.gather)
-        per_chunk = self.layout.num_layers * self.bpc
-        with torch.cuda.stream(self.gather):
-            rows = self._rows(block_ids, len(slots))
-            for j, slot in enumerate(slots):
-                b = self._stage()
-                self._wait(self.gather, self.free[b])
-                chunk_rows = rows[j * per_chunk : (j + 1) * per_chunk]
-                for first, end, view in self.runs:
-                    torch.index_select(view, 0, chunk_rows[first * self.bpc : end * self.bpc],
-                                       out=self.staging[b, first * self.bpc : end * self.bpc])
-                self._record(self.full[b], self.gather)
-                self._wait(self.copy, self.full[b])
-                check(fast_driver().cuMemcpyAsync(self.pool_address + slot, self.stage_ptrs[b],
-                                                  self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (store)")
-                self._record(self.free[b], self.copy)
-        done = torch.cuda.Event(enable_timing=True)
-        done.record(self.copy)
-        return start, done
+        return self._copy(slots, block_ids, True, 0)
 
     def load(self, slots: list[int], block_ids: list[int], skip_blocks: int = 0
              ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         """Copy the pool slots at byte offsets ``slots`` into the chunks' blocks (leaving out the first
         ``skip_blocks`` blocks of the first chunk); the engine's current stream waits for it. Returns
         the (start, end) events of the copy."""
+        return self._copy(slots, block_ids, False, skip_blocks)
+
+    def _copy(self, slots: list[int], block_ids: list[int], to_pool: bool, skip_blocks: int
+              ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         assert self.staging is not None, "prepare() first"
         self._check(block_ids, len(slots))
+        lib = fast_driver()
         engine = torch.cuda.current_stream(self.device)
+        gather, copy = self.gather.cuda_stream, self.copy.cuda_stream
         self._record(self.engine_mark, engine)
-        per_chunk = self.layout.num_layers * self.bpc
-        self._wait(self.gather, self.engine_mark)  # kernels before this point that use the target blocks go first
+        # store: the step that wrote these blocks comes first; load: kernels before this point that
+        # use the target blocks (the pool's chunks cross into the buffers meanwhile)
+        self._wait(self.gather, self.engine_mark)
         start = torch.cuda.Event(enable_timing=True)
-        start.record(self.copy)
-        with torch.cuda.stream(self.gather):
-            rows = self._rows(block_ids, len(slots))
-            for j, slot in enumerate(slots):
-                b = self._stage()
-                self._wait(self.copy, self.free[b])
-                check(fast_driver().cuMemcpyAsync(self.stage_ptrs[b], self.pool_address + slot,
-                                                  self.chunk_bytes, self.copy.cuda_stream), "cuMemcpyAsync (load)")
-                self._record(self.full[b], self.copy)
-                self._wait(self.gather, self.full[b])
-                chunk_rows = rows[j * per_chunk : (j + 1) * per_chunk]
-                source = self.staging[b]
-                for first, end, view in self.runs:
-                    rows_of_run = chunk_rows[first * self.bpc : end * self.bpc]
-                    pages = source[first * self.bpc : end * self.bpc]
-                    if j == 0 and skip_blocks:  # vLLM has these blocks already: never write them
-                        keep = self._kept(end - first, skip_blocks)
-                        rows_of_run, pages = rows_of_run[keep], pages[keep]
-                    view.index_copy_(0, rows_of_run, pages)
-                self._record(self.free[b], self.gather)
+        start.record(self.gather if to_pool else self.copy)
+        blocks = np.asarray(block_ids, dtype=np.int64).reshape(len(slots), self.bpc)
+        rows = None if self.launch is not None else self._rows(block_ids, len(slots))
+        for j, slot in enumerate(slots):
+            b = self._stage()
+            buffer, address = self.stage_ptrs[b], self.pool_address + slot
+            skip = skip_blocks if j == 0 else 0
+            if to_pool:
+                check(lib.cuStreamWaitEvent(gather, self.free[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._move_pages(j, b, blocks, rows, True, 0)
+                check(lib.cuEventRecord(self.full[b].cuda_event, gather), "cuEventRecord")
+                check(lib.cuStreamWaitEvent(copy, self.full[b].cuda_event, 0), "cuStreamWaitEvent")
+                check(lib.cuMemcpyAsync(address, buffer, self.chunk_bytes, copy), "cuMemcpyAsync (store)")
+                check(lib.cuEventRecord(self.free[b].cuda_event, copy), "cuEventRecord")
+            else:
+                check(lib.cuStreamWaitEvent(copy, self.free[b].cuda_event, 0), "cuStreamWaitEvent")
+                check(lib.cuMemcpyAsync(buffer, address, self.chunk_bytes, copy), "cuMemcpyAsync (load)")
+                check(lib.cuEventRecord(self.full[b].cuda_event, copy), "cuEventRecord")
+                check(lib.cuStreamWaitEvent(gather, self.full[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._move_pages(j, b, blocks, rows, False, skip)
+                check(lib.cuEventRecord(self.free[b].cuda_event, gather), "cuEventRecord")
         done = torch.cuda.Event(enable_timing=True)
-        done.record(self.gather)
-        self._wait(engine, done)
+        done.record(self.copy if to_pool else self.gather)
+        if not to_pool:
+            self._wait(engine, done)
         return start, done
+
+    def _move_pages(self, j: int, b: int, blocks: np.ndarray, rows: torch.Tensor | None, to_pool: bool,
+                    skip_blocks: int) -> None:
+        """Chunk ``j``'s pages between staging buffer ``b`` and its blocks, on the gather stream: our
+        kernel with the block ids inside the launch, or else torch's index ops over the row views."""
+        if self.launch is not None:
+            self.launch(self.stage_ptrs[b], blocks[j], skip_blocks, to_pool, self.gather.cuda_stream, self.grid)
+            return
+        assert rows is not None and self.staging is not None
+        per_chunk = self.layout.num_layers * self.bpc
+        chunk_rows = rows[j * per_chunk : (j + 1) * per_chunk]
+        with torch.cuda.stream(self.gather):
+            for first, end, view in self.runs:
+                rows_of_run = chunk_rows[first * self.bpc : end * self.bpc]
+                pages = self.staging[b, first * self.bpc : end * self.bpc]
+                if to_pool:
+                    torch.index_select(view, 0, rows_of_run, out=pages)
+                    continue
+                if skip_blocks:  # vLLM has these blocks already: never write them
+                    keep = self._kept(end - first, skip_blocks)
+                    rows_of_run, pages = rows_of_run[keep], pages[keep]
+                view.index_copy_(0, rows_of_run, pages)
 
     def _kept(self, num_planes: int, skip_blocks: int) -> torch.Tensor:
         """Rows of ``num_planes`` planes of one chunk without each plane's first ``skip_blocks`` blocks."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from lmcd.cudadrv import CUDA_ERROR_NOT_READY, check, fast_driver
+from lmcd.cudadrv import CUDA_ERROR_NOT_READY, check, compile_cubin, fast_driver, load_functions
 
 BLOCK_THREADS = 512
 MAX_INLINE_BLOCKS = 64  # block ids of one chunk that travel inside a launch (page_copy.cu: OneChunk)
@@ -58,6 +58,47 @@ def _module(device: int) -> Any:
         module = cupy.RawModule(code=source(), options=("--std=c++17", f"-DMAX_INLINE_BLOCKS={MAX_INLINE_BLOCKS}"))
         module.compile()  # now, on this device, so that a launch never waits on NVRTC
         return module
+
+
+@functools.cache
+def one_chunk_functions(device: int, arch: str) -> tuple[int, int]:
+    """The one-chunk entries (16-byte, byte) as CUfunction handles, compiled with NVRTC and loaded into
+    the current context: for a process without CuPy (a worker that copies itself); ``device`` keys
+    the cache."""
+    cubin = compile_cubin(source(), SOURCE_NAME, ["--std=c++17", f"-DMAX_INLINE_BLOCKS={MAX_INLINE_BLOCKS}"], arch)
+    v16, v1 = load_functions(cubin, ["lmcd_page_copy_one_v16", "lmcd_page_copy_one_v1"])
+    return v16, v1
+
+
+class OneChunkLaunch:
+    """Launches of a one-chunk entry: the chunk's slot (or staging buffer) and block ids travel inside
+    the launch (``__grid_constant__ OneChunk``), its other parameters are prepared once."""
+
+    def __init__(self, function: int, layer_bases_address: int, num_planes: int, blocks_per_chunk: int,
+                 page_bytes: int, block_stride: int) -> None:
+        if blocks_per_chunk > MAX_INLINE_BLOCKS:
+            raise KernelInputError(f"{blocks_per_chunk} blocks per chunk exceed the {MAX_INLINE_BLOCKS} a launch "
+                                   "carries")
+        self.function = function
+        self.blocks_per_chunk = blocks_per_chunk
+        self._chunk = (ctypes.c_int64 * (1 + MAX_INLINE_BLOCKS))()
+        self._words = np.ctypeslib.as_array(self._chunk)
+        self._skip = ctypes.c_int32(0)
+        self._to_pool = ctypes.c_int32(0)
+        self._values = [ctypes.c_uint64(layer_bases_address), self._chunk, ctypes.c_int32(num_planes),
+                        ctypes.c_int32(blocks_per_chunk), ctypes.c_int64(page_bytes), ctypes.c_int64(block_stride),
+                        self._skip, self._to_pool]
+        self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
+
+    def __call__(self, slot: int, blocks: np.ndarray | Sequence[int], skip_blocks: int, to_pool: bool,
+                 stream_ptr: int, grid: int) -> None:
+        """Copy one chunk between ``slot`` (an address) and its blocks; the inputs were checked by the caller."""
+        self._words[0] = slot
+        self._words[1 : 1 + self.blocks_per_chunk] = blocks
+        self._skip.value = skip_blocks
+        self._to_pool.value = 1 if to_pool else 0
+        check(fast_driver().cuLaunchKernel(self.function, grid, 1, 1, BLOCK_THREADS, 1, 1, 0, stream_ptr,
+                                           self._params, None), "cuLaunchKernel (page copy)")
 
 
 def kernel(device: int, vec16: bool, one_chunk: bool = False) -> Any:
@@ -127,7 +168,7 @@ class PageCopier:
         with cupy.cuda.Device(device):
             self.layer_bases = cupy.asarray(bases)
             self._function = kernel(device, self.vec16).kernel.ptr
-            self._one_function = kernel(device, self.vec16, one_chunk=True).kernel.ptr
+            one_function = kernel(device, self.vec16, one_chunk=True).kernel.ptr
             self._staging = [_Staging(cupy) for _ in range(STAGING_SLOTS)]
         self._next = 0
         # the kernel's parameters (see page_copy.cu), filled in per launch: req, num_chunks, skip, to_pool
@@ -139,12 +180,10 @@ class PageCopier:
                         ctypes.c_int32(self.num_planes), ctypes.c_int32(blocks_per_chunk), ctypes.c_int64(page_bytes),
                         ctypes.c_int64(block_stride), self._skip, self._to_pool]
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
-        # the one-chunk entry's parameters: the chunk's words (slot, block ids) replace req and num_chunks
+        # the one-chunk entry: the chunk's words (slot, block ids) replace req and num_chunks
         self.inline = blocks_per_chunk <= MAX_INLINE_BLOCKS
-        self._chunk = (ctypes.c_int64 * (1 + MAX_INLINE_BLOCKS))()
-        self._chunk_words = np.ctypeslib.as_array(self._chunk)
-        one = [self._values[0], self._chunk, *self._values[3:]]
-        self._one_params = (ctypes.c_void_p * len(one))(*(ctypes.addressof(v) for v in one))
+        self._one = (OneChunkLaunch(one_function, self.layer_bases.data.ptr, self.num_planes, blocks_per_chunk,
+                                    page_bytes, block_stride) if self.inline else None)
 
     def launch(self, slot_addresses: np.ndarray, block_ids: np.ndarray, to_pool: bool, stream: Any,
                skip_blocks: int = 0) -> None:
@@ -195,12 +234,8 @@ class PageCopier:
                    grid: int | None = None) -> None:
         """One chunk (slot address, its ``blocks_per_chunk`` block ids), arguments inside the launch
         (``self.inline``); the inputs were checked by the caller."""
-        self._chunk_words[0] = slot
-        self._chunk_words[1 : 1 + self.blocks_per_chunk] = blocks
-        self._skip.value = skip_blocks
-        self._to_pool.value = 1 if to_pool else 0
-        check(fast_driver().cuLaunchKernel(self._one_function, grid or self.grid, 1, 1, BLOCK_THREADS, 1, 1, 0,
-                                           stream_ptr, self._one_params, None), "cuLaunchKernel (page copy)")
+        assert self._one is not None
+        self._one(slot, blocks, skip_blocks, to_pool, stream_ptr, grid or self.grid)
 
     def check(self, slot_addresses: np.ndarray, block_ids: np.ndarray, skip_blocks: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:

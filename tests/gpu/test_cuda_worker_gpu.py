@@ -52,8 +52,13 @@ WORKER = textwrap.dedent(r"""
     settings = ConnectorSettings.from_extra_config({"lmcache.mp.host": "127.0.0.1", "lmcache.mp.port": port,
                                                     "lmcache.mp.mp_transfer_mode": mode})
     w = WorkerState(settings, p.Namespace("harness", "bfloat16", f"L{L}.{layout}", 1, 0), f"harness gpu{dev}")
+    if os.environ.get("LMCD_TEST_TORCH_PAGES"):  # the fallback: torch's index ops instead of lmcd's kernel
+        from lmcd.connector import cuda as worker_cuda
+        worker_cuda.PoolCopier._kernel_launch = lambda self, bpc: None
     w.register_kv_caches(kv, B, N)
     assert w.worker_id is not None and w.cuda is not None, "registration failed"
+    if w.copier is not None:
+        assert (w.copier.launch is None) == bool(os.environ.get("LMCD_TEST_TORCH_PAGES")), "which page mover"
     assert (w.copier is not None) == (mode == "lmcache_driven"), "the worker copies itself iff lmcache_driven"
     bpc = 256 // N
     pages = [buf[i * B * page:(i + 1) * B * page].view(B, page) for i in range(L)]
@@ -138,13 +143,17 @@ def test_worker_store_then_load_every_byte(gpu_server, layout: str) -> None:  # 
     gpu_server.wait_for_log(r"Retrieved 512 tokens in [0-9.]+ seconds")
 
 
-@pytest.mark.parametrize("alloc_conf", ["", "expandable_segments:True"])
-@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
-def test_worker_copies_itself_through_the_shared_pool(gpu_server, layout: str, alloc_conf: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("layout", "alloc_conf", "pages"), [("LBHNC", "", "kernel"), ("LBNHC", "", "kernel"),
+                                                             ("LBHNC", "expandable_segments:True", "kernel"),
+                                                             ("LBNHC", "", "torch")])
+def test_worker_copies_itself_through_the_shared_pool(gpu_server, layout: str, alloc_conf: str,  # noqa: ANN001
+                                                      pages: str) -> None:
     """lmcache_driven: the worker registers the shared pool with CUDA and copies itself, with no request
-    before a copy; no KV memory is shared, so even VMM-allocated KV (expandable segments) works."""
+    before a copy; no KV memory is shared, so even VMM-allocated KV (expandable segments) works. The
+    pages move with lmcd's kernel (NVRTC in the worker), or with torch's index ops where it cannot."""
     port = int(gpu_server.url.rsplit(":", 1)[1])
-    env = {"LMCD_TEST_MODE": "lmcache_driven", **({"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if alloc_conf else {})}
+    env = {"LMCD_TEST_MODE": "lmcache_driven", **({"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if alloc_conf else {}),
+           **({"LMCD_TEST_TORCH_PAGES": "1"} if pages == "torch" else {})}
     result = result_of(run_worker(0, port, layout, env))
     assert result["results"] == [True, True, True]
     gpu_server.wait_for_log(rf"Registered KV cache for GPU ID {result['pid']} with 8 layers .*it copies through the "
