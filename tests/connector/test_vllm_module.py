@@ -39,7 +39,7 @@ from lmcd.connector.scheduler import LoadSpec, RequestPlan, SchedulerState, Stor
 
 class Worker:  # the WorkerState calls the connector makes, recorded (GPU: stores finish later)
     def __init__(self):
-        self.stored, self.fenced, self.done = [], 0, False
+        self.stored, self.fenced, self.done, self.settled = [], 0, False, 0
     def store(self, spec):
         self.stored.append(spec)
     def load(self, spec, bpc):
@@ -48,6 +48,8 @@ class Worker:  # the WorkerState calls the connector makes, recorded (GPU: store
         self.fenced += 1
     def stores_done(self):
         return self.done
+    def settle(self):
+        self.settled += 1
 
 c = object.__new__(m.LMCacheMPConnector)
 c._connector_metadata = None
@@ -61,6 +63,7 @@ assert c._worker.fenced == 1, "a preemption must make the next step wait for sto
 c.wait_for_save()
 assert c._storing == {"a"} and len(c._worker.stored) == 1
 assert c.get_finished(set()) == (None, None)            # not finished yet
+assert c._worker.settled == 1, "every get_finished sends the Commit/Release of copies that ended"
 assert c.get_finished({"a", "b"}) == (None, None)       # finished, but its store is still running
 assert c.get_finished(set()) == (None, None)
 c._worker.done = True
@@ -69,7 +72,7 @@ assert c.get_finished(set()) == (None, None)
 
 # scheduler side: a request's blocks are kept (True) only if a store was planned for it, on GPU
 c._worker = None
-c._scheduler = SchedulerState(256, 16, lambda hashes: (0, None), lambda lease: None)
+c._scheduler = SchedulerState(256, 16, lambda hashes: (0, None, None, 0.0), lambda lease: None)
 class Req:
     def __init__(self, rid):
         self.request_id = rid
