@@ -291,11 +291,6 @@ class CacheClient:
                     raise ServerError(reply.code, reply.message, op)
             return reply
 
-    @property
-    def num_posted(self) -> int:
-        """Posted requests whose reply has not been collected."""
-        return len(self._posted)
-
     def _call(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
         with self._lock:
             reply = self._exchange(make, op)

@@ -26,15 +26,13 @@ import ctypes
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from lmcd.kernels import OneChunkLaunch
-
 from lmcd.cudadrv import CudaError, check, driver, fast_driver
+from lmcd.kernels import MAX_INLINE_BLOCKS, OneChunkLaunch, check_blocks, one_chunk_functions, stages_for
+from lmcd.protocol import KVLayout
 
 CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 IPC_HANDLE_BYTES = 64
@@ -164,11 +162,8 @@ class PoolCopier:
     the host. ``store``/``load`` return the (start, end) events of the copy.
     """
 
-    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: object, bases: list[int],
-                 pool_address: int, pool_bytes: int, stage_bytes: int) -> None:
-        from lmcd.protocol import KVLayout
-
-        assert isinstance(layout, KVLayout)
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], layout: KVLayout, bases: list[int],
+                 pool_address: int, pool_bytes: int) -> None:
         self.device = next(iter(kv_caches.values())).device
         self.layout = layout
         self.pool_address, self.pool_bytes = pool_address, pool_bytes
@@ -189,7 +184,7 @@ class PoolCopier:
         self.row_elems = page // item
         # planes that share a storage and a residue modulo the block stride share one row view
         views: dict[tuple[int, int], torch.Tensor] = {}
-        self.plane_view: list[torch.Tensor] = []
+        plane_view: list[torch.Tensor] = []
         plane_rows: list[int] = []
         for address in addresses:
             start = next((ptr for ptr, st in storages.items() if ptr <= address < ptr + st.nbytes()), None)
@@ -202,12 +197,12 @@ class PoolCopier:
                 rows = (storage.nbytes() - residue - page) // stride + 1
                 views[key] = torch.empty(0, dtype=dtype, device=self.device).set_(
                     storage, residue // item, (rows, self.row_elems), (stride // item, 1))
-            self.plane_view.append(views[key])
+            plane_view.append(views[key])
             plane_rows.append((address - start - residue) // stride)
         self.plane_rows = np.asarray(plane_rows, dtype=np.int64)
         # runs of consecutive planes that share a view: one kernel per run and chunk (usually one run)
         self.runs: list[tuple[int, int, torch.Tensor]] = []
-        for plane, view in enumerate(self.plane_view):
+        for plane, view in enumerate(plane_view):
             if self.runs and self.runs[-1][2] is view:
                 first, _, _ = self.runs[-1]
                 self.runs[-1] = (first, plane + 1, view)
@@ -215,7 +210,6 @@ class PoolCopier:
                 self.runs.append((plane, plane + 1, view))
         self.bpc = 0
         self.chunk_bytes = 0
-        self.stage_bytes = stage_bytes
         self.staging: torch.Tensor | None = None
         self.gather = torch.cuda.Stream(self.device)
         self.copy = torch.cuda.Stream(self.device)
@@ -225,7 +219,7 @@ class PoolCopier:
         """Allocate the staging buffers (once the chunk size is known); PoolCopierError if the GPU is full."""
         self.bpc = blocks_per_chunk
         self.chunk_bytes = self.layout.num_layers * blocks_per_chunk * self.layout.page_bytes
-        self.stages = max(2, min(8, self.stage_bytes // self.chunk_bytes))
+        self.stages = stages_for(self.chunk_bytes)
         try:
             self.staging = torch.empty((self.stages, self.layout.num_layers * blocks_per_chunk, self.row_elems),
                                        dtype=self.dtype, device=self.device)
@@ -248,8 +242,6 @@ class PoolCopier:
     def _kernel_launch(self, blocks_per_chunk: int) -> OneChunkLaunch | None:
         """lmcd's page-copy kernel (compiled here with NVRTC), or None where it cannot run: torch's index
         ops move the pages then, at a higher host cost per chunk."""
-        from lmcd.kernels import MAX_INLINE_BLOCKS, OneChunkLaunch, one_chunk_functions
-
         if blocks_per_chunk > MAX_INLINE_BLOCKS:
             log.info("Chunks of %d blocks exceed the %d a kernel launch carries: torch's index ops move the pages",
                      blocks_per_chunk, MAX_INLINE_BLOCKS)
@@ -301,12 +293,6 @@ class PoolCopier:
         self._record(self._rows_ready, self.gather)
         return self._rows_dev[:count]
 
-    def _check(self, block_ids: list[int], num_chunks: int) -> None:
-        if len(block_ids) != num_chunks * self.bpc:
-            raise ValueError(f"{num_chunks} chunks need {num_chunks * self.bpc} block ids, got {len(block_ids)}")
-        if block_ids and (max(block_ids) >= self.layout.num_blocks or min(block_ids) < 0):
-            raise ValueError(f"block id out of range 0..{self.layout.num_blocks - 1}")
-
     def store(self, slots: list[int], block_ids: list[int]) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         """Copy the chunks' blocks into the pool slots at byte offsets ``slots``; returns the (start, end)
         events of the copy (timed, so that the server can log how long it took)."""
@@ -322,36 +308,36 @@ class PoolCopier:
     def _copy(self, slots: list[int], block_ids: list[int], to_pool: bool, skip_blocks: int
               ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         assert self.staging is not None, "prepare() first"
-        self._check(block_ids, len(slots))
+        blocks = check_blocks(block_ids, len(slots), self.bpc, self.layout.num_blocks, skip_blocks)
+        blocks = blocks.reshape(len(slots), self.bpc)
         lib = fast_driver()
         engine = torch.cuda.current_stream(self.device)
-        gather, copy = self.gather.cuda_stream, self.copy.cuda_stream
+        copy = self.copy.cuda_stream
         self._record(self.engine_mark, engine)
         # store: the step that wrote these blocks comes first; load: kernels before this point that
         # use the target blocks (the pool's chunks cross into the buffers meanwhile)
         self._wait(self.gather, self.engine_mark)
         start = torch.cuda.Event(enable_timing=True)
         start.record(self.gather if to_pool else self.copy)
-        blocks = np.asarray(block_ids, dtype=np.int64).reshape(len(slots), self.bpc)
         rows = None if self.launch is not None else self._rows(block_ids, len(slots))
         for j, slot in enumerate(slots):
             b = self._stage()
             buffer, address = self.stage_ptrs[b], self.pool_address + slot
             skip = skip_blocks if j == 0 else 0
             if to_pool:
-                check(lib.cuStreamWaitEvent(gather, self.free[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._wait(self.gather, self.free[b])
                 self._move_pages(j, b, blocks, rows, True, 0)
-                check(lib.cuEventRecord(self.full[b].cuda_event, gather), "cuEventRecord")
-                check(lib.cuStreamWaitEvent(copy, self.full[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._record(self.full[b], self.gather)
+                self._wait(self.copy, self.full[b])
                 check(lib.cuMemcpyAsync(address, buffer, self.chunk_bytes, copy), "cuMemcpyAsync (store)")
-                check(lib.cuEventRecord(self.free[b].cuda_event, copy), "cuEventRecord")
+                self._record(self.free[b], self.copy)
             else:
-                check(lib.cuStreamWaitEvent(copy, self.free[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._wait(self.copy, self.free[b])
                 check(lib.cuMemcpyAsync(buffer, address, self.chunk_bytes, copy), "cuMemcpyAsync (load)")
-                check(lib.cuEventRecord(self.full[b].cuda_event, copy), "cuEventRecord")
-                check(lib.cuStreamWaitEvent(gather, self.full[b].cuda_event, 0), "cuStreamWaitEvent")
+                self._record(self.full[b], self.copy)
+                self._wait(self.gather, self.full[b])
                 self._move_pages(j, b, blocks, rows, False, skip)
-                check(lib.cuEventRecord(self.free[b].cuda_event, gather), "cuEventRecord")
+                self._record(self.free[b], self.gather)
         done = torch.cuda.Event(enable_timing=True)
         done.record(self.copy if to_pool else self.gather)
         if not to_pool:

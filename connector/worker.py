@@ -39,6 +39,7 @@ from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
 from lmcd.connector.settings import ConnectorSettings
 from lmcd.connector.shm import ShmSegment
+from lmcd.kernels import stages_for
 from lmcd.server.transfer import CopyPlan, plan, run_plan
 from lmcd.shm import SHM_DIR
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from lmcd.connector.cuda import CudaShare, PoolCopier
 
 log = logging.getLogger("lmcd.connector")
-STAGE_BYTES = 256 << 20  # a GPU worker's staging buffers, and the slots it keeps granted
 
 
 class LayoutError(ValueError):
@@ -170,7 +170,6 @@ class WorkerState:
         self.layer_addresses: np.ndarray | None = None
         self.cuda: CudaShare | None = None
         self.copier: PoolCopier | None = None  # GPU, lmcache_driven: this worker's own copies
-        self.chunk_bytes = 0
         self.grants: list[int] = []  # free pool slots the server granted to this worker
         self.grant_target = 0
         self.in_flight: list[InFlight] = []  # GPU copies this worker made, until it sees them end
@@ -259,7 +258,7 @@ class WorkerState:
                 self._map_pool(pool_name)
                 assert self.pool is not None
                 self.copier = PoolCopier(self.kv_caches, layout, bases, self.pool.base_address,
-                                         self.pool.array.nbytes, STAGE_BYTES)
+                                         self.pool.array.nbytes)
             info = client.register_worker(layout, [], sizes, "cuda", [], cuda.pci)
             if self.copier.chunk_bytes != info.chunk_bytes:
                 self.copier.prepare(info.chunk_bytes // (self.layout.num_layers * self.layout.page_bytes))
@@ -279,10 +278,9 @@ class WorkerState:
         return bases, sizes, describe_pages(self.kv_caches, bases, sizes, self.num_blocks, self.block_size)
 
     def _registered(self, info: WorkerInfo) -> None:
-        """A worker that copies itself: keep enough granted slots for a few chunks."""
+        """A worker that copies itself: keep granted slots for as many chunks as a GPU worker stages."""
         self.worker_id = info.worker_id
-        self.chunk_bytes = info.chunk_bytes
-        self.grant_target = max(2, min(8, STAGE_BYTES // max(1, info.chunk_bytes)))
+        self.grant_target = stages_for(info.chunk_bytes)
 
     def _unmap_pool(self) -> None:
         if self.copier is not None:
@@ -386,33 +384,31 @@ class WorkerState:
     def _store_itself(self, client: CacheClient, spec: StoreSpec) -> None:
         worker_id = self._worker_id()
         num_chunks = len(spec.chunk_hashes)
+        bpc = len(spec.block_ids) // num_chunks
         if len(self.grants) < num_chunks:
             self._settle(client)  # replies of earlier commits may bring grants; else the copy goes first
-        try:
-            self._store_in_grants(client, worker_id, spec, num_chunks)
-        finally:
-            self._settle(client)
-
-    def _store_in_grants(self, client: CacheClient, worker_id: int, spec: StoreSpec, num_chunks: int) -> None:
-        bpc = len(spec.block_ids) // num_chunks
         asked = None
         if len(self.grants) < num_chunks:  # ask for the rest now; its reply is read once the first copies are queued
             need = num_chunks - len(self.grants)
             asked = client.post(lambda rid: p.Grant(rid, worker_id, need), "grant")
         done = 0
-        while True:
-            n = min(num_chunks - done, len(self.grants))
-            if n:
-                self._store_into_grants(client, worker_id, spec.chunk_hashes[done : done + n],
-                                        spec.block_ids[done * bpc : (done + n) * bpc])
-                done += n
-            if done == num_chunks or asked is None:
-                break
-            reply = client.collect(asked, self.settings.request_timeout_s)
-            asked = None
-            if not isinstance(reply, p.Granted):
-                raise LmcdError(f"no reply to Grant from the lmcd server within {self.settings.request_timeout_s} s")
-            self.grants += reply.slot_offsets
+        try:
+            while True:
+                n = min(num_chunks - done, len(self.grants))
+                if n:
+                    self._store_into_grants(client, worker_id, spec.chunk_hashes[done : done + n],
+                                            spec.block_ids[done * bpc : (done + n) * bpc])
+                    done += n
+                if done == num_chunks or asked is None:
+                    break
+                reply = client.collect(asked, self.settings.request_timeout_s)
+                asked = None
+                if not isinstance(reply, p.Granted):
+                    raise LmcdError(f"no reply to Grant from the lmcd server within "
+                                    f"{self.settings.request_timeout_s} s")
+                self.grants += reply.slot_offsets
+        finally:
+            self._settle(client)
         if done < num_chunks:
             log.debug("The pool granted slots for %d of %d chunks (full of pinned chunks)", done, num_chunks)
 

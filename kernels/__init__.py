@@ -132,6 +132,26 @@ class _Staging:
             self.dev = self.cupy.empty(self.capacity // 8, dtype=self.cupy.int64)
 
 
+def check_blocks(block_ids: np.ndarray | Sequence[int], num_chunks: int, blocks_per_chunk: int, num_blocks: int,
+                 skip_blocks: int = 0) -> np.ndarray:
+    """The block ids of a copy of ``num_chunks`` chunks as int64, checked before anything is launched:
+    ``blocks_per_chunk`` per chunk, each in 0..num_blocks-1, and ``skip_blocks`` below a chunk's."""
+    blocks = np.asarray(block_ids, dtype=np.int64).ravel()
+    bpc = blocks_per_chunk
+    if len(blocks) != num_chunks * bpc:
+        raise KernelInputError(f"{num_chunks} chunks need {num_chunks * bpc} block ids ({bpc} per chunk), "
+                               f"got {len(blocks)}")
+    if len(blocks):
+        low, high = int(blocks.min()), int(blocks.max())
+        if low < 0 or high >= num_blocks:
+            bad = low if low < 0 else high
+            raise KernelInputError(f"block id {bad} is out of range: {num_blocks} blocks are registered "
+                                   f"(0..{num_blocks - 1})")
+    if not 0 <= skip_blocks < bpc:
+        raise KernelInputError(f"skip_blocks {skip_blocks} must be in 0..{bpc - 1}")
+    return blocks
+
+
 class PageCopier:
     """Gather/scatter launches for one worker's KV registration on one device.
 
@@ -241,21 +261,9 @@ class PageCopier:
               ) -> tuple[np.ndarray, np.ndarray]:
         """Validate a request on the host; returns (slots, block ids) as int64 arrays."""
         slots = np.asarray(slot_addresses, dtype=np.int64).ravel()
-        blocks = np.asarray(block_ids, dtype=np.int64).ravel()
-        num_chunks = len(slots)
-        bpc = self.blocks_per_chunk
-        if num_chunks == 0:
+        if len(slots) == 0:
             raise KernelInputError("no chunks to copy")
-        if len(blocks) != num_chunks * bpc:
-            raise KernelInputError(f"{num_chunks} chunks need {num_chunks * bpc} block ids ({bpc} per chunk), "
-                                   f"got {len(blocks)}")
-        low, high = int(blocks.min()), int(blocks.max())
-        if low < 0 or high >= self.num_blocks:
-            bad = low if low < 0 else high
-            raise KernelInputError(f"block id {bad} is out of range: {self.num_blocks} blocks are registered "
-                                   f"(0..{self.num_blocks - 1})")
-        if not 0 <= skip_blocks < bpc:
-            raise KernelInputError(f"skip_blocks {skip_blocks} must be in 0..{bpc - 1}")
+        blocks = check_blocks(block_ids, len(slots), self.blocks_per_chunk, self.num_blocks, skip_blocks)
         if self.vec16 and bool((slots % 16).any()):
             raise KernelInputError("pool slot addresses must be 16-byte aligned")
         return slots, blocks

@@ -156,3 +156,30 @@ def test_without_a_shared_pool_there_are_no_slots_or_grants(server_factory):
             scheduler.close()
     finally:
         worker.close()
+
+
+def test_reserve_then_commit_still_serves_older_workers(server_factory):
+    """The first lmcache_driven protocol (Reserve, copy, Commit by hash), which our connector no longer
+    uses, keeps working for peers that speak it."""
+    srv = server_factory("--l1-size-gb", "0.05", "--share-pool", "true")
+    client, wid = self_copying_worker(srv.url, namespace())
+    assert client.hello is not None
+    pool = SharedPool(client.hello.pool_segment)
+    try:
+        keys = chunk_hashes(range(2 * 256), 256)
+        statuses, offsets = client.reserve(wid, keys)
+        assert statuses == [p.ChunkStatus.STORED] * 2 and len(set(offsets)) == 2
+        data = np.random.default_rng(7).integers(0, 256, 2 * CHUNK, dtype=np.uint8)
+        for i, slot in enumerate(offsets):
+            pool.array[slot : slot + CHUNK] = data[i * CHUNK : (i + 1) * CHUNK]
+        assert client.lookup(keys, lease=False).num_hit_chunks == 0  # reserved, not yet written
+        assert client.commit(wid, keys) == 2
+        assert client.reserve(wid, keys)[0] == [p.ChunkStatus.PRESENT] * 2
+        pinned, pin_id = client.pin(wid, keys)
+        assert pinned == offsets and pin_id is not None
+        assert np.array_equal(np.concatenate([pool.array[s : s + CHUNK] for s in pinned]), data)
+        client.release(pin_id)
+        srv.wait_for_log(r"Stored 512 tokens in [0-9.]+ seconds")
+    finally:
+        pool.close()
+        client.close()
