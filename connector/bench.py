@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     gpu = parser.add_argument_group("GPU worker (--device cuda; torch in this environment)")
     gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                     help="cpu: a synthetic SHM worker; cuda: a torch GPU worker over CUDA IPC (lmcd.connector)")
+                     help="cpu: a synthetic SHM worker (server copies); cuda: a torch GPU worker (lmcd.connector)")
     gpu.add_argument("--gpu", type=int, default=0, help="CUDA device index of the GPU worker")
     gpu.add_argument("--transfer-mode", default="auto", choices=["auto", "engine_driven", "lmcache_driven"],
                      help="who copies: the server over CUDA IPC (engine_driven) or the worker through the "
@@ -66,9 +66,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gpu.add_argument("--load", action="store_true", help="also measure while bf16 matmuls run in this process")
     gpu.add_argument("--load-seconds", type=float, default=4.0, help="seconds per loaded measurement")
     gpu.add_argument("--matmul-size", type=int, default=8192)
-    gpu.add_argument("--in-process", action="store_true",
-                     help="also measure the copy kernel run by this worker itself (needs CuPy here)")
-    gpu.add_argument("--in-process-ctas", type=int, default=16)
     parser.set_defaults(func=run)
 
 
@@ -97,19 +94,19 @@ def bench_size(client: CacheClient, kv: CpuKVCache, worker_id: int, tokens: int,
     rounds = []
     store_s = []
     for _ in range(repeats + 1):
-        hashes = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
+        keys = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
         src_blocks = rng.choice(half, num_blocks, replace=False).tolist()
         t0 = time.perf_counter()
-        result = client.store(worker_id, hashes, src_blocks)
+        result = client.store(worker_id, keys, src_blocks)
         store_s.append(time.perf_counter() - t0)
         if result.num_stored != num_chunks:
             raise LmcdError(f"store kept {result.num_stored} of {num_chunks} chunks: {result.message}")
-        rounds.append((hashes, src_blocks))
+        rounds.append((keys, src_blocks))
     retrieve_s = []
-    for i, (hashes, src_blocks) in enumerate(rounds):
+    for i, (keys, src_blocks) in enumerate(rounds):
         dst_blocks = (half + rng.choice(half, num_blocks, replace=False)).tolist()
         t0 = time.perf_counter()
-        got = client.retrieve(worker_id, hashes, dst_blocks)
+        got = client.retrieve(worker_id, keys, dst_blocks)
         retrieve_s.append(time.perf_counter() - t0)
         if got != num_chunks:
             raise LmcdError(f"retrieve found {got} of {num_chunks} chunks that were just stored")
@@ -131,11 +128,11 @@ def bench_lookup(url: str, args: argparse.Namespace, chunk: int) -> tuple[float,
     tiny = Geometry(1, 1, 32, chunk, 1)
     ns = p.Namespace(f"lmcd-bench-lookup-{uuid.uuid4().hex[:8]}", "int8", "tiny", 1, 0)
     num_chunks = args.lookup_tokens // chunk
-    hashes = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
+    keys = [os.urandom(p.HASH_BYTES) for _ in range(num_chunks)]
     kv = CpuKVCache(1, num_chunks, tiny.block_size, 1, 32, 1)
     with CacheClient(url, ns, role=p.Role.WORKER, auth_token=args.auth_token, timeout_s=args.timeout) as worker:
         info = kv.register(worker)
-        stored = worker.store(info.worker_id, hashes, list(range(num_chunks)))
+        stored = worker.store(info.worker_id, keys, list(range(num_chunks)))
         if stored.num_stored + stored.statuses.count(p.ChunkStatus.PRESENT) != num_chunks:
             raise LmcdError(f"could not cache the lookup prompt: {stored.message}")
         scheduler_ns = p.Namespace(ns.model, ns.kv_dtype, ns.geometry, 1, None)
@@ -144,7 +141,7 @@ def bench_lookup(url: str, args: argparse.Namespace, chunk: int) -> tuple[float,
             times = []
             for _ in range(args.lookup_iters):
                 t0 = time.perf_counter()
-                result = scheduler.lookup(hashes, lease=True)
+                result = scheduler.lookup(keys, lease=True)
                 times.append(time.perf_counter() - t0)
                 if result.lease_id is not None:
                     scheduler.release(result.lease_id)

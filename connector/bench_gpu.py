@@ -43,6 +43,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import LmcdError
 from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.settings import ConnectorSettings
+from lmcd.connector.shared_pool import SharedPool
 from lmcd.connector.worker import WorkerState
 
 
@@ -128,13 +129,12 @@ class GpuBench:
                    [: self.num_blocks * self.page_bytes].view(self.dtype)
                    .view(self.num_blocks, self.heads, self.block, 2 * self.head) for i in range(self.layers)}
         self.worker.register_kv_caches(self.kv, self.num_blocks, self.block)
-        if self.worker.worker_id is None or self.worker.cuda is None:
-            raise LmcdError("registration failed: is the server running with GPU support (--cuda on)?")
-        chunk = self.worker.session.call(lambda client: client.chunk_size, None, "hello")
-        if chunk is None:
-            raise LmcdError("no server answers")
-        self.chunk = chunk
-        self.bpc = chunk // self.block
+        if self.worker.plane is None:
+            raise LmcdError("registration failed: is the server running, with GPU support (--cuda on) or "
+                            "--share-pool?")
+        self.worker_copies = isinstance(self.worker.plane, SharedPool)
+        self.bpc = self.worker.blocks_per_chunk
+        self.chunk = self.bpc * self.block
         self.phases: list[tuple[float, float]] = []  # (request answered, then GPU done) seconds
 
     def pages(self, layer: int) -> torch.Tensor:
@@ -147,38 +147,39 @@ class GpuBench:
         dst = (half + self.rng.choice(half, n, replace=False)).tolist()
         return [os.urandom(p.HASH_BYTES) for _ in range(tokens // self.chunk)], src, dst
 
-    def store(self, hashes: list[bytes], blocks: list[int]) -> None:
-        cuda = self.worker.cuda
-        assert cuda is not None
+    def store(self, keys: list[bytes], blocks: list[int]) -> None:
         t0 = time.perf_counter()
-        self.worker.store(StoreSpec(hashes, blocks))
+        self.worker.store(StoreSpec(keys, blocks, self.bpc))
         t1 = time.perf_counter()
-        if not (self.worker.in_flight if self.worker.copier is not None else cuda.stores_pending):
+        plane = self.worker.plane
+        stored = (plane.in_flight if isinstance(plane, SharedPool) else
+                  self.worker.cuda is not None and self.worker.cuda.stores_pending)
+        if not stored:
             raise LmcdError("the server did not store the chunks (pool full or server gone)")
-        while not self.worker.stores_done():  # how the connector learns it (polls the server's event)
+        while not self.worker.stores_done():  # how the connector learns it
             pass
         self.phases.append((t1 - t0, time.perf_counter() - t1))
 
-    def wait_ready(self, hashes: list[bytes]) -> None:
-        """Until the server has booked the store (its completion thread hands back to its loop after
-        the GPU event this worker already saw): untimed, so a retrieve finds every chunk."""
+    def wait_ready(self, keys: list[bytes]) -> None:
+        """Until the server has booked the store (after the copy's event, which this worker has seen):
+        untimed, so that a retrieve finds every chunk."""
         for _ in range(5000):
-            found = self.worker.session.call(lambda client: client.lookup(hashes, lease=False), None, "lookup")
-            if found is not None and found.num_hit_chunks == len(hashes):
+            found = self.worker.session.call(lambda client: client.lookup(keys, lease=False), None, "lookup")
+            if found is not None and found.num_hit_chunks == len(keys):
                 return
             time.sleep(0.0002)
         raise LmcdError("stored chunks never became ready on the server")
 
-    def retrieve(self, hashes: list[bytes], blocks: list[int]) -> float:
+    def retrieve(self, keys: list[bytes], blocks: list[int]) -> float:
         """Seconds from the connector call until this worker's stream has passed the copy."""
-        spec = LoadSpec(hashes, blocks, 0, None)
-        if self.worker.copier is not None:  # the scheduler's lookup, before the step (untimed)
-            found = self.worker.session.call(lambda client: client.lookup_for_load(hashes), None, "lookup")
-            if found is None or found[0] != len(hashes):
+        spec = LoadSpec(keys, blocks, self.bpc, 0, None)
+        if self.worker_copies:  # the scheduler's lookup, before the step (untimed)
+            found = self.worker.session.call(lambda client: client.lookup_for_load(keys), None, "lookup")
+            if found is None or found.num_hit_chunks != len(keys):
                 raise LmcdError("the lookup before the load missed chunks that were just stored")
-            spec = LoadSpec(hashes, blocks, 0, found[1], found[2], found[3])
+            spec = LoadSpec(keys, blocks, self.bpc, 0, found.lease_id, found.slots, found.slots_valid_until)
         t0 = time.perf_counter()
-        failed = self.worker.load(spec, self.bpc)
+        failed = self.worker.load(spec)
         t1 = time.perf_counter()
         if failed:
             raise LmcdError(f"retrieve missed {len(failed)} blocks of chunks that were just stored")
@@ -207,13 +208,13 @@ class GpuBench:
         store_s, retrieve_s, last = [], [], None
         store_ph, retrieve_ph = [], []
         for _ in range(repeats + 1):
-            hashes, src, dst = self._round(tokens)
+            keys, src, dst = self._round(tokens)
             t0 = time.perf_counter()
-            self.store(hashes, src)
+            self.store(keys, src)
             store_s.append(time.perf_counter() - t0)
             store_ph.append(self.phases[-1])
-            self.wait_ready(hashes)
-            retrieve_s.append(self.retrieve(hashes, dst))
+            self.wait_ready(keys)
+            retrieve_s.append(self.retrieve(keys, dst))
             retrieve_ph.append(self.phases[-1])
             last = (src, dst)
         assert last is not None
@@ -235,12 +236,12 @@ class GpuBench:
         def body() -> None:
             end = time.perf_counter() + seconds
             while time.perf_counter() < end:
-                hashes, src, dst = self._round(tokens)
+                keys, src, dst = self._round(tokens)
                 t0 = time.perf_counter()
-                self.store(hashes, src)
+                self.store(keys, src)
                 t1 = time.perf_counter()
-                self.wait_ready(hashes)
-                moved[3] += self.retrieve(hashes, dst)
+                self.wait_ready(keys)
+                moved[3] += self.retrieve(keys, dst)
                 moved[0] += nbytes
                 moved[1] += t1 - t0
                 moved[2] += nbytes
@@ -248,48 +249,6 @@ class GpuBench:
         tflops = matmuls.run(body)
         return {"tokens": tokens, "store_gbps": moved[0] / moved[1] / 1e9,
                 "retrieve_gbps": moved[2] / moved[3] / 1e9, "matmul_tflops": tflops}
-
-    def in_process(self, tokens: int, seconds: float, matmuls: Matmuls | None, ctas: int) -> dict[str, float]:
-        """The copy kernel launched by this process on a side stream, into a pool pinned here."""
-        import cupy
-
-        from lmcd.kernels import PageCopier
-
-        n_chunks = tokens // self.chunk
-        nbytes = n_chunks * self.bpc * self.layers * self.page_bytes
-        pool = torch.empty(2 * nbytes, dtype=torch.int8, pin_memory=True)
-        bases = [self.kv[name].data_ptr() for name in self.kv]
-        copier = PageCopier(self.device, bases, self.num_blocks, self.page_bytes, self.page_bytes, self.bpc, ctas)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        slots = pool.data_ptr() + np.arange(n_chunks, dtype=np.int64) * (self.bpc * self.layers * self.page_bytes)
-        moved = [0.0, 0.0, 0]
-
-        def once() -> None:
-            _, src, dst = self._round(tokens)
-            t0 = time.perf_counter()
-            copier.launch(slots, np.asarray(src), True, stream)
-            stream.synchronize()
-            t1 = time.perf_counter()
-            copier.launch(slots, np.asarray(dst), False, stream)
-            stream.synchronize()
-            moved[0] += t1 - t0
-            moved[1] += time.perf_counter() - t1
-            moved[2] += nbytes
-
-        def body() -> None:
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                once()
-
-        once()
-        moved[:] = [0.0, 0.0, 0]
-        if matmuls is not None:
-            tflops = matmuls.run(body)
-        else:
-            body()
-            tflops = 0.0
-        return {"tokens": tokens, "store_gbps": moved[2] / moved[0] / 1e9, "retrieve_gbps": moved[2] / moved[1] / 1e9,
-                "matmul_tflops": tflops}
 
 
 def run_gpu(args: argparse.Namespace) -> int:
@@ -304,7 +263,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     try:
         results = [bench.size(t, args.repeats) for t in bench.sizes]
         name = torch.cuda.get_device_name(bench.device)
-        who = ("the worker, through the server's shared pool" if bench.worker.copier is not None
+        who = ("the worker, through the server's shared pool" if bench.worker_copies
                else "the server, over CUDA IPC")
         print(f"lmcd GPU bench: copies by {who}; GPU {bench.device} ({name}), {bench.layers} layers, "
               f"{bench.heads} KV heads, head {bench.head}, {bench.dtype}, block {bench.block}, chunk {bench.chunk}; "
@@ -317,30 +276,19 @@ def run_gpu(args: argparse.Namespace) -> int:
                   f"{r['retrieve_gbps'] / r['h2d_gbps']:>6.2f}   (reply / then GPU wait, ms: store "
                   f"{r['store_reply_ms']} / {r['store_gpu_wait_ms']}, retrieve {r['retrieve_reply_ms']} / "
                   f"{r['retrieve_gpu_wait_ms']})")
-        out: dict[str, Any] = {"results": results, "worker_copies": bench.worker.copier is not None}
-        if args.load or args.in_process:
+        out: dict[str, Any] = {"results": results, "worker_copies": bench.worker_copies}
+        if args.load:
             matmuls = Matmuls(bench.device, args.matmul_size)
             alone = matmuls.run(lambda: time.sleep(args.load_seconds))
             tokens = max(bench.sizes)
-            out["matmul_alone_tflops"] = alone
+            idle = results[-1]
+            loaded = bench.loaded(tokens, args.load_seconds, matmuls)
+            out["matmul_alone_tflops"], out["loaded"] = alone, loaded
             print(f"matmuls alone: {alone:.0f} TFLOP/s ({args.matmul_size}^3 bf16)")
-            if args.load:
-                idle = {k: v for k, v in results[-1].items()}
-                loaded = bench.loaded(tokens, args.load_seconds, matmuls)
-                out["loaded"] = loaded
-                print(f"server copies during matmuls, {tokens} tokens: store {loaded['store_gbps']:.1f} GB/s "
-                      f"(idle {idle['store_gbps']:.1f}), retrieve {loaded['retrieve_gbps']:.1f} GB/s "
-                      f"(idle {idle['retrieve_gbps']:.1f}); matmuls {loaded['matmul_tflops']:.0f} TFLOP/s "
-                      f"({100 * (1 - loaded['matmul_tflops'] / alone):.0f}% slower)")
-            if args.in_process:
-                idle_ip = bench.in_process(tokens, 1.0, None, args.in_process_ctas)
-                loaded_ip = bench.in_process(tokens, args.load_seconds, matmuls, args.in_process_ctas)
-                out["in_process"] = {"idle": idle_ip, "loaded": loaded_ip, "ctas": args.in_process_ctas}
-                print(f"in-process kernel ({args.in_process_ctas} CTAs), {tokens} tokens: idle store "
-                      f"{idle_ip['store_gbps']:.1f} / retrieve {idle_ip['retrieve_gbps']:.1f} GB/s; during matmuls "
-                      f"{loaded_ip['store_gbps']:.1f} / {loaded_ip['retrieve_gbps']:.1f} GB/s, matmuls "
-                      f"{loaded_ip['matmul_tflops']:.0f} TFLOP/s ({100 * (1 - loaded_ip['matmul_tflops'] / alone):.0f}%"
-                      " slower)")
+            print(f"copies during matmuls, {tokens} tokens: store {loaded['store_gbps']:.1f} GB/s "
+                  f"(idle {idle['store_gbps']:.1f}), retrieve {loaded['retrieve_gbps']:.1f} GB/s "
+                  f"(idle {idle['retrieve_gbps']:.1f}); matmuls {loaded['matmul_tflops']:.0f} TFLOP/s "
+                  f"({100 * (1 - loaded['matmul_tflops'] / alone):.0f}% slower)")
         if args.json:
             print(json.dumps(out))
         return 0

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import zmq
 
@@ -38,6 +39,10 @@ class ServerTimeout(LmcdError, TimeoutError):
     """No reply within the timeout: the server is down, unreachable or overloaded."""
 
 
+class ProtocolError(LmcdError):
+    """The server answered with a reply this request does not take."""
+
+
 def server_url(host: str = "localhost", port: int = DEFAULT_PORT) -> str:
     """``tcp://host:port`` from ``tcp://host``, a bare host or IP; ``ipc://...`` passes through."""
     if host.startswith("ipc://"):
@@ -52,9 +57,14 @@ def server_url(host: str = "localhost", port: int = DEFAULT_PORT) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
+    """``slots`` (a shared pool): per rank, where the leased chunks are, which workers that copy
+    themselves may read without a request of their own until ``slots_valid_until``
+    (``time.monotonic()``, which every process of the host shares), half the lease's time to live."""
+
     num_hit_chunks: int
     lease_id: int | None
-    slot_offsets: list[list[int]] | None = None  # per rank, where the leased chunks are (shared pool)
+    slots: list[list[int]] | None = None
+    slots_valid_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +76,22 @@ class StoreResult:
     def num_stored(self) -> int:
         return self.statuses.count(p.ChunkStatus.STORED)
 
-    @property
-    def num_refused(self) -> int:
-        return sum(s in (p.ChunkStatus.REFUSED_FULL, p.ChunkStatus.REFUSED_TOO_LARGE) for s in self.statuses)
-
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     worker_id: int
     chunk_bytes: int
-    event_handle: bytes = b""  # CUDA workers: the server's interprocess event
+    blocks_per_chunk: int
+    event_handle: bytes = b""  # CUDA, server copies: the server's interprocess event
+
+
+@dataclass(frozen=True, slots=True)
+class PinResult:
+    slots: list[int]
+    lease_id: int | None
+
+
+R = TypeVar("R", bound=p.Reply)
 
 
 class CacheClient:
@@ -133,13 +149,12 @@ class CacheClient:
                        os.getpid())
 
     def _say_hello(self) -> p.HelloReply:
-        reply = self._call(self._hello_request, "hello")
-        assert isinstance(reply, p.HelloReply)
-        return reply
+        return self._call(self._hello_request, "hello", p.HelloReply)
 
     @property
     def chunk_size(self) -> int:
-        assert self.hello is not None, "not connected"
+        if self.hello is None:
+            raise LmcdError(f"not connected to the lmcd server at {self.url}; call connect() first")
         return self.hello.chunk_size
 
     def close(self) -> None:
@@ -159,109 +174,79 @@ class CacheClient:
     def ping(self) -> float:
         """Round-trip time in seconds."""
         started = time.perf_counter()
-        self._call(lambda rid: p.Ping(rid), "ping")
+        self._call(lambda rid: p.Ping(rid), "ping", p.Pong)
         return time.perf_counter() - started
 
-    def register_worker(self, layout: p.KVLayout, segment_names: Sequence[str], segment_sizes: Sequence[int],
-                        device: str = "cpu", ipc_handles: Sequence[bytes] = (), device_pci: str = "",
+    def register_worker(self, layout: p.KVLayout, device: p.Device, copier: p.Copier, segment_sizes: Sequence[int],
+                        segment_names: Sequence[str] = (), ipc_handles: Sequence[bytes] = (), device_pci: str = "",
                         event_handle: bytes = b"") -> WorkerInfo:
-        reply = self._call(lambda rid: p.RegisterWorker(rid, layout, list(segment_names), list(segment_sizes),
-                                                        device, list(ipc_handles), device_pci, event_handle),
-                           "register")
-        assert isinstance(reply, p.Registered)
-        return WorkerInfo(reply.worker_id, reply.chunk_bytes, reply.event_handle)
+        reply = self._call(lambda rid: p.RegisterWorker(rid, layout, device, copier, list(segment_sizes),
+                                                        list(segment_names), list(ipc_handles), device_pci,
+                                                        event_handle), "register", p.Registered)
+        return WorkerInfo(reply.worker_id, reply.chunk_bytes, reply.blocks_per_chunk, reply.event_handle)
 
     def unregister_worker(self, worker_id: int) -> None:
-        self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister")
+        self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister", p.Unregistered)
 
-    def lookup(self, chunk_hashes: Sequence[bytes], lease: bool = True, slots: bool = False) -> LookupResult:
+    def lookup(self, chunk_keys: Sequence[bytes], lease: bool = True, slots: bool = False) -> LookupResult:
         """``slots``: also where every rank's leased chunks are in the shared pool (if the server shares it)."""
-        reply = self._call(lambda rid: p.Lookup(rid, list(chunk_hashes), lease, slots), "lookup")
-        assert isinstance(reply, p.LookupReply)
-        return LookupResult(reply.num_hit_chunks, reply.lease_id, reply.slot_offsets or None)
-
-    def lookup_for_load(self, chunk_hashes: Sequence[bytes]) -> tuple[int, int | None, list[list[int]] | None, float]:
-        """A scheduler's leased lookup: (hit chunks, lease id, per-rank slot offsets, valid until). The
-        offsets come where the server shares its pool, so that workers that copy themselves read the
-        chunks with no request of their own; they are trusted for half the lease's time to live
-        (``time.monotonic()``), then a worker pins the chunks again by their hashes."""
-        shared = self.hello is not None and bool(self.hello.pool_segment)
         asked = time.monotonic()
-        result = self.lookup(chunk_hashes, True, shared)
+        reply = self._call(lambda rid: p.Lookup(rid, list(chunk_keys), lease, slots), "lookup", p.LookupReply)
+        if not reply.slots:
+            return LookupResult(reply.num_hit_chunks, reply.lease_id)
         ttl = self.hello.lease_ttl_s if self.hello is not None else 0.0
-        valid_until = asked + ttl / 2 if result.slot_offsets else 0.0
-        return result.num_hit_chunks, result.lease_id, result.slot_offsets, valid_until
+        return LookupResult(reply.num_hit_chunks, reply.lease_id, reply.slots, asked + ttl / 2)
 
-    def store(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int]) -> StoreResult:
-        reply = self._call(lambda rid: p.Store(rid, worker_id, list(chunk_hashes), list(block_ids)), "store")
-        assert isinstance(reply, p.StoreReply)
+    def lookup_for_load(self, chunk_keys: Sequence[bytes]) -> LookupResult:
+        """A scheduler's leased lookup, with the leased chunks' slots where the server shares its pool."""
+        return self.lookup(chunk_keys, True, self.hello is not None and bool(self.hello.pool_segment))
+
+    def store(self, worker_id: int, chunk_keys: Sequence[bytes], block_ids: Sequence[int]) -> StoreResult:
+        reply = self._call(lambda rid: p.Store(rid, worker_id, list(chunk_keys), list(block_ids)), "store",
+                           p.StoreReply)
         return StoreResult(list(reply.statuses), reply.message)
 
-    def retrieve(self, worker_id: int, chunk_hashes: Sequence[bytes], block_ids: Sequence[int],
+    def retrieve(self, worker_id: int, chunk_keys: Sequence[bytes], block_ids: Sequence[int],
                  lease_id: int | None = None, skip_blocks: int = 0) -> int:
         """Copies the leading cached chunks into ``block_ids`` (leaving out the first ``skip_blocks``
         blocks of the first chunk); returns how many chunks it found and copied."""
-        reply = self._call(lambda rid: p.Retrieve(rid, worker_id, list(chunk_hashes), list(block_ids), lease_id,
-                                                  skip_blocks), "retrieve")
-        assert isinstance(reply, p.RetrieveReply)
+        reply = self._call(lambda rid: p.Retrieve(rid, worker_id, list(chunk_keys), list(block_ids), lease_id,
+                                                  skip_blocks), "retrieve", p.RetrieveReply)
         return reply.num_retrieved_chunks
 
-    def reserve(self, worker_id: int, chunk_hashes: Sequence[bytes]) -> tuple[list[p.ChunkStatus], list[int]]:
-        """lmcache_driven: slots in the shared pool to fill (offset -1 where not STORED)."""
-        reply = self._call(lambda rid: p.Reserve(rid, worker_id, list(chunk_hashes)), "reserve")
-        assert isinstance(reply, p.Reserved)
-        return list(reply.statuses), list(reply.slot_offsets)
-
-    def commit(self, worker_id: int, chunk_hashes: Sequence[bytes], ok: bool = True) -> int:
-        reply = self._call(lambda rid: p.Commit(rid, worker_id, list(chunk_hashes), ok), "commit")
-        assert isinstance(reply, p.Committed)
-        return reply.num_chunks
-
-    def pin(self, worker_id: int, chunk_hashes: Sequence[bytes], lease_id: int | None = None,
-            ) -> tuple[list[int], int | None]:
-        """lmcache_driven: offsets of the leading cached chunks, pinned until ``release(pin_id)``."""
-        reply = self._call(lambda rid: p.Pin(rid, worker_id, list(chunk_hashes), lease_id), "pin")
-        assert isinstance(reply, p.Pinned)
-        return list(reply.slot_offsets), reply.pin_id
-
     def release(self, lease_id: int) -> int:
-        reply = self._call(lambda rid: p.Release(rid, lease_id), "release")
-        assert isinstance(reply, p.Released)
-        return reply.num_unpinned
+        """End a lease nobody will load from; returns how many chunks it unpinned."""
+        return self._call(lambda rid: p.Release(rid, lease_id), "release", p.Released).num_unpinned
 
-    def grant(self, worker_id: int, num_slots: int) -> list[int]:
-        """lmcache_driven: free slots to fill before naming the chunks (``post_commit_granted``)."""
-        reply = self._call(lambda rid: p.Grant(rid, worker_id, num_slots), "grant")
-        assert isinstance(reply, p.Granted)
-        return list(reply.slot_offsets)
+    def pin(self, worker_id: int, chunk_keys: Sequence[bytes], lease_id: int | None = None) -> PinResult:
+        """Worker copies: slots of the leading cached chunks, pinned under a lease until ``post_loaded``."""
+        reply = self._call(lambda rid: p.Pin(rid, worker_id, list(chunk_keys), lease_id), "pin", p.Pinned)
+        return PinResult(list(reply.slots), reply.lease_id)
 
-    def post_commit_granted(self, worker_id: int, chunk_hashes: Sequence[bytes], slot_offsets: Sequence[int],
-                            want_slots: int, ok: bool = True, copy_seconds: float = 0.0) -> int:
-        """Send the commit of chunks written into granted slots without waiting; ``collect`` its
-        ``Committed`` (statuses, fresh grants) later."""
-        return self.post(lambda rid: p.Commit(rid, worker_id, list(chunk_hashes), ok, list(slot_offsets),
-                                              want_slots, copy_seconds), "commit")
+    def post_grant(self, worker_id: int, num_slots: int) -> int:
+        """Worker copies: ask for free slots to fill (``collect`` the ``Granted``)."""
+        return self.post(lambda rid: p.Grant(rid, worker_id, num_slots), "grant")
 
-    def post_release_rank(self, lease_id: int, rank: int, copy_seconds: float = 0.0) -> int:
-        """Send the end of rank ``rank``'s part of a lease without waiting (``collect`` the reply)."""
-        return self.post(lambda rid: p.Release(rid, lease_id, rank, copy_seconds), "release")
+    def post_commit(self, worker_id: int, chunk_keys: Sequence[bytes], slots: Sequence[int], want_slots: int,
+                    copy_seconds: float) -> int:
+        """Worker copies: name the chunks of one store written into granted slots (``collect`` the
+        ``Committed``: statuses and fresh grants)."""
+        return self.post(lambda rid: p.Commit(rid, worker_id, list(chunk_keys), list(slots), want_slots,
+                                              copy_seconds), "commit")
+
+    def post_loaded(self, worker_id: int, lease_id: int, chunk_keys: Sequence[bytes], skip_blocks: int,
+                    copy_seconds: float) -> int:
+        """Worker copies: this rank's part of a lease was copied out (``collect`` the ``Released``)."""
+        return self.post(lambda rid: p.Loaded(rid, worker_id, lease_id, list(chunk_keys), skip_blocks,
+                                              copy_seconds), "loaded")
 
     def clear(self) -> int:
-        reply = self._call(lambda rid: p.Clear(rid), "clear")
-        assert isinstance(reply, p.Cleared)
-        return reply.num_chunks
+        return self._call(lambda rid: p.Clear(rid), "clear", p.Cleared).num_chunks
 
     def status(self) -> dict[str, object]:
-        reply = self._call(lambda rid: p.GetStatus(rid), "status")
-        assert isinstance(reply, p.StatusReply)
-        return reply.status
+        return self._call(lambda rid: p.GetStatus(rid), "status", p.StatusReply).status
 
     # ------------------------------------------------------------ transport
-
-    def send_raw(self, frames: Sequence[bytes]) -> None:
-        """Send arbitrary frames (tests use it to prove the server survives garbage)."""
-        assert self._sock is not None, "not connected"
-        self._sock.send_multipart(list(frames))
 
     def post(self, make: Callable[[int], p.Request], op: str) -> int:
         """Send a request and return its rid at once; its reply is read by ``collect`` (or kept
@@ -291,7 +276,8 @@ class CacheClient:
                     raise ServerError(reply.code, reply.message, op)
             return reply
 
-    def _call(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
+    def _call(self, make: Callable[[int], p.Request], op: str, expected: type[R]) -> R:
+        """One request; its reply of type ``expected``, else ServerError (an Error reply) or ProtocolError."""
         with self._lock:
             reply = self._exchange(make, op)
             if isinstance(reply, p.Error) and reply.code == p.ErrorCode.NOT_HELLO and op != "hello":
@@ -302,6 +288,9 @@ class CacheClient:
                     reply = self._exchange(make, op)
         if isinstance(reply, p.Error):
             raise ServerError(reply.code, reply.message, op)
+        if not isinstance(reply, expected):
+            raise ProtocolError(f"{op}: the lmcd server at {self.url} answered {type(reply).__name__}, expected "
+                                f"{expected.__name__}; is it the same lmcd version?")
         return reply
 
     def _exchange(self, make: Callable[[int], p.Request], op: str) -> p.Reply:
@@ -320,7 +309,8 @@ class CacheClient:
                                     " is `lmcache server` running there?") from None
             sock.send(request)
         reply = self._wait_for(rid, time.monotonic() + self.timeout_s, op)
-        assert reply is not None
+        if reply is None:  # not quiet: _wait_for raises at the deadline
+            raise ServerTimeout(f"{op}: no reply from the lmcd server at {self.url}")
         return reply
 
     def _wait_for(self, rid: int, deadline: float, op: str, quiet: bool = False) -> p.Reply | None:

@@ -34,7 +34,7 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype("<u4", copy=False)
 
 
-def chunk_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, seed: bytes = SEED) -> list[bytes]:
+def chunk_keys(token_ids: Sequence[int] | np.ndarray, chunk_size: int, seed: bytes = SEED) -> list[bytes]:
     """One 32-byte key per FULL chunk of ``token_ids`` (a trailing partial chunk has none)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -22,28 +22,32 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.client import LookupResult
+from lmcd.connector.keys import chunk_keys
 
 log = logging.getLogger("lmcd.connector")
+MISS = LookupResult(0, None)
 
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    chunk_hashes: list[bytes]
+    chunk_keys: list[bytes]
     block_ids: list[int]  # blocks_per_chunk ids per chunk
+    blocks_per_chunk: int
     skip_blocks: int  # leading blocks of the first chunk that vLLM already computed
     lease_id: int | None
     # shared pool: per rank, where the leased chunks are; a worker that copies itself reads them
     # there without a request of its own, until ``slots_valid_until`` (time.monotonic(), which
     # every process of the host shares), safely before the lease can expire
-    slot_offsets: list[list[int]] | None = None
+    slots: list[list[int]] | None = None
     slots_valid_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
-    chunk_hashes: list[bytes]
-    block_ids: list[int]
+    chunk_keys: list[bytes]
+    block_ids: list[int]  # blocks_per_chunk ids per chunk
+    blocks_per_chunk: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,20 +63,16 @@ class RequestPlan:
 class _Tracker:
     req_id: str
     prompt: list[int]
-    hashes: list[bytes]
+    keys: list[bytes]
     block_ids: list[int] = field(default_factory=list)
     num_stored_chunks: int = 0  # chunks cached or already planned for a store
-    lease_id: int | None = None
-    slot_offsets: list[list[int]] | None = None  # the lease's chunks, per rank (shared pool)
-    slots_valid_until: float = 0.0
-    hit_chunks: int = 0
+    hit: LookupResult = MISS  # the last lookup: its lease and, with a shared pool, every rank's slots
     computed_at_lookup: int = 0
     pending_load: tuple[int, int] | None = None  # token range [start, end) to load
     stored: bool = False  # a store was planned for it (GPU workers finish stores asynchronously)
 
 
-# hashes -> (hit chunks, lease id, per-rank slot offsets or None, time.monotonic() they are valid until)
-LookupFn = Callable[[list[bytes]], tuple[int, int | None, list[list[int]] | None, float]]
+LookupFn = Callable[[list[bytes]], LookupResult]  # a leased lookup of the prompt's chunk keys
 ReleaseFn = Callable[[int], None]
 
 
@@ -94,7 +94,7 @@ class SchedulerState:
         tracker = self._trackers.get(req_id)
         if tracker is None:
             prompt = list(prompt)
-            tracker = _Tracker(req_id, prompt, chunk_hashes(prompt, self.chunk_size))
+            tracker = _Tracker(req_id, prompt, chunk_keys(prompt, self.chunk_size))
             self._trackers[req_id] = tracker
         return tracker
 
@@ -102,12 +102,9 @@ class SchedulerState:
         """Tokens vLLM may take from the cache beyond ``num_computed_tokens`` (never more than allowed)."""
         tracker = self._tracker(req_id, prompt)
         self._drop_lease(tracker)  # asked again: the previous answer's pins are not needed
-        hit_chunks, lease_id, slots, valid_until = (self._lookup(tracker.hashes) if tracker.hashes
-                                                     else (0, None, None, 0.0))
-        tracker.hit_chunks, tracker.lease_id = hit_chunks, lease_id
-        tracker.slot_offsets, tracker.slots_valid_until = slots, valid_until
-        tracker.num_stored_chunks = max(tracker.num_stored_chunks, hit_chunks)
-        hit_tokens = hit_chunks * self.chunk_size
+        tracker.hit = self._lookup(tracker.keys) if tracker.keys else MISS
+        tracker.num_stored_chunks = max(tracker.num_stored_chunks, tracker.hit.num_hit_chunks)
+        hit_tokens = tracker.hit.num_hit_chunks * self.chunk_size
         usable = min(hit_tokens, len(tracker.prompt) - 1)
         to_load = max(0, usable - num_computed_tokens)
         tracker.computed_at_lookup = num_computed_tokens
@@ -151,12 +148,11 @@ class SchedulerState:
         tracker.pending_load = None
         first, last = start // self.chunk_size, -(-end // self.chunk_size)
         bpc = self.blocks_per_chunk
-        lease_id, tracker.lease_id = tracker.lease_id, None  # the workers consume it
-        slots, tracker.slot_offsets = tracker.slot_offsets, None
-        return LoadSpec(tracker.hashes[first:last], tracker.block_ids[first * bpc : last * bpc],
-                        (start - first * self.chunk_size) // self.block_size, lease_id,
-                        [rank[first:last] for rank in slots] if slots is not None else None,
-                        tracker.slots_valid_until)
+        hit, tracker.hit = tracker.hit, MISS  # the workers consume its lease
+        return LoadSpec(tracker.keys[first:last], tracker.block_ids[first * bpc : last * bpc], bpc,
+                        (start - first * self.chunk_size) // self.block_size, hit.lease_id,
+                        [rank[first:last] for rank in hit.slots] if hit.slots is not None else None,
+                        hit.slots_valid_until)
 
     def _plan_store(self, tracker: _Tracker, num_tokens_after_step: int) -> StoreSpec | None:
         full = min(num_tokens_after_step, len(tracker.prompt)) // self.chunk_size
@@ -167,7 +163,7 @@ class SchedulerState:
         tracker.num_stored_chunks = full
         tracker.stored = True
         bpc = self.blocks_per_chunk
-        return StoreSpec(tracker.hashes[start:full], tracker.block_ids[start * bpc : full * bpc])
+        return StoreSpec(tracker.keys[start:full], tracker.block_ids[start * bpc : full * bpc], bpc)
 
     def finished(self, req_id: str) -> bool:
         """Forget the request; returns whether any store was planned for it."""
@@ -178,10 +174,9 @@ class SchedulerState:
         return tracker.stored
 
     def _drop_lease(self, tracker: _Tracker) -> None:
-        tracker.slot_offsets = None
-        if tracker.lease_id is not None:
-            lease_id, tracker.lease_id = tracker.lease_id, None
-            self._release(lease_id)
+        hit, tracker.hit = tracker.hit, MISS
+        if hit.lease_id is not None:
+            self._release(hit.lease_id)
 
     def __len__(self) -> int:
         return len(self._trackers)

@@ -1,21 +1,19 @@
-"""Worker KV memory in POSIX shared memory (``lmcd.shm.ShmSegment``), shared with the server.
+"""A worker's KV in POSIX shared memory, laid out as vLLM's CPU backend lays it out, for tools and tests.
 
-``CpuKVCache`` lays KV out as vLLM's CPU backend does (layout LBHNC): per layer a tensor
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, so page (layer, block) is one
-contiguous run of ``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` bytes.
+``CpuKVCache`` holds per layer ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (layout
+LBHNC) in SHM segments (``lmcd.shm.ShmSegment``), so page (layer, block) is one contiguous run of
+``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` bytes, and registers them for server
+copies. ``lmcache bench`` and the tests are its users; vLLM's own KV is described from its
+tensors (``lmcd.connector.layout``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
+from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, WorkerInfo
-from lmcd.protocol import KVLayout
 from lmcd.shm import ShmSegment
-
-__all__ = ["CpuKVCache", "ShmSegment", "register_segments"]
 
 
 class CpuKVCache:
@@ -31,23 +29,20 @@ class CpuKVCache:
         else:
             self.segments = [ShmSegment(layer_bytes) for _ in range(num_layers)]
             offsets, segs = [0] * num_layers, list(range(num_layers))
-        self.layout = KVLayout(num_layers, num_blocks, block_size, self.page_bytes, self.page_bytes, offsets, segs)
+        self.layout = p.KVLayout(num_layers, num_blocks, block_size, self.page_bytes, self.page_bytes, offsets, segs)
         self.geometry = f"L{num_layers}.H{num_kv_heads}.N{block_size}.C{2 * head_size}.B{dtype_bytes}.LBHNC"
 
     def pages(self, layer: int) -> np.ndarray:
         """Layer ``layer`` as a [num_blocks, page_bytes] uint8 array (a view of shared memory)."""
-        seg = self.segments[self.layout.layer_segments[layer]]
-        start = self.layout.layer_offsets[layer]
+        seg = self.segments[self.layout.plane_segments[layer]]
+        start = self.layout.plane_offsets[layer]
         return seg.array[start : start + self.layout.num_blocks * self.page_bytes].reshape(-1, self.page_bytes)
 
     def register(self, client: CacheClient) -> WorkerInfo:
-        return register_segments(client, self.layout, self.segments)
+        """Register for server copies: the server maps the segments by name."""
+        return client.register_worker(self.layout, p.Device.CPU, p.Copier.SERVER, [s.nbytes for s in self.segments],
+                                      segment_names=[s.shm_name for s in self.segments])
 
     def close(self) -> None:
         for seg in self.segments:
             seg.close()
-
-
-def register_segments(client: CacheClient, layout: KVLayout, segments: Sequence[ShmSegment]) -> WorkerInfo:
-    """Register KV memory with the server, which maps the segments by name."""
-    return client.register_worker(layout, [seg.shm_name for seg in segments], [seg.nbytes for seg in segments])

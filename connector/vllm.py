@@ -8,14 +8,12 @@ Load it with vLLM's ``--kv-transfer-config``::
 
 Scheduler role: looks up the prompt's full chunks (one lease per lookup), tells vLLM how many
 tokens it may load, and plans per step which chunks each worker loads (before the forward)
-and stores (after it). Worker role: on CPU, moves the KV tensors into POSIX SHM at
-registration and asks the server to copy between those pages and its pool, synchronously
-within the step, so a finished request's blocks can be freed at once; on GPU, shares the KV
-allocations over CUDA IPC and orders the server's copies with interprocess events
-(``lmcd.connector.cuda``): loads make the forward wait on the GPU, stores finish after the
-step, and a finished request's blocks are freed once ``get_finished`` reports its stores. If the server is
-unreachable, vLLM recomputes (``kv_load_failure_policy`` recompute) and the connector
-reconnects when the server returns.
+and stores (after it). Worker role (``lmcd.connector.worker``): registers vLLM's KV memory for
+server copies or worker copies, decided at registration, and loads and stores the planned chunks.
+CPU copies end within the step, so a finished request's blocks can be freed at once; GPU copies
+are ordered with the forward on the GPU, so a finished request's blocks are freed once
+``get_finished`` reports its stores done. If the server is unreachable, vLLM recomputes
+(``kv_load_failure_policy`` recompute) and the connector reconnects when the server returns.
 
 Importing this module has no side effects.
 """
@@ -40,7 +38,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcd import protocol as p
 from lmcd.connector.autostart import ensure_local_server
-from lmcd.connector.scheduler import RequestPlan, SchedulerState
+from lmcd.connector.client import LookupResult
+from lmcd.connector.scheduler import MISS, RequestPlan, SchedulerState
 from lmcd.connector.session import ServerSession
 from lmcd.connector.settings import ConnectorSettings, EmbeddedSettings
 
@@ -134,10 +133,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         if self.settings.autostart:
             self.settings = ensure_local_server(self.settings, EmbeddedSettings.from_env())
-        mode = self.settings.transfer_mode
-        log.info("lmcache.mp.mp_transfer_mode = %s%s; server %s", mode,
-                 " (CPU: lmcache_driven where the server shares its pool, else engine_driven; GPU: engine_driven)"
-                 if mode == "auto" else "", self.settings.url)
+        log.info("lmcache.mp.mp_transfer_mode = %s; server %s", self.settings.transfer_mode, self.settings.url)
         self._scheduler: SchedulerState | None = None
         self._session: ServerSession | None = None
         self._worker: WorkerState | None = None
@@ -170,10 +166,9 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerState(chunk_size, self.block_size, self._lookup, self._release)
         return self._scheduler
 
-    def _lookup(self, hashes: list[bytes]) -> tuple[int, int | None, list[list[int]] | None, float]:
+    def _lookup(self, keys: list[bytes]) -> LookupResult:
         assert self._session is not None
-        result = self._session.call(lambda client: client.lookup_for_load(hashes), None, "lookup")
-        return (0, None, None, 0.0) if result is None else result
+        return self._session.call(lambda client: client.lookup_for_load(keys), MISS, "lookup")
 
     def _release(self, lease_id: int) -> None:
         assert self._session is not None
@@ -238,12 +233,9 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         assert isinstance(meta, LmcdConnectorMetadata)
         if meta.fence_stores:
             self._worker.fence_stores()
-        bpc = None
         for plan in meta.plans:
             if plan.load is not None:
-                if bpc is None:
-                    bpc = len(plan.load.block_ids) // max(1, len(plan.load.chunk_hashes))
-                self._load_errors |= self._worker.load(plan.load, bpc)
+                self._load_errors |= self._worker.load(plan.load)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the forward
@@ -268,7 +260,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose stores are complete: vLLM may free their blocks now (GPU only)."""
         if self._worker is not None:
-            self._worker.settle()  # copies this worker made itself: their Commit/Release go out
+            self._worker.settle()  # copies this worker made itself: their Commit/Loaded go out
         if self._worker is None or not self._delay_frees:
             return None, None
         ended = finished_req_ids & self._storing

@@ -1,52 +1,44 @@
-// lmcd page gather/scatter: copies whole KV pages between a worker's paged KV cache (GPU
-// memory, opened through CUDA IPC) and pool slots (pinned host memory, used in place).
+// lmcd page copy: moves the KV pages of ONE chunk between a worker's paged KV cache and a
+// staging buffer in GPU memory, inside GPU memory. The staging buffer crosses PCIe as one
+// contiguous copy (lmcd.kernels.staged); this kernel only gathers (to_pool) or scatters pages.
 //
-// One launch covers a whole request: every chunk, every plane (layer, or K/V plane of a
-// layer) and every block of the chunk. Page (chunk c, plane l, block k of the chunk):
+// A launch covers up to MAX_LAUNCH_BLOCKS consecutive blocks of the chunk (a chunk of more
+// blocks takes several launches), every plane. Page (plane l, block k of this launch):
 //
-//   KV side   : layer_base[l] + block_ids[c * bpc + k] * block_stride
-//   pool side : slots[c] + (l * bpc + k) * page_bytes        (a slot is plane-major)
+//   KV side     : planes[l] + pages.words[1 + k] * block_stride
+//   buffer side : pages.words[0] + (l * chunk_blocks + k) * page_bytes     (a chunk is plane-major)
 //
-// ``req`` packs the request's int64 arguments: ``num_chunks`` slot addresses, then
-// ``num_chunks * bpc`` block ids. A page is copied by one CTA with 16-byte accesses, UNROLL
-// loads in flight per thread before their stores (PCIe latency is hidden by many
-// outstanding reads, not by many CTAs: a bounded grid of 16-32 CTAs saturates the link).
-// The first ``skip_blocks`` blocks of chunk 0 are left alone (the engine already has them).
-// The host validates every block id and the 16-byte alignment before it launches.
-//
-// The ``_one`` entries copy ONE chunk whose arguments travel inside the launch itself (a
-// __grid_constant__ struct: the slot address, then the chunk's block ids), so a small request
-// needs no argument upload before its kernel: one driver call from request to copy.
+// ``pages`` travels inside the launch (a __grid_constant__ struct: the buffer address of this
+// launch's first block, then its block ids), so no argument upload comes before a kernel. The
+// first ``skip`` blocks of the launch are left alone (the engine has them already). A page is
+// copied by one CTA with 16-byte accesses (the _v16 entry; _v1 for unaligned pages, rare: odd
+// head sizes in fp8), UNROLL loads in flight per thread before their stores. The host checks
+// every block id and the alignment before it launches.
 
-#ifndef MAX_INLINE_BLOCKS
-#define MAX_INLINE_BLOCKS 64
+#ifndef MAX_LAUNCH_BLOCKS
+#define MAX_LAUNCH_BLOCKS 64
 #endif
-struct OneChunk {
-  long long words[1 + MAX_INLINE_BLOCKS];
+struct Pages {
+  long long words[1 + MAX_LAUNCH_BLOCKS];
 };
 
 #define UNROLL 4
 
 template <typename V>
 __device__ __forceinline__ void copy_pages(
-    const long long* __restrict__ layer_base, const long long* __restrict__ req, int num_chunks,
-    int num_planes, int bpc, long long page_bytes, long long block_stride, int skip_blocks,
-    int to_pool) {
-  const long long* slots = req;
-  const long long* blocks = req + num_chunks;
-  const long long total = (long long)num_chunks * num_planes * bpc;
+    const long long* __restrict__ planes, const Pages& pages, int num_planes, int chunk_blocks,
+    int num_blocks, long long page_bytes, long long block_stride, int skip, int to_pool) {
+  const long long total = (long long)num_planes * num_blocks;
   const long long vecs = page_bytes / (long long)sizeof(V);
   const long long step = (long long)blockDim.x * UNROLL;
   for (long long p = blockIdx.x; p < total; p += gridDim.x) {
-    const int k = (int)(p % bpc);
-    const long long t = p / bpc;
-    const int l = (int)(t % num_planes);
-    const int c = (int)(t / num_planes);
-    if (c == 0 && k < skip_blocks) continue;
-    char* kv = (char*)(layer_base[l] + blocks[(long long)c * bpc + k] * block_stride);
-    char* pool = (char*)(slots[c] + ((long long)l * bpc + k) * page_bytes);
-    const V* __restrict__ src = (const V*)(to_pool ? kv : pool);
-    V* __restrict__ dst = (V*)(to_pool ? pool : kv);
+    const int k = (int)(p % num_blocks);
+    const int l = (int)(p / num_blocks);
+    if (k < skip) continue;
+    char* kv = (char*)(planes[l] + pages.words[1 + k] * block_stride);
+    char* buf = (char*)(pages.words[0] + ((long long)l * chunk_blocks + k) * page_bytes);
+    const V* __restrict__ src = (const V*)(to_pool ? kv : buf);
+    V* __restrict__ dst = (V*)(to_pool ? buf : kv);
     for (long long base = threadIdx.x; base < vecs; base += step) {
       V v[UNROLL];
 #pragma unroll
@@ -64,32 +56,17 @@ __device__ __forceinline__ void copy_pages(
 }
 
 extern "C" __global__ void lmcd_page_copy_v16(
-    const long long* __restrict__ layer_base, const long long* __restrict__ req, int num_chunks,
-    int num_planes, int bpc, long long page_bytes, long long block_stride, int skip_blocks,
+    const long long* __restrict__ planes, const __grid_constant__ Pages pages, int num_planes,
+    int chunk_blocks, int num_blocks, long long page_bytes, long long block_stride, int skip,
     int to_pool) {
-  copy_pages<uint4>(layer_base, req, num_chunks, num_planes, bpc, page_bytes, block_stride,
-                    skip_blocks, to_pool);
+  copy_pages<uint4>(planes, pages, num_planes, chunk_blocks, num_blocks, page_bytes, block_stride,
+                    skip, to_pool);
 }
 
-// Pages whose size or addresses are not 16-byte aligned (rare: odd head sizes in fp8).
 extern "C" __global__ void lmcd_page_copy_v1(
-    const long long* __restrict__ layer_base, const long long* __restrict__ req, int num_chunks,
-    int num_planes, int bpc, long long page_bytes, long long block_stride, int skip_blocks,
+    const long long* __restrict__ planes, const __grid_constant__ Pages pages, int num_planes,
+    int chunk_blocks, int num_blocks, long long page_bytes, long long block_stride, int skip,
     int to_pool) {
-  copy_pages<unsigned char>(layer_base, req, num_chunks, num_planes, bpc, page_bytes,
-                            block_stride, skip_blocks, to_pool);
-}
-
-extern "C" __global__ void lmcd_page_copy_one_v16(
-    const long long* __restrict__ layer_base, const __grid_constant__ OneChunk chunk, int num_planes,
-    int bpc, long long page_bytes, long long block_stride, int skip_blocks, int to_pool) {
-  copy_pages<uint4>(layer_base, chunk.words, 1, num_planes, bpc, page_bytes, block_stride,
-                    skip_blocks, to_pool);
-}
-
-extern "C" __global__ void lmcd_page_copy_one_v1(
-    const long long* __restrict__ layer_base, const __grid_constant__ OneChunk chunk, int num_planes,
-    int bpc, long long page_bytes, long long block_stride, int skip_blocks, int to_pool) {
-  copy_pages<unsigned char>(layer_base, chunk.words, 1, num_planes, bpc, page_bytes, block_stride,
-                            skip_blocks, to_pool);
+  copy_pages<unsigned char>(planes, pages, num_planes, chunk_blocks, num_blocks, page_bytes,
+                            block_stride, skip, to_pool);
 }

@@ -19,7 +19,6 @@ EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
 CUDA_MODES = ("auto", "on", "off")
-COPY_ENGINES = ("staged", "kernel", "dma")
 
 
 class ConfigError(ValueError):
@@ -97,14 +96,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cuda", "--cuda", "LMCACHE_CUDA", str,
             "GPU workers (CUDA IPC, pinned pool): auto (when CuPy and a GPU are present), on (refuse to start "
             "without them), off"),
-    Setting("copy_ctas", "--copy-ctas", "LMCACHE_COPY_CTAS", int,
-            "thread blocks of the --copy-engine kernel copy (16 saturate PCIe; more take SMs from the engine); "
-            "staged copies use every SM for their short in-GPU step"),
-    Setting("copy_engine", "--copy-engine", "LMCACHE_COPY_ENGINE", str,
-            "how GPU copies run: staged (a kernel moves pages inside GPU memory, the copy engines move each chunk "
-            "across PCIe as one contiguous copy), kernel (a gather/scatter kernel on a few SMs, straight between "
-            "KV pages and the pinned pool) or dma (the copy engines only, one cuMemcpyBatchAsync of the pages per "
-            "request: no SMs taken, slower; CUDA 12.8+)"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -125,8 +116,6 @@ class ServerConfig:
     touch_pool: bool = True
     share_pool: bool = False
     cuda: str = "auto"
-    copy_ctas: int = 16
-    copy_engine: str = "staged"
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -169,10 +158,6 @@ class ServerConfig:
             fail("host", "must not be empty")
         if self.cuda not in CUDA_MODES:
             fail("cuda", f"valid values: {', '.join(CUDA_MODES)}")
-        if not 1 <= self.copy_ctas <= 1024:
-            fail("copy_ctas", "must be between 1 and 1024")
-        if self.copy_engine not in COPY_ENGINES:
-            fail("copy_engine", f"valid values: {', '.join(COPY_ENGINES)}")
 
     @property
     def l1_size_bytes(self) -> int:

@@ -36,7 +36,8 @@ from lmcd.server.config import ConfigError, ServerConfig, proc_kib_field
 from lmcd.server.gpu import CudaSupport
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
-from lmcd.server.service import CacheService, RequestError, Session
+from lmcd.server.service import CacheService
+from lmcd.server.session import RequestError, Session
 from lmcd.server.workers import sweep_orphans
 
 log = logging.getLogger("lmcd.server")
@@ -106,7 +107,7 @@ class CacheServer:
         self.cuda = self._start_cuda()
         self.service = CacheService(cfg, self.pool, self._send_reply, self.post, self.cuda)
         self._stack.callback(self.service.workers.close_all)
-        self._stack.callback(self.service.copies.shutdown)
+        self._stack.callback(self.service.server_copies.threads.shutdown)
         self.service.full_status = self.status
         self.metrics = Metrics(self.service.stats, self._gauges)
         self.service.observe_copy = self.metrics.copy_seconds.observe
@@ -202,10 +203,11 @@ class CacheServer:
     def shutdown(self) -> None:
         """Finish copies in flight (their replies go out), then close everything startup opened."""
         service = getattr(self, "service", None)
-        if service is not None and service.pending_copies:
-            log.info("Shutting down: waiting for %d copies in flight", service.pending_copies)
+        copies = service.server_copies if service is not None else None
+        if copies is not None and copies.pending:
+            log.info("Shutting down: waiting for %d copies in flight", copies.pending)
             deadline = time.monotonic() + 30
-            while service.pending_copies and time.monotonic() < deadline:
+            while copies.pending and time.monotonic() < deadline:
                 time.sleep(0.005)
                 self._run_calls()
         self._stack.close()

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NewType
 
 from lmcd.protocol import ChunkStatus
 from lmcd.server.pool import Pool, SlotId
 
-ChunkHash = NewType("ChunkHash", bytes)
-ChunkKey = tuple[int, int, bytes]  # (namespace id, rank, chunk hash)
+IndexKey = tuple[int, int, bytes]  # (namespace id, rank, chunk key)
 
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    key: ChunkKey
+    key: IndexKey
     slot: SlotId
     nbytes: int
     pins: int = 0
@@ -44,34 +42,33 @@ class ChunkIndex:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.entries: dict[ChunkKey, Entry] = {}
-        self.lru: OrderedDict[ChunkKey, Entry] = OrderedDict()
-        self.lru_by_size: dict[int, OrderedDict[ChunkKey, Entry]] = {}
+        self.entries: dict[IndexKey, Entry] = {}
+        self.lru: OrderedDict[IndexKey, Entry] = OrderedDict()
+        self.lru_by_size: dict[int, OrderedDict[IndexKey, Entry]] = {}
         self.num_evictions = 0
-        self.evicted_bytes = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get_ready(self, key: ChunkKey) -> Entry | None:
+    def get_ready(self, key: IndexKey) -> Entry | None:
         entry = self.entries.get(key)
         return entry if entry is not None and entry.ready else None
 
-    def leading_ready(self, ns_id: int, ranks: list[int], hashes: list[bytes]) -> list[list[Entry]]:
+    def leading_ready(self, ns_id: int, ranks: list[int], chunk_keys: list[bytes]) -> list[list[Entry]]:
         """Per rank, the entries of the leading chunks that are ready for EVERY rank (hot path)."""
         entries = self.entries
         if len(ranks) == 1:
             rank = ranks[0]
             part: list[Entry] = []
-            for chunk_hash in hashes:
-                entry = entries.get((ns_id, rank, chunk_hash))
+            for chunk_key in chunk_keys:
+                entry = entries.get((ns_id, rank, chunk_key))
                 if entry is None or not entry.ready:
                     break
                 part.append(entry)
             return [part]
         parts: list[list[Entry]] = [[] for _ in ranks]
-        for chunk_hash in hashes:
-            row = [entries.get((ns_id, rank, chunk_hash)) for rank in ranks]
+        for chunk_key in chunk_keys:
+            row = [entries.get((ns_id, rank, chunk_key)) for rank in ranks]
             if not all(entry is not None and entry.ready for entry in row):
                 break
             for part, entry in zip(parts, row, strict=True):
@@ -120,7 +117,7 @@ class ChunkIndex:
 
     # ------------------------------------------------------------ store
 
-    def begin_store(self, key: ChunkKey, nbytes: int) -> tuple[Entry | None, ChunkStatus]:
+    def begin_store(self, key: IndexKey, nbytes: int) -> tuple[Entry | None, ChunkStatus]:
         """Reserve a slot for ``key`` (evicting LRU chunks if needed); the entry starts writing."""
         existing = self.entries.get(key)
         if existing is not None:
@@ -154,7 +151,7 @@ class ChunkIndex:
         """A slot that no chunk owns yet (a worker's grant), evicting LRU chunks if needed."""
         return self._allocate(nbytes) if self.pool.can_ever_fit(nbytes) else None
 
-    def insert_ready(self, key: ChunkKey, slot: SlotId, nbytes: int) -> ChunkStatus:
+    def insert_ready(self, key: IndexKey, slot: SlotId, nbytes: int) -> ChunkStatus:
         """Make ``slot`` (already written) the readable chunk ``key``; PRESENT (the caller keeps
         the slot) when ``key`` is cached or being stored already."""
         existing = self.entries.get(key)
@@ -183,7 +180,6 @@ class ChunkIndex:
             victim.indexed = False
             self.pool.free(victim.slot)
             self.num_evictions += 1
-            self.evicted_bytes += victim.nbytes
 
     # ------------------------------------------------------------ clear
 

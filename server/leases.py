@@ -25,8 +25,6 @@ class Lease:
     session_id: int
     expires_at: float
     by_rank: dict[int, list[Entry]] = field(default_factory=dict)
-    copied_bytes: int = 0  # a worker's pin of chunks it copies itself (lmcache_driven)
-    started: float = 0.0
 
     def entries(self) -> list[Entry]:
         return [entry for part in self.by_rank.values() for entry in part]
@@ -48,12 +46,6 @@ class LeaseTable:
         self._leases[lease.lease_id] = lease
         self._by_session.setdefault(session_id, set()).add(lease.lease_id)
         return lease
-
-    def exists(self, lease_id: int) -> bool:
-        return lease_id in self._leases
-
-    def get(self, lease_id: int) -> Lease | None:
-        return self._leases.get(lease_id)
 
     def take(self, lease_id: int, rank: int) -> list[Entry] | None:
         """Rank ``rank``'s pinned entries (now owned by the caller), or None if no such lease."""

@@ -77,7 +77,7 @@ class Pool:
         self.segment: ShmSegment | None = None  # named SHM when workers copy themselves (lmcache_driven)
         if shared:
             self.segment = ShmSegment(self.capacity_bytes, prefix="lmcache_pool")
-            self._mmap = self.segment._mmap
+            self._mmap = self.segment.mapping
         else:
             self._mmap = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -90,7 +90,6 @@ class Pool:
         self._free_slabs: list[int] = list(range(self.num_slabs - 1, -1, -1))
         self._classes: dict[int, _SizeClass] = {}
         self.used_bytes = 0
-        self.num_slots_used = 0
 
     def _touch(self) -> None:
         """Fault every page in now (with progress), so no store pays for it later."""
@@ -139,7 +138,6 @@ class Pool:
         if not slab.free:
             del cls.partial[slab.index]
         self.used_bytes += nbytes
-        self.num_slots_used += 1
         return SlotId(slab.index * self.slab_bytes + index * nbytes)
 
     def free(self, slot: SlotId) -> None:
@@ -152,7 +150,6 @@ class Pool:
         was_full = not slab.free
         slab.free.append(index)
         self.used_bytes -= slab.slot_bytes
-        self.num_slots_used -= 1
         if slab.used == 0:
             cls.partial.pop(slab.index, None)
             slab.slot_bytes = slab.num_slots = 0
@@ -164,9 +161,6 @@ class Pool:
 
     def can_ever_fit(self, nbytes: int) -> bool:
         return 0 < nbytes <= self.slab_bytes
-
-    def slot_array(self, slot: SlotId, nbytes: int) -> np.ndarray:
-        return self.array[slot : slot + nbytes]
 
     @property
     def num_free_slabs(self) -> int:

@@ -1,9 +1,9 @@
-"""Registered workers: each one's KV memory, mapped from its POSIX SHM segments.
+"""Registered workers and their KV memory as the server sees it: mapped POSIX SHM segments (CPU,
+server copies), opened CUDA IPC handles (GPU, server copies), or nothing (worker copies).
 
 Ownership: the registry is touched only by the request loop thread. Copy threads read a
-worker's ``layer_addresses`` and the mapped bytes while ``inflight > 0``; the loop never
-unmaps a worker with copies in flight (it marks it ``closing`` and unmaps when the last
-copy ends).
+worker's ``planes`` and the mapped bytes while ``inflight > 0``; the loop never unmaps a
+worker with copies in flight (it marks it ``closing`` and unmaps when the last copy ends).
 
 Segment names: a worker's segment is named ``/dev/shm/lmcache_kv_<pid>_<idx>`` for the
 worker's lifetime, and the worker holds a shared ``flock`` on it. The server maps it by
@@ -25,11 +25,16 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmcd.protocol import KVLayout
-from lmcd.server.gpu import CudaHost, GpuWorker
+from lmcd import protocol as p
+from lmcd.copyplan import plane_addresses
+from lmcd.kernels.staged import StagingMemoryError
+
+if TYPE_CHECKING:
+    from lmcd.server.gpu import CudaHost, GpuWorker
 
 log = logging.getLogger("lmcd.workers")
 
@@ -104,54 +109,49 @@ class Worker:
     pid: int
     ns_id: int
     rank: int
-    device: str
-    layout: KVLayout
+    device: p.Device
+    copier: p.Copier
+    layout: p.KVLayout
     blocks_per_chunk: int
     chunk_bytes: int
-    layer_addresses: np.ndarray  # int64 absolute address of page (layer, block 0)
+    planes: np.ndarray | None = None  # server copies on CPU: int64 address of page (plane, block 0), mapped here
     files: list[SegmentFile] = field(default_factory=list)
     mmaps: list[mmap.mmap] = field(default_factory=list)
-    views: list[np.ndarray] = field(default_factory=list)
-    gpu: GpuWorker | None = None  # a CUDA worker: IPC mappings, stream, events
+    gpu: GpuWorker | None = None  # server copies on CUDA: IPC mappings, events, the staged copy
     inflight: int = 0
     closing: bool = False
-
-    @property
-    def copies_itself(self) -> bool:
-        """A worker registered without SHM segments or CUDA IPC handles: it copies through the shared pool."""
-        return self.gpu is None and not self.views
 
     def unmap(self) -> None:
         assert self.inflight == 0, "unmap with copies in flight"
         if self.gpu is not None:
             self.gpu.close()
-        self.views.clear()
+        self.planes = None
         for mapping in self.mmaps:
             mapping.close()
         self.mmaps.clear()
 
 
-def validate_layout(layout: KVLayout, segment_sizes: list[int], chunk_size: int) -> int:
+def validate_layout(layout: p.KVLayout, segment_sizes: list[int], chunk_size: int) -> int:
     """Check the page geometry against the segments; returns blocks per chunk."""
     if chunk_size % layout.block_size:
         raise RegistrationError(
             f"the server's chunk size ({chunk_size} tokens) is not a multiple of the engine's block size "
             f"({layout.block_size}); start the server with --chunk-size a multiple of {layout.block_size}"
         )
-    if len(layout.layer_offsets) != layout.num_layers or len(layout.layer_segments) != layout.num_layers:
-        raise RegistrationError(
-            f"layout lists {len(layout.layer_offsets)} layer offsets and {len(layout.layer_segments)} layer "
-            f"segments for {layout.num_layers} layers; they must match"
-        )
+    if len(layout.plane_segments) != layout.num_planes:
+        raise RegistrationError(f"layout lists {layout.num_planes} plane offsets and {len(layout.plane_segments)} "
+                                "plane segments; they must match")
+    if layout.num_layers > layout.num_planes:
+        raise RegistrationError(f"{layout.num_layers} layers cannot fit in {layout.num_planes} planes")
     if layout.page_bytes > layout.block_stride and layout.num_blocks > 1:
         raise RegistrationError(f"page_bytes {layout.page_bytes} exceeds block_stride {layout.block_stride}")
     span = (layout.num_blocks - 1) * layout.block_stride + layout.page_bytes
-    for layer, (offset, seg) in enumerate(zip(layout.layer_offsets, layout.layer_segments, strict=True)):
+    for plane, (offset, seg) in enumerate(zip(layout.plane_offsets, layout.plane_segments, strict=True)):
         if seg >= len(segment_sizes):
-            raise RegistrationError(f"layer {layer} names segment {seg}, but only {len(segment_sizes)} were sent")
+            raise RegistrationError(f"plane {plane} names segment {seg}, but only {len(segment_sizes)} were sent")
         if offset + span > segment_sizes[seg]:
             raise RegistrationError(
-                f"layer {layer} needs bytes up to {offset + span} of segment {seg}, "
+                f"plane {plane} needs bytes up to {offset + span} of segment {seg}, "
                 f"which holds {segment_sizes[seg]} bytes"
             )
     return chunk_size // layout.block_size
@@ -195,34 +195,41 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
 
 
 class WorkerRegistry:
-    def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed",
-                 grid: int = 16, copy_engine: str = "staged") -> None:
+    def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed") -> None:
         self.cuda = cuda
         self.cuda_problem = cuda_problem
-        self.grid = grid
-        self.copy_engine = copy_engine
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)
         self._rechecks: list[tuple[float, int, SegmentFile]] = []  # (when, attempt, file)
 
-    def register(
-        self, session_id: int, pid: int, device: str, layout: KVLayout,
-        names: list[str], sizes: list[int], chunk_size: int, *, ns_id: int, rank: int,
-        ipc_handles: list[bytes] | None = None, device_pci: str = "", event_handle: bytes = b"",
-    ) -> Worker:
-        if device == "cuda" and (ipc_handles or names):
-            return self._register_cuda(session_id, pid, layout, sizes, chunk_size, ns_id=ns_id, rank=rank,
-                                       ipc_handles=ipc_handles or [], device_pci=device_pci,
-                                       event_handle=event_handle)
-        if device not in ("cpu", "cuda"):  # cuda without IPC handles: a GPU worker that copies itself
-            raise RegistrationError(f"device {device!r} is unknown: register 'cpu' (SHM) or 'cuda' (CUDA IPC)")
-        if names and len(names) != len(sizes):
-            raise RegistrationError(f"{len(names)} segment names but {len(sizes)} segment sizes")
-        blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
+    def register(self, session_id: int, pid: int, ns_id: int, rank: int, req: p.RegisterWorker,
+                 chunk_size: int) -> Worker:
+        """Check ``req`` against what its ``copier`` and ``device`` need, and map the worker's memory
+        where the server copies; RegistrationError says what is wrong."""
+        blocks_per_chunk = validate_layout(req.layout, req.segment_sizes, chunk_size)
+        worker = Worker(next(self._ids), session_id, pid, ns_id, rank, req.device, req.copier, req.layout,
+                        blocks_per_chunk, req.layout.num_planes * blocks_per_chunk * req.layout.page_bytes)
+        if req.copier == p.Copier.WORKER:
+            if req.segment_names or req.ipc_handles:
+                raise RegistrationError("a worker that copies itself shares no KV memory: send no segment names "
+                                        "or CUDA IPC handles")
+        elif req.device == p.Device.CUDA:
+            worker.gpu = self._open_cuda(req, blocks_per_chunk)
+        else:
+            worker.mmaps, worker.files, worker.planes = self._map_cpu(req)
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    @staticmethod
+    def _map_cpu(req: p.RegisterWorker) -> tuple[list[mmap.mmap], list[SegmentFile], np.ndarray]:
+        names, sizes = req.segment_names, req.segment_sizes
+        if not names or req.ipc_handles or len(names) != len(sizes):
+            raise RegistrationError(f"server copies of a CPU worker need one SHM segment name per segment size "
+                                    f"and no CUDA IPC handles: got {len(names)} names for {len(sizes)} sizes")
         mmaps: list[mmap.mmap] = []
         files: list[SegmentFile] = []
         try:
-            for name, size in zip(names, sizes if names else [], strict=True):
+            for name, size in zip(names, sizes, strict=True):
                 mapping, segment_file = map_segment(name, size)
                 mmaps.append(mapping)
                 files.append(segment_file)
@@ -230,52 +237,31 @@ class WorkerRegistry:
             for mapping in mmaps:
                 mapping.close()
             raise
-        views = [np.frombuffer(mapping, dtype=np.uint8) for mapping in mmaps]
-        if views:
-            seg_base = np.array([view.ctypes.data for view in views], dtype=np.int64)
-            layer_addresses = seg_base[np.asarray(layout.layer_segments)] + np.asarray(layout.layer_offsets,
-                                                                                      np.int64)
-        else:  # self-copying worker (lmcache_driven, no SHM): nothing of it is mapped here
-            layer_addresses = np.zeros(layout.num_layers, dtype=np.int64)
-        worker = Worker(
-            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device=device,
-            layout=layout,
-            blocks_per_chunk=blocks_per_chunk,
-            chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
-            layer_addresses=layer_addresses, files=files, mmaps=mmaps, views=views,
-        )
-        self.workers[worker.worker_id] = worker
-        return worker
+        starts = [np.frombuffer(mapping, dtype=np.uint8).ctypes.data for mapping in mmaps]
+        return mmaps, files, plane_addresses(req.layout, starts)
 
-    def _register_cuda(
-        self, session_id: int, pid: int, layout: KVLayout, sizes: list[int], chunk_size: int, *, ns_id: int,
-        rank: int, ipc_handles: list[bytes], device_pci: str, event_handle: bytes,
-    ) -> Worker:
+    def _open_cuda(self, req: p.RegisterWorker, blocks_per_chunk: int) -> GpuWorker:
         if self.cuda is None:
-            raise RegistrationError(f"this server cannot take GPU workers: {self.cuda_problem}")
-        if len(ipc_handles) != len(sizes):
-            raise RegistrationError(f"{len(ipc_handles)} CUDA IPC handles but {len(sizes)} segment sizes")
-        if not event_handle:
-            raise RegistrationError("a CUDA worker must send its interprocess event handle")
-        blocks_per_chunk = validate_layout(layout, sizes, chunk_size)
+            raise RegistrationError(f"this server cannot copy for GPU workers: {self.cuda_problem}; or let the "
+                                    "workers copy themselves (server --share-pool, lmcache_driven)")
+        if req.segment_names or len(req.ipc_handles) != len(req.segment_sizes):
+            raise RegistrationError(f"server copies of a GPU worker need one CUDA IPC handle per segment size and "
+                                    f"no SHM names: got {len(req.ipc_handles)} handles for {len(req.segment_sizes)} "
+                                    "sizes")
+        if len(req.event_handle) != p.IPC_HANDLE_BYTES:
+            raise RegistrationError("a GPU worker whose KV the server copies must send its interprocess event handle")
+        from lmcd.server.gpu import GpuWorker  # CuPy is imported only where GPU workers come
+
         try:
-            gpu = GpuWorker(self.cuda, device_pci, ipc_handles, layout, blocks_per_chunk, event_handle, self.grid,
-                            self.copy_engine)
-        except LookupError as exc:
+            return GpuWorker(self.cuda, req.device_pci, req.ipc_handles, req.layout, blocks_per_chunk,
+                             req.event_handle)
+        except (LookupError, StagingMemoryError) as exc:
             raise RegistrationError(str(exc)) from None
         except Exception as exc:  # CUDA refused a handle: say which and why
             raise RegistrationError(
-                f"cannot open the worker's CUDA IPC memory on GPU {device_pci}: {exc}; the worker and the server "
+                f"cannot open the worker's CUDA IPC memory on GPU {req.device_pci}: {exc}; the worker and the server "
                 "must run on the same host and see the same GPU (docker: --ipc host --gpus all)"
             ) from None
-        worker = Worker(
-            worker_id=next(self._ids), session_id=session_id, pid=pid, ns_id=ns_id, rank=rank, device="cuda",
-            layout=layout, blocks_per_chunk=blocks_per_chunk,
-            chunk_bytes=layout.num_layers * blocks_per_chunk * layout.page_bytes,
-            layer_addresses=gpu.layer_addresses, gpu=gpu,
-        )
-        self.workers[worker.worker_id] = worker
-        return worker
 
     def get(self, worker_id: int) -> Worker | None:
         worker = self.workers.get(worker_id)

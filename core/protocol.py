@@ -6,18 +6,25 @@ DEALER socket per client session. Every message is ONE frame holding one msgpack
 reply carrying the same ``rid``; failures are ``Error`` replies, never silence.
 
 Evolution rules (read before you edit):
-  1. ``PROTOCOL_VERSION`` changes only when an old peer would misread a new message.
+  1. ``PROTOCOL_VERSION`` changes only when an old peer would misread a new message. Version 2
+     replaced version 1's Reserve/Commit-by-hash and its two-in-one Commit and Release.
   2. Every message is ``array_like``: fields are positional. New fields go at the END and
      carry a default, so an older peer's shorter array still decodes.
   3. No field is ever retyped, reordered or removed; retire a field by ignoring it.
-  4. Tags are stable strings; a new operation is a new Struct with a new tag.
+  4. Tags are stable strings; a new operation is a new Struct with a new tag. One Struct per
+     operation and per reply: an operation is never chosen by which fields are empty.
   5. The first request of a session is ``Hello``; anything else before it gets
-     ``Error(ErrorCode.NOT_HELLO)``.
+     ``Error(ErrorCode.NOT_HELLO)``. ``Hello`` and ``Error`` keep their shape across versions, so
+     a peer of another version is always told ``VERSION_MISMATCH`` in words it can decode.
 
 Why array_like everywhere: lookup/store/retrieve and their replies are on the hot path of
 every inference step (array encoding is smaller and faster than maps), and msgspec needs
 every Struct of one tagged union to share one encoding, so the cold messages follow.
 ``gc=False`` is set on the hot messages: they hold only bytes/ints/lists of them, never cycles.
+
+Words (README glossary): a *chunk key* is the 32-byte hash chain of a chunk; a *slot* is a
+byte offset in the server's pool; a *plane* is one page array of the KV (a layer, or the K or
+V half of one); a *lease* holds the pins of a lookup, or of a worker's ``Pin``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Annotated
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HASH_ALGORITHM = "blake2b-256-chain-u32le"
 HASH_BYTES = 32
 
@@ -36,17 +43,19 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_CHUNKS_PER_REQUEST = 65536
 MAX_BLOCKS_PER_REQUEST = 1 << 20
 MAX_SEGMENTS = 4096
-MAX_LAYERS = 4096
+MAX_PLANES = 8192
 MAX_TEXT = 4096
 
-ChunkHashWire = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]
-HashList = Annotated[list[ChunkHashWire], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)]
-BlockIdList = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BLOCKS_PER_REQUEST)]
+ChunkKeyWire = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]
+KeyList = Annotated[list[ChunkKeyWire], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+BlockIdList = Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_BLOCKS_PER_REQUEST)]
+SlotList = Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t
 IpcHandle = Annotated[bytes, msgspec.Meta(min_length=IPC_HANDLE_BYTES, max_length=IPC_HANDLE_BYTES)]
-NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-Positive = Annotated[int, msgspec.Meta(gt=0)]
 
 
 class ErrorCode(enum.IntEnum):
@@ -58,7 +67,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_WORKER = 6
     UNKNOWN_LEASE = 7
     BLOCK_OUT_OF_RANGE = 8
-    SEGMENT_ERROR = 9  # a worker's SHM segment cannot be mapped or is too small
+    SEGMENT_ERROR = 9  # a worker's memory cannot be mapped, or is not what the layout says
     LAYOUT_MISMATCH = 10  # chunk bytes differ from what the namespace already holds
     SHUTTING_DOWN = 11
     INTERNAL = 12
@@ -68,6 +77,24 @@ class Role(enum.IntEnum):
     CLIENT = 0  # tools, tests, bench
     SCHEDULER = 1  # vLLM scheduler: lookups for every rank
     WORKER = 2  # one vLLM rank: registers KV memory, stores, retrieves
+
+
+class Device(enum.IntEnum):
+    CPU = 0
+    CUDA = 1
+
+
+class Copier(enum.IntEnum):
+    """Who copies a worker's chunks, decided by the worker at registration.
+
+    SERVER: the server copies between the worker's KV and the pool (``Store``, ``Retrieve``); the
+    worker shares its KV memory (CPU: POSIX SHM segments; CUDA: IPC handles). LMCache's name for
+    it is ``engine_driven``. WORKER: the worker copies between its KV and the server's shared pool
+    itself (``Grant``, ``Commit``, ``Pin``, ``Loaded``) and shares no KV memory (``lmcache_driven``).
+    """
+
+    SERVER = 0
+    WORKER = 1
 
 
 class ChunkStatus(enum.IntEnum):
@@ -94,12 +121,14 @@ class Namespace(msgspec.Struct, array_like=True, frozen=True):
 
 
 class KVLayout(msgspec.Struct, array_like=True, frozen=True):
-    """Where a worker's KV pages live inside its SHM segments.
+    """Where a worker's KV pages live inside its memory segments.
 
-    Page (layer l, block b) is ``page_bytes`` contiguous bytes at
-    ``segments[layer_segments[l]] + layer_offsets[l] + b * block_stride``::
+    A *plane* is one array of pages: a layer's tensor, or each K/V half of it in a ``[2, blocks,
+    ...]`` layout, so ``num_layers <= len(plane_offsets)``. Page (plane p, block b) is
+    ``page_bytes`` contiguous bytes at ``segment[plane_segments[p]] + plane_offsets[p] + b *
+    block_stride``::
 
-        segment k:  |<- layer_offsets[l] ->|page b=0|...|page b=1|...   (block_stride apart)
+        segment k:  |<- plane_offsets[p] ->|page b=0|...|page b=1|...   (block_stride apart)
     """
 
     num_layers: Positive
@@ -107,8 +136,12 @@ class KVLayout(msgspec.Struct, array_like=True, frozen=True):
     block_size: Positive  # tokens per block
     page_bytes: Positive
     block_stride: Positive
-    layer_offsets: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_LAYERS)]
-    layer_segments: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_LAYERS)]
+    plane_offsets: Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_PLANES)]
+    plane_segments: Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_PLANES)]
+
+    @property
+    def num_planes(self) -> int:
+        return len(self.plane_offsets)
 
 
 # ---------------------------------------------------------------- requests
@@ -129,24 +162,23 @@ class Ping(msgspec.Struct, array_like=True, tag="ping"):
 
 
 class RegisterWorker(msgspec.Struct, array_like=True, tag="register"):
-    """Share a worker's KV memory once.
+    """Register one worker's KV memory, once per session, with who copies (``copier``) named.
 
-    ``device`` "cpu": ``segment_names`` are POSIX SHM segments the server maps (see
-    ``lmcd.server.workers`` for who unlinks them when). A CPU worker that copies itself through
-    the server's shared pool (lmcache_driven) sends no names: its KV stays in its own memory,
-    the server never maps it, and ``segment_sizes`` only bound the layout's offsets.
-    ``device`` "cuda": ``ipc_handles`` holds one CUDA IPC memory handle per segment (a
-    segment is one allocation holding KV pages; ``segment_names`` stays empty),
-    ``device_pci`` names the worker's GPU by PCI address ("dddd:bb:dd"), and
-    ``event_handle`` is the worker's interprocess event: the server's stream waits on it
-    before every copy for this worker.
+    ``segment_sizes``: bytes of each memory segment the layout's offsets count from (an SHM
+    segment, a CUDA allocation, or, for a worker that copies itself, a KV tensor's storage).
+    CPU + SERVER: ``segment_names`` are the POSIX SHM segments the server maps. CUDA + SERVER:
+    ``ipc_handles`` holds one CUDA IPC memory handle per segment, ``device_pci`` names the
+    worker's GPU by PCI address ("dddd:bb:dd") and ``event_handle`` is the worker's interprocess
+    event, which the server's copy waits on. WORKER: no names or handles (the server maps none
+    of the worker's memory) and the server must share its pool.
     """
 
     rid: int
     layout: KVLayout
-    segment_names: Annotated[list[Text], msgspec.Meta(max_length=MAX_SEGMENTS)]
-    segment_sizes: Annotated[list[NonNeg], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
-    device: Text = "cpu"
+    device: Device
+    copier: Copier
+    segment_sizes: Annotated[list[Positive], msgspec.Meta(min_length=1, max_length=MAX_SEGMENTS)]
+    segment_names: Annotated[list[Text], msgspec.Meta(max_length=MAX_SEGMENTS)] = []
     ipc_handles: Annotated[list[IpcHandle], msgspec.Meta(max_length=MAX_SEGMENTS)] = []
     device_pci: Text = ""
     event_handle: Annotated[bytes, msgspec.Meta(max_length=IPC_HANDLE_BYTES)] = b""
@@ -165,83 +197,83 @@ class Lookup(msgspec.Struct, array_like=True, gc=False, tag="lookup"):
     """
 
     rid: int
-    chunk_hashes: HashList
+    chunk_keys: KeyList
     lease: bool = True
     slots: bool = False
 
 
 class Store(msgspec.Struct, array_like=True, gc=False, tag="store"):
-    """Copy blocks into the pool. ``block_ids`` holds chunk_size/block_size ids per chunk."""
+    """Server copies: copy blocks into the pool. ``block_ids`` holds blocks-per-chunk ids per chunk."""
 
     rid: int
     worker_id: int
-    chunk_hashes: HashList
+    chunk_keys: KeyList
     block_ids: BlockIdList
 
 
 class Retrieve(msgspec.Struct, array_like=True, gc=False, tag="retrieve"):
-    """Copy cached chunks into blocks; consumes this rank's part of ``lease_id`` if given."""
+    """Server copies: copy cached chunks into blocks; takes this rank's part of ``lease_id`` if given."""
 
     rid: int
     worker_id: int
-    chunk_hashes: HashList
+    chunk_keys: KeyList
     block_ids: BlockIdList
     lease_id: int | None = None
     skip_blocks: NonNeg = 0  # leading blocks of the first chunk not to write (the engine has them)
 
 
 class Release(msgspec.Struct, array_like=True, gc=False, tag="release"):
-    """End a lease (``rank`` None), or only rank ``rank``'s part of it: that worker copied its chunks."""
+    """End a lease nobody will load from (every rank's part): its chunks are unpinned."""
 
     rid: int
     lease_id: int
-    rank: NonNeg | None = None
-    copy_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # a worker's copy of its part took this long
-
-
-class Reserve(msgspec.Struct, array_like=True, gc=False, tag="reserve"):
-    """lmcache_driven store, step 1: allocate slots the worker fills itself (in the shared pool)."""
-
-    rid: int
-    worker_id: int
-    chunk_hashes: HashList
-
-
-class Commit(msgspec.Struct, array_like=True, gc=False, tag="commit"):
-    """lmcache_driven store, step 2: the reserved chunks are written (ok) or abandoned.
-
-    ``slot_offsets`` non-empty: the chunks were written into these GRANTED slots (one per hash),
-    no Reserve came first; each becomes the chunk's slot, or goes back to the pool if the chunk
-    is already cached. ``want_slots``: grant this many fresh slots in the reply.
-    """
-
-    rid: int
-    worker_id: int
-    chunk_hashes: HashList
-    ok: bool = True
-    slot_offsets: Annotated[list[NonNeg], msgspec.Meta(max_length=MAX_CHUNKS_PER_REQUEST)] = []
-    want_slots: NonNeg = 0
-    copy_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # how long the worker's copy took (for the log)
 
 
 class Grant(msgspec.Struct, array_like=True, gc=False, tag="grant"):
-    """lmcache_driven: hand this worker free slots it fills before it names the chunks (Commit
-    with ``slot_offsets``), so a store needs no request before its copy. Granted slots belong to
-    the worker until committed, or until it unregisters or disconnects."""
+    """Worker copies: hand this worker free slots to fill before it names the chunks (``Commit``),
+    so that a store needs no request before its copy. Granted slots belong to the session until
+    committed, or until the worker unregisters or disconnects."""
 
     rid: int
     worker_id: int
     num_slots: NonNeg
 
 
-class Pin(msgspec.Struct, array_like=True, gc=False, tag="pin"):
-    """lmcache_driven retrieve: pin the leading cached chunks and say where they are; the worker
-    copies them out of the shared pool, then sends ``Release(pin_id)``."""
+class Commit(msgspec.Struct, array_like=True, gc=False, tag="commit"):
+    """Worker copies: one store ended. Its chunks were written into these granted ``slots`` (one
+    per key, in order); each slot becomes its chunk's, or goes back to the pool if the chunk is
+    cached already. ``want_slots``: grant this many fresh slots in the reply. ``copy_seconds``: how
+    long the copy took, timed by the worker as the server times its own (the log line)."""
 
     rid: int
     worker_id: int
-    chunk_hashes: HashList
+    chunk_keys: KeyList
+    slots: SlotList
+    want_slots: NonNeg = 0
+    copy_seconds: Seconds = 0.0
+
+
+class Pin(msgspec.Struct, array_like=True, gc=False, tag="pin"):
+    """Worker copies, a load with no slots from a lookup: pin the leading cached chunks (taking this
+    rank's part of ``lease_id`` if given) under a new lease and say where they are."""
+
+    rid: int
+    worker_id: int
+    chunk_keys: KeyList
     lease_id: int | None = None
+
+
+class Loaded(msgspec.Struct, array_like=True, gc=False, tag="loaded"):
+    """Worker copies: this worker copied ``chunk_keys`` of ``lease_id`` (a lookup's or a Pin's) out of
+    the pool in ``copy_seconds``, leaving out the first ``skip_blocks`` blocks of the first; its
+    rank's part of the lease ends (chunks of it not named are unpinned, not counted)."""
+
+    rid: int
+    worker_id: int
+    lease_id: int
+    chunk_keys: KeyList
+    skip_blocks: NonNeg = 0
+    copy_seconds: Seconds = 0.0
 
 
 class Clear(msgspec.Struct, array_like=True, tag="clear"):
@@ -253,8 +285,8 @@ class GetStatus(msgspec.Struct, array_like=True, tag="status"):
 
 
 Request = (
-    Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Clear | GetStatus
-    | Reserve | Commit | Pin | Grant
+    Hello | Ping | RegisterWorker | UnregisterWorker | Lookup | Store | Retrieve | Release | Grant | Commit | Pin
+    | Loaded | Clear | GetStatus
 )
 
 # ---------------------------------------------------------------- replies
@@ -267,6 +299,9 @@ class Error(msgspec.Struct, array_like=True, tag="error"):
 
 
 class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
+    """``pool_segment``: the shared pool's SHM name (server ``--share-pool``), else "";
+    ``lease_ttl_s``: how long a lookup's pins live (``--lease-timeout``)."""
+
     rid: int
     server_version: str
     protocol_version: int
@@ -274,8 +309,8 @@ class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
     hash_algorithm: str
     capabilities: list[str]
     session_id: int
-    pool_segment: str = ""  # the shared pool's SHM name (server --share-pool), else ""
-    lease_ttl_s: float = 0.0  # how long a lookup's pins live (server --lease-timeout)
+    pool_segment: str
+    lease_ttl_s: float
 
 
 class Pong(msgspec.Struct, array_like=True, tag="pong"):
@@ -283,12 +318,14 @@ class Pong(msgspec.Struct, array_like=True, tag="pong"):
 
 
 class Registered(msgspec.Struct, array_like=True, tag="registered"):
-    """``event_handle`` (CUDA workers): the server's interprocess event, recorded after every copy
-    for this worker and before its reply."""
+    """``blocks_per_chunk`` engine blocks make one chunk of ``chunk_bytes``; ``event_handle``
+    (CUDA, server copies): the server's interprocess event, recorded after every copy for this
+    worker and before its reply."""
 
     rid: int
     worker_id: int
     chunk_bytes: int
+    blocks_per_chunk: int
     event_handle: bytes = b""
 
 
@@ -297,13 +334,13 @@ class Unregistered(msgspec.Struct, array_like=True, tag="unregistered"):
 
 
 class LookupReply(msgspec.Struct, array_like=True, gc=False, tag="lookup_ok"):
-    """``slot_offsets`` (Lookup ``slots``): per rank of the session's namespace (every rank for a
-    scheduler), the pool offsets of the pinned chunks, valid while the lease lives."""
+    """``slots`` (Lookup ``slots``): per rank of the session's namespace (every rank for a
+    scheduler), the slots of the pinned chunks, valid while the lease lives."""
 
     rid: int
     num_hit_chunks: int
     lease_id: int | None
-    slot_offsets: list[list[int]] = []
+    slots: list[list[int]] = []
 
 
 class StoreReply(msgspec.Struct, array_like=True, gc=False, tag="store_ok"):
@@ -324,44 +361,34 @@ class Released(msgspec.Struct, array_like=True, gc=False, tag="released"):
     num_unpinned: int
 
 
-class Cleared(msgspec.Struct, array_like=True, tag="cleared"):
-    rid: int
-    num_chunks: int
-
-
-class Reserved(msgspec.Struct, array_like=True, gc=False, tag="reserved"):
-    """Per chunk: a status, and for STORED chunks the slot's byte offset in the shared pool (else -1)."""
+class Granted(msgspec.Struct, array_like=True, gc=False, tag="granted"):
+    """The granted slots (fewer than asked when the pool is full of pinned chunks)."""
 
     rid: int
-    statuses: list[ChunkStatus]
-    slot_offsets: list[int]
-    message: str = ""
+    slots: list[int]
 
 
 class Committed(msgspec.Struct, array_like=True, gc=False, tag="committed"):
-    """``num_chunks`` chunks became readable. For a commit of granted slots: ``statuses`` per
-    chunk (STORED, or PRESENT: already cached, the slot went back to the pool), and
-    ``granted`` the fresh slots asked for with ``want_slots``."""
+    """Per chunk STORED, or PRESENT (cached already: its slot went back to the pool); ``granted``:
+    the fresh slots asked for with ``want_slots``."""
 
     rid: int
-    num_chunks: int
-    statuses: list[ChunkStatus] = []
-    granted: list[int] = []
-
-
-class Granted(msgspec.Struct, array_like=True, gc=False, tag="granted"):
-    """The granted slots' pool offsets (fewer than asked when the pool is full of pinned chunks)."""
-
-    rid: int
-    slot_offsets: list[int]
+    statuses: list[ChunkStatus]
+    granted: list[int]
 
 
 class Pinned(msgspec.Struct, array_like=True, gc=False, tag="pinned"):
-    """Offsets of the leading cached chunks, pinned until ``Release(pin_id)`` (or a disconnect)."""
+    """Slots of the leading cached chunks, pinned under ``lease_id`` until ``Loaded`` (or a
+    disconnect); no lease when none was cached."""
 
     rid: int
-    slot_offsets: list[int]
-    pin_id: int | None
+    slots: list[int]
+    lease_id: int | None
+
+
+class Cleared(msgspec.Struct, array_like=True, tag="cleared"):
+    rid: int
+    num_chunks: int
 
 
 class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
@@ -371,7 +398,7 @@ class StatusReply(msgspec.Struct, array_like=True, tag="status_ok"):
 
 Reply = (
     Error | HelloReply | Pong | Registered | Unregistered | LookupReply | StoreReply | RetrieveReply | Released
-    | Cleared | StatusReply | Reserved | Committed | Pinned | Granted
+    | Granted | Committed | Pinned | Cleared | StatusReply
 )
 
 encoder = msgspec.msgpack.Encoder()

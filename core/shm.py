@@ -51,9 +51,9 @@ class ShmSegment:
                 self.name, fd = self._create_named()
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 os.ftruncate(fd, nbytes)
-            self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+            self.mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
             with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+                self.mapping.madvise(mmap.MADV_HUGEPAGE)
         except BaseException:
             with contextlib.suppress(UnboundLocalError, OSError):
                 os.close(fd)
@@ -61,7 +61,7 @@ class ShmSegment:
                 self._unlink()
             raise
         self._fd = fd
-        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.array = np.frombuffer(self.mapping, dtype=np.uint8)
 
     @property
     def shm_name(self) -> str:
@@ -100,5 +100,5 @@ class ShmSegment:
         del self.array
         # views of it may still be alive; then the memory goes when they do (it has no name left)
         with contextlib.suppress(BufferError):
-            self._mmap.close()
+            self.mapping.close()
         os.close(self._fd)

@@ -1,0 +1,152 @@
+"""Server copies: ``Store`` and ``Retrieve`` for workers registered with ``Copier.SERVER``.
+
+The server copies between the worker's mapped KV pages and pool slots: on CPUs a copy plan
+(``lmcd.copyplan``) run by ``CopyThreads`` off the loop, replied to when the copy has ended; on
+GPUs the staged copy (``GpuWorker.submit``), replied to at once (the worker orders itself on the
+server's event), and booked when the GPU has finished it.
+
+Ownership: the loop thread; a copy's ``finish`` is posted back to it from a copy or completion
+thread. A worker with copies in flight is never unmapped (``WorkerRegistry.copy_done``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lmcd import copyplan
+from lmcd import protocol as p
+from lmcd.server.index import Entry
+from lmcd.server.session import RequestError, Session
+from lmcd.server.transfer import CopyThreads
+from lmcd.server.workers import Worker
+
+if TYPE_CHECKING:
+    from lmcd.server.service import CacheService
+
+log = logging.getLogger("lmcd.server")
+FULL_MESSAGE = "pool is full of pinned or in-flight chunks; retry later or raise --l1-size-gb"
+
+Finish = Callable[[BaseException | None, float], None]  # (error, the copy's seconds), on the loop thread
+
+
+class ServerCopies:
+    def __init__(self, service: CacheService) -> None:
+        self.service = service
+        self.threads = CopyThreads(service.config.max_workers or 1)
+        self.pending = 0  # copies in flight (shutdown waits for them)
+
+    def store(self, session: Session, req: p.Store, started: float) -> p.StoreReply | None:
+        svc = self.service
+        worker = svc.worker(session, req.worker_id, p.Copier.SERVER)
+        blocks = self._blocks(worker, req.chunk_keys, req.block_ids)
+        evictions_before = svc.index.num_evictions
+        statuses: list[p.ChunkStatus] = []
+        writing: list[tuple[Entry, int]] = []
+        for i, chunk_key in enumerate(req.chunk_keys):
+            entry, status = svc.index.begin_store(svc.key(worker, chunk_key), worker.chunk_bytes)
+            statuses.append(status)
+            if entry is not None:
+                writing.append((entry, i))
+        svc.stats.evicted_chunks += svc.index.num_evictions - evictions_before
+        svc.stats.store_present_chunks += statuses.count(p.ChunkStatus.PRESENT)
+        refused = len(statuses) - len(writing) - statuses.count(p.ChunkStatus.PRESENT)
+        svc.stats.store_refused_chunks += refused
+        message = FULL_MESSAGE if refused else ""
+        if not writing:
+            return p.StoreReply(req.rid, statuses, message)
+        early = worker.gpu is not None  # GPU: answered at launch; the worker orders itself on our event
+        num_bytes = len(writing) * worker.chunk_bytes
+
+        def finish(error: BaseException | None, seconds: float) -> None:
+            for entry, i in writing:
+                svc.index.finish_store(entry, error is None)
+                if error is not None:
+                    statuses[i] = p.ChunkStatus.FAILED
+            if error is None:  # counted before the reply: a scrape after it sees the store
+                svc.count_store(len(writing), num_bytes, seconds)
+            if not early:
+                text = f"copy failed: {error}" if error is not None else message
+                svc.send(session, p.StoreReply(req.rid, statuses, text), "store", started)
+            if error is None:
+                svc.log_copy("Stored", len(writing), num_bytes, seconds)
+            else:
+                log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
+
+        entries = [entry for entry, _ in writing]
+        self._copy(worker, entries, blocks[[i for _, i in writing]], True, 0, finish)
+        return p.StoreReply(req.rid, list(statuses), message) if early else None
+
+    def retrieve(self, session: Session, req: p.Retrieve, started: float) -> p.RetrieveReply | None:
+        svc = self.service
+        worker = svc.worker(session, req.worker_id, p.Copier.SERVER)
+        blocks = self._blocks(worker, req.chunk_keys, req.block_ids, req.skip_blocks)
+        pinned = svc.pin_leading(worker, req.chunk_keys, req.lease_id)
+        if not pinned:
+            return p.RetrieveReply(req.rid, 0)
+        early = worker.gpu is not None
+        layout = worker.layout
+        num_bytes = len(pinned) * worker.chunk_bytes - req.skip_blocks * layout.num_planes * layout.page_bytes
+
+        def finish(error: BaseException | None, seconds: float) -> None:
+            svc.unpin(pinned)
+            if error is not None:
+                log.error("Retrieve copy failed for worker %d: %s", worker.worker_id, error)
+                if not early:
+                    svc.send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"), "retrieve",
+                             started)
+                return
+            svc.count_retrieve(len(pinned), num_bytes, seconds)
+            if not early:  # the reply before the log line, as for a store
+                svc.send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
+            svc.log_copy("Retrieved", len(pinned), num_bytes, seconds)
+
+        self._copy(worker, pinned, blocks[: len(pinned)], False, req.skip_blocks, finish)
+        return p.RetrieveReply(req.rid, len(pinned)) if early else None
+
+    @staticmethod
+    def _blocks(worker: Worker, keys: list[bytes], block_ids: list[int], skip_blocks: int = 0) -> np.ndarray:
+        try:
+            return copyplan.check_blocks(block_ids, len(keys), worker.blocks_per_chunk, worker.layout.num_blocks,
+                                         skip_blocks)
+        except copyplan.BlockIdError as exc:
+            code = p.ErrorCode.BLOCK_OUT_OF_RANGE if exc.out_of_range else p.ErrorCode.BAD_REQUEST
+            raise RequestError(code, f"worker {worker.worker_id}: {exc}") from None
+
+    def _copy(self, worker: Worker, entries: list[Entry], blocks: np.ndarray, to_pool: bool, skip_blocks: int,
+              finish: Finish) -> None:
+        """Start the copy between ``entries``' slots and ``blocks``; ``finish`` runs on the loop thread
+        when it has ended, after the worker's in-flight count drops."""
+        svc = self.service
+        base = svc.pool.base_address
+        slot_addresses = [base + entry.slot for entry in entries]
+
+        def done(error: BaseException | None, seconds: float) -> None:  # on a copy or completion thread
+            def on_loop() -> None:
+                svc.workers.copy_done(worker)
+                self.pending -= 1
+                finish(error, seconds)
+
+            svc.post(on_loop)
+
+        worker.inflight += 1
+        self.pending += 1
+        try:
+            if worker.gpu is not None:
+                worker.gpu.submit(slot_addresses, blocks, to_pool, skip_blocks, done)
+            else:
+                assert worker.planes is not None
+                self.threads.submit(copyplan.plan(worker.layout, worker.planes, slot_addresses, blocks, to_pool,
+                                                  skip_blocks), done)
+        except BaseException as exc:  # refused before it started (or CUDA failed to launch): nothing was copied
+            worker.inflight -= 1
+            self.pending -= 1
+            if to_pool:
+                for entry in entries:
+                    svc.index.finish_store(entry, False)
+            else:
+                svc.unpin(entries)
+            raise RequestError(p.ErrorCode.INTERNAL, f"copy not started: {exc}") from None
