@@ -207,7 +207,7 @@ def worker_run(url: str, server_pid: int, n: int, profile_path: str = "") -> dic
     out: dict[str, dict[str, float]] = {}
 
     def fresh(count: int) -> list[StoreSpec]:
-        return [StoreSpec([os.urandom(32)], rng.choice(NUM_BLOCKS, BPC, replace=False).tolist())
+        return [StoreSpec([os.urandom(32)], rng.choice(NUM_BLOCKS, BPC, replace=False).tolist(), BPC)
                 for _ in range(count)]
 
     def measure(name: str, fn: Callable[[int], object]) -> None:
@@ -229,7 +229,7 @@ def worker_run(url: str, server_pid: int, n: int, profile_path: str = "") -> dic
         sock.close(0)
         measure("ping", lambda i: client.ping())
         specs = fresh(warm + n)
-        measure("client_store", lambda i: client.store(worker_id, specs[i].chunk_hashes, specs[i].block_ids))
+        measure("client_store", lambda i: client.store(worker_id, specs[i].chunk_keys, specs[i].block_ids))
         specs = fresh(warm + n)
         profiler = cProfile.Profile() if profile_path else None
         if profiler is not None:
@@ -238,9 +238,9 @@ def worker_run(url: str, server_pid: int, n: int, profile_path: str = "") -> dic
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile_path)
-        loads = [LoadSpec(s.chunk_hashes, s.block_ids, 0, None) for s in specs]
-        assert state.load(loads[0], BPC) == set()
-        measure("load", lambda i: state.load(loads[i], BPC))
+        loads = [LoadSpec(s.chunk_keys, s.block_ids, BPC, 0, None) for s in specs]
+        assert state.load(loads[0]) == set()
+        measure("load", lambda i: state.load(loads[i]))
     finally:
         state.close()
     return out

@@ -163,7 +163,6 @@ class PoolCopier:
                  blocks_per_chunk: int, pool_address: int, pool_bytes: int) -> None:
         self.device = device
         self.pool_address = pool_address
-        self.kernel: PageKernel | None = None
         self.pipeline: StagedPipeline | None = None
         self.engine_mark = 0
         started = time.monotonic()
@@ -175,16 +174,16 @@ class PoolCopier:
                  "its KV blocks and the pool itself", pool_bytes / 2**30, time.monotonic() - started)
         try:
             major, minor = torch.cuda.get_device_capability(device)
-            self.kernel = PageKernel(nvrtc_functions(device, f"sm_{major}{minor}"), planes, num_blocks, page_bytes,
-                                     block_stride, blocks_per_chunk)
-            self.pipeline = StagedPipeline(self.kernel, stages_for(self.kernel.chunk_bytes))
+            kernel = PageKernel(nvrtc_functions(device, f"sm_{major}{minor}"), planes, num_blocks, page_bytes,
+                                block_stride, blocks_per_chunk)
+            self.pipeline = StagedPipeline(kernel, stages_for(kernel.chunk_bytes))
             self.engine_mark = cudadrv.event_create()
         except (CudaError, StagingMemoryError) as exc:
             self.close()
             raise PoolCopierError(f"{exc}; lower vLLM's --gpu-memory-utilization a little if the GPU is full"
                                   if isinstance(exc, StagingMemoryError) else str(exc)) from None
         log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.pipeline.stages,
-                 self.kernel.chunk_bytes / 2**20)
+                 self.pipeline.chunk_bytes / 2**20)
 
     def _copy(self, slots: Sequence[int], blocks: np.ndarray, to_pool: bool, skip_blocks: int) -> CopyEvents:
         assert self.pipeline is not None
@@ -228,9 +227,6 @@ class PoolCopier:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self.kernel is not None:
-            self.kernel.close()
-            self.kernel = None
         if self.engine_mark:
             cudadrv.event_destroy(self.engine_mark)
             self.engine_mark = 0

@@ -63,6 +63,9 @@ class CopyEvents:
 
 
 class StagedPipeline:
+    """The staged copy of one KV registration (module docstring); it owns ``kernel`` from here on, and
+    keeps up to ``stages`` staging buffers: fewer where the GPU's free memory holds fewer."""
+
     def __init__(self, kernel: PageKernel, stages: int) -> None:
         self.kernel = kernel
         self.chunk_bytes = kernel.chunk_bytes
@@ -148,7 +151,8 @@ class StagedPipeline:
         return seconds
 
     def close(self) -> None:
-        """Wait for copies in flight, then free everything (the context must be current)."""
+        """Wait for copies in flight, then free everything, the kernel's memory too (the context must
+        be current)."""
         for stream in self._streams:
             cudadrv.stream_synchronize(stream)
         for buffer in self.buffers:
@@ -158,3 +162,4 @@ class StagedPipeline:
         for event in self._events:
             cudadrv.event_destroy(event)
         self.buffers, self._streams, self._events = [], [], []
+        self.kernel.close()

@@ -135,7 +135,6 @@ class GpuWorker:
         self.bases: list[int] = []
         self.worker_event: int | None = None
         self.event: Any = None
-        self.kernel: PageKernel | None = None
         self.pipeline: StagedPipeline | None = None
         host.use(self.device)
         try:
@@ -145,9 +144,8 @@ class GpuWorker:
             self.event = host.cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
             self.event_handle = bytes(runtime.ipcGetEventHandle(self.event.ptr))
             planes = plane_addresses(layout, self.bases).tolist()
-            self.kernel = PageKernel(cupy_functions(self.device), planes, layout.num_blocks, layout.page_bytes,
-                                     layout.block_stride, blocks_per_chunk)
-            self.pipeline = self._pipeline(self.kernel)
+            self.pipeline = self._pipeline(PageKernel(cupy_functions(self.device), planes, layout.num_blocks,
+                                                      layout.page_bytes, layout.block_stride, blocks_per_chunk))
         except BaseException:
             self._close_handles()
             raise
@@ -212,9 +210,6 @@ class GpuWorker:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self.kernel is not None:
-            self.kernel.close()
-            self.kernel = None
         runtime = self.host.runtime
         for base in self.bases:
             try:
