@@ -7,6 +7,7 @@ stopped with SIGTERM at teardown (SIGKILL if it does not exit in time).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import signal
@@ -138,3 +139,32 @@ def fill_random(kv: CpuKVCache, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for seg in kv.segments:
         seg.array[:] = rng.integers(0, 256, seg.nbytes, dtype=np.uint8)
+
+
+def counters(client: CacheClient) -> dict[str, object]:
+    """The server's ``/status`` counters, read over the client's session."""
+    return client.status()["counters"]  # type: ignore[return-value]
+
+
+class PoolView:
+    """The server's shared pool (``--share-pool``), mapped here by the name its HelloReply gives,
+    so a test writes and reads the pool's bytes itself, as a worker that copies itself does."""
+
+    def __init__(self, shm_name: str) -> None:
+        assert shm_name, "the server does not share its pool (start it with --share-pool true)"
+        fd = os.open(os.path.join("/dev/shm", shm_name.lstrip("/")), os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def write(self, slot: int, data: np.ndarray) -> None:
+        self.array[slot : slot + len(data)] = data
+
+    def read(self, slot: int, nbytes: int) -> np.ndarray:
+        return self.array[slot : slot + nbytes].copy()
+
+    def close(self) -> None:
+        del self.array
+        self._mmap.close()

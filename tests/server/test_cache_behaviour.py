@@ -152,7 +152,7 @@ def test_refused_full_when_everything_is_pinned_then_recovers(server_factory) ->
         extra = hashes(3, "extra")
         result = client.store(info.worker_id, extra, [2, 3] * 3)
         assert result.statuses == [p.ChunkStatus.REFUSED_FULL] * 3
-        assert result.num_refused == 3
+        assert result.num_stored == 0
         assert "full" in result.message and "--l1-size-gb" in result.message
         status = client.status()
         assert status["counters"]["store_refused_chunks"] == 3

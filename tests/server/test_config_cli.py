@@ -345,7 +345,7 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
                         "--eviction-policy": "LRU", "--lease-timeout": "60.0", "--log-level": "INFO",
                         "--l1-size-gb": "auto", "--max-workers": "auto", "--auth-token": "none",
                         "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",
-                        "--cuda": "auto", "--copy-ctas": "16", "--copy-engine": "staged"}
+                        "--cuda": "auto"}
     assert set(literal_defaults) == {s.flag for s in SETTINGS}
     for s in SETTINGS:
         assert s.flag in entries, f"{s.flag} missing from --help:\n{result.stdout}"

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lmcd
 from lmcd import protocol as p
-from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from lmcd.server.config import ServerConfig
 from lmcd.server.daemon import CacheServer
@@ -168,7 +168,7 @@ def test_status_and_metrics_after_a_known_sequence(server_factory, kv):
         fit = pool["num_slabs"] * (pool["slab_bytes"] // chunk_bytes)  # chunks the pool holds
         assert fit > 3
 
-        first = chunk_hashes(tokens(3), worker.chunk_size)
+        first = chunk_keys(tokens(3), worker.chunk_size)
         assert worker.store(info.worker_id, first, blocks_for(3)).num_stored == 3
         status = get_status(server.http_url)
         assert status["pool"]["num_chunks"] == 3
@@ -177,11 +177,11 @@ def test_status_and_metrics_after_a_known_sequence(server_factory, kv):
         assert status["counters"]["stores"] == 1
 
         # 3 hits then 2 misses; then 2 misses
-        assert sched.lookup(chunk_hashes(tokens(5), worker.chunk_size), lease=False).num_hit_chunks == 3
-        assert sched.lookup(chunk_hashes(tokens(2, offset=10**6), worker.chunk_size), lease=False).num_hit_chunks == 0
+        assert sched.lookup(chunk_keys(tokens(5), worker.chunk_size), lease=False).num_hit_chunks == 3
+        assert sched.lookup(chunk_keys(tokens(2, offset=10**6), worker.chunk_size), lease=False).num_hit_chunks == 0
 
         # fill the pool with `fit` new chunks: exactly the 3 old (LRU, unpinned) ones are evicted
-        second = chunk_hashes(tokens(fit, offset=2 * 10**6), worker.chunk_size)
+        second = chunk_keys(tokens(fit, offset=2 * 10**6), worker.chunk_size)
         result = worker.store(info.worker_id, second, blocks_for(fit))
         assert result.num_stored == fit, result
 
@@ -255,7 +255,7 @@ def test_clear_cache(server, kv, path):
     ns = namespace(geometry=kv.geometry)
     with connect(server.url, ns) as worker:
         info = kv.register(worker)
-        hashes = chunk_hashes(tokens(4), worker.chunk_size)
+        hashes = chunk_keys(tokens(4), worker.chunk_size)
         assert worker.store(info.worker_id, hashes, blocks_for(4)).num_stored == 4
         assert worker.lookup(hashes, lease=False).num_hit_chunks == 4
         status = get_status(server.http_url)
@@ -300,7 +300,7 @@ def test_bearer_auth(server_factory, kv):
     ns = namespace(geometry=kv.geometry)
     with connect(server.url, ns, auth_token=token) as worker:
         info = kv.register(worker)
-        hashes = chunk_hashes(tokens(2), worker.chunk_size)
+        hashes = chunk_keys(tokens(2), worker.chunk_size)
         assert worker.store(info.worker_id, hashes, blocks_for(2)).num_stored == 2
 
         with httpx.Client(base_url=server.http_url, timeout=TIMEOUT) as http:

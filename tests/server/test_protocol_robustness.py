@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+import typing
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,12 +26,13 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, ServerError, ServerTimeout
-from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.client import CacheClient, LmcdError, ProtocolError, ServerError, ServerTimeout
+from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import RunningServer, connect, fill_random, namespace
 
 BAD = p.ErrorCode.BAD_FRAME
+CPU, SERVER = p.Device.CPU, p.Copier.SERVER
 REPLY_TIMEOUT_MS = 10_000
 HASH = b"\x11" * p.HASH_BYTES
 
@@ -127,7 +130,7 @@ def roundtrip_end_to_end(server: RunningServer) -> None:
         ns = namespace(geometry=kv.geometry)
         with connect(server.url, ns) as client:
             info = kv.register(client)
-            hashes = chunk_hashes(list(range(2 * client.chunk_size)), client.chunk_size)
+            hashes = chunk_keys(list(range(2 * client.chunk_size)), client.chunk_size)
             assert client.store(info.worker_id, hashes, [0, 1, 2, 3]).statuses == [p.ChunkStatus.STORED] * 2
             hit = client.lookup(hashes)
             assert hit.num_hit_chunks == 2 and hit.lease_id is not None
@@ -154,7 +157,10 @@ def hostile_frames(rng: np.random.Generator) -> Iterator[tuple[bytes | list[byte
         p.encoder.encode(p.Lookup(12, [HASH, HASH], True)),
         p.encoder.encode(p.Store(13, 1, [HASH], [0, 1])),
         p.encoder.encode(p.Retrieve(14, 1, [HASH], [0, 1], 5)),
-        p.encoder.encode(p.RegisterWorker(15, p.KVLayout(1, 4, 128, 64, 64, [0], [0]), ["/lmcache_kv_x"], [256])),
+        p.encoder.encode(p.RegisterWorker(15, p.KVLayout(1, 4, 128, 64, 64, [0], [0]), p.Device.CPU, p.Copier.SERVER,
+                                          [256], ["/lmcache_kv_x"])),
+        p.encoder.encode(p.Commit(16, 1, [HASH], [4096], 2, 0.5)),
+        p.encoder.encode(p.Loaded(17, 1, 3, [HASH], 1, 0.25)),
     ]
     # fixed oddities, rid known exactly
     fixed: list[tuple[bytes | list[bytes], int | None]] = [
@@ -181,8 +187,19 @@ def hostile_frames(rng: np.random.Generator) -> Iterator[tuple[bytes | list[byte
         (enc(["hello", 19, 1, 2, ["m", "bf16", "g", 0, 0]]), 19),  # world size 0
         (enc(["hello", 20, 1, 2, ["m", "bf16", "g", 1, -1]]), 20),  # negative rank
         (enc(["hello", 21, 1, 2, ["m" * (p.MAX_TEXT + 1), "bf16", "g", 1, 0]]), 21),
-        (enc(["register", 22, [1, 4, 128, 64, 64, [0], [0]], [], []]), 22),  # no segments
-        (enc(["register", 23, [0, 4, 128, 64, 64, [], []], ["/lmcache_kv_x"], [1]]), 23),
+        (enc(["register", 22, [1, 4, 128, 64, 64, [0], [0]], 0, 0, []]), 22),  # no segments
+        (enc(["register", 23, [0, 4, 128, 64, 64, [], []], 0, 0, [1], ["/lmcache_kv_x"]]), 23),
+        (enc(["register", 35, [1, 4, 128, 64, 64, [0], [0]], 2, 0, [256]]), 35),  # no such device
+        (enc(["register", 36, [1, 4, 128, 64, 64, [0], [0]], 0, 5, [256]]), 36),  # no such copier
+        (enc(["register", 37, [1, 4, 128, 64, 64, [0], [0]], 0, 0, [256], ["/lmcache_kv_x"], [b"x" * 63]]), 37),
+        (enc(["grant", 38, 1, -1]), 38),
+        (enc(["commit", 39, 1, [HASH], [-4096]]), 39),  # a negative slot
+        (enc(["commit", 40, 1, [HASH], [0], 0, -0.5]), 40),  # negative seconds
+        (enc(["loaded", 41, 1]), 41),  # no lease
+        (enc(["loaded", 42, 1, None, [HASH]]), 42),
+        (enc(["pin", 43, 1, [b"short"]]), 43),
+        (enc(["reserve", 44, 1, [HASH]]), 44),  # version 1's Reserve is retired: an unknown tag now
+        (enc(["commit", 45, 1, [HASH]]), 45),  # version 1's commit by key (no slots)
         (enc(["unregister", 24, None]), 24),
         (enc(["lookup", 25, [HASH] * (p.MAX_CHUNKS_PER_REQUEST + 1)]), 25),  # beyond the bound
         (enc(["store", 26, 1, [HASH], [0] * (p.MAX_BLOCKS_PER_REQUEST + 1)]), 26),
@@ -214,7 +231,9 @@ def hostile_frames(rng: np.random.Generator) -> Iterator[tuple[bytes | list[byte
         elif kind == 2:  # valid messages with trailing bytes
             yield valid[i % len(valid)] + rng.integers(0, 256, int(rng.integers(1, 8)), dtype=np.uint8).tobytes(), 0
         elif kind == 3:  # a known tag with a rid and nonsense after it
-            tag = ["hello", "lookup", "store", "retrieve", "register", "release", "unregister"][i % 7]
+            tags = ["hello", "lookup", "store", "retrieve", "register", "release", "unregister", "grant", "commit",
+                    "pin", "loaded"]
+            tag = tags[i % len(tags)]
             junk = [[["x"]], "s", None, {"a": 1}, 3.25, b"b" * 31][int(rng.integers(0, 6))]
             yield enc([tag, 1000 + i, junk, junk]), 1000 + i
         elif kind == 4:  # unknown tags
@@ -328,25 +347,28 @@ def test_semantic_errors_on_valid_frames(server, raw_factory):
         sizes = [seg.nbytes for seg in kv.segments]
         for bad_name in ("/etc/passwd", "/dev/shm/lmcache_kv_1", "/lmcache_kv_../../etc/passwd", "lmcache_kv_",
                          "/sem.lmcache_kv_1", ""):
-            msg = expect(raw, p.RegisterWorker(30, layout, [bad_name, bad_name], sizes), p.ErrorCode.SEGMENT_ERROR)
+            msg = expect(raw, p.RegisterWorker(30, layout, CPU, SERVER, sizes, [bad_name, bad_name]),
+                         p.ErrorCode.SEGMENT_ERROR)
             assert "not allowed" in msg.message
         missing = f"/lmcache_kv_missing_{uuid.uuid4().hex}"
-        msg = expect(raw, p.RegisterWorker(31, layout, [missing, missing + "b"], sizes), p.ErrorCode.SEGMENT_ERROR)
+        msg = expect(raw, p.RegisterWorker(31, layout, CPU, SERVER, sizes, [missing, missing + "b"]),
+                     p.ErrorCode.SEGMENT_ERROR)
         assert "cannot open" in msg.message
         big = msgspec.structs.replace(layout, num_blocks=layout.num_blocks + 1)
         names = [seg.shm_name for seg in kv.segments]
-        msg = expect(raw, p.RegisterWorker(32, big, names, sizes), p.ErrorCode.SEGMENT_ERROR)
+        msg = expect(raw, p.RegisterWorker(32, big, CPU, SERVER, sizes, names), p.ErrorCode.SEGMENT_ERROR)
         assert "needs bytes up to" in msg.message
         names = [seg.shm_name for seg in kv.segments]
-        msg = expect(raw, p.RegisterWorker(33, layout, names, [s * 2 for s in sizes]), p.ErrorCode.SEGMENT_ERROR)
+        msg = expect(raw, p.RegisterWorker(33, layout, CPU, SERVER, [s * 2 for s in sizes], names),
+                     p.ErrorCode.SEGMENT_ERROR)
         assert "were declared" in msg.message
         expect(raw, p.Store(34, 1, [HASH], [0, 1]), p.ErrorCode.UNKNOWN_WORKER)  # nothing got registered
 
         names = [seg.shm_name for seg in kv.segments]
-        registered = raw.call(p.RegisterWorker(40, layout, names, sizes))
+        registered = raw.call(p.RegisterWorker(40, layout, CPU, SERVER, sizes, names))
         assert isinstance(registered, p.Registered), registered
         wid = registered.worker_id
-        hashes = chunk_hashes(list(range(512)), 256)  # the default chunk size: 2 blocks of 128 per chunk
+        hashes = chunk_keys(list(range(512)), 256)  # the default chunk size: 2 blocks of 128 per chunk
 
         # out of range: error, nothing stored
         for rid, block_ids in enumerate(([0, 1, 2, 8], [8, 0, 1, 2], [0, 1, 2, 2**63], [0, 1, 2, 2**64 - 1]),
@@ -442,7 +464,7 @@ def test_exactly_one_reply_per_request_when_pipelined(server, raw_factory):
         ns = namespace(geometry=kv.geometry)
         assert isinstance(raw.call(hello(1, ns)), p.HelloReply)
         names = [seg.shm_name for seg in kv.segments]
-        registered = raw.call(p.RegisterWorker(2, kv.layout, names, [seg.nbytes for seg in kv.segments]))
+        registered = raw.call(p.RegisterWorker(2, kv.layout, CPU, SERVER, [seg.nbytes for seg in kv.segments], names))
         assert isinstance(registered, p.Registered)
         wid = registered.worker_id
         rng = np.random.default_rng(5)
@@ -451,7 +473,7 @@ def test_exactly_one_reply_per_request_when_pipelined(server, raw_factory):
         for i in range(200):
             rid += 1
             kind = i % 10
-            h = chunk_hashes(list(range(i * 256, i * 256 + 256)), 256)
+            h = chunk_keys(list(range(i * 256, i * 256 + 256)), 256)
             blocks = [int(b) for b in rng.choice(64, 2, replace=False)]
             if kind == 0:
                 raw.send_msg(p.Ping(rid))
@@ -517,3 +539,154 @@ def test_client_raises_server_timeout_when_nobody_listens():
     assert 0.9 <= elapsed < 3.0, elapsed
     assert url in str(info.value)
     assert isinstance(info.value, TimeoutError)
+
+
+# ---------------------------------------------------------------- protocol version 2
+
+
+LAYOUT = p.KVLayout(2, 8, 16, 4096, 4096, [0, 8 * 4096, 16 * 4096, 24 * 4096], [0, 0, 0, 0])
+NS = p.Namespace("m", "bf16", "g", 2, 1)
+
+REQUESTS: list[object] = [
+    p.Hello(1, p.PROTOCOL_VERSION, p.Role.WORKER, NS, "token", "name", 42),
+    p.Ping(2),
+    p.RegisterWorker(3, LAYOUT, p.Device.CUDA, p.Copier.SERVER, [32 * 4096], [], [b"h" * 64], "0000:3b:00",
+                     b"e" * 64),
+    p.UnregisterWorker(4, 7),
+    p.Lookup(5, [HASH, HASH], False, True),
+    p.Store(6, 7, [HASH], [0, 1]),
+    p.Retrieve(7, 7, [HASH], [2, 3], 9, 1),
+    p.Release(8, 9),
+    p.Grant(9, 7, 5),
+    p.Commit(10, 7, [HASH], [4096], 3, 0.125),
+    p.Pin(11, 7, [HASH], 9),
+    p.Loaded(12, 7, 9, [HASH], 1, 0.25),
+    p.Clear(13),
+    p.GetStatus(14),
+]
+REPLIES: list[object] = [
+    p.Error(1, p.ErrorCode.BAD_REQUEST, "why"),
+    p.HelloReply(2, "0.1", p.PROTOCOL_VERSION, 256, p.HASH_ALGORITHM, ["leases"], 3, "/lmcache_pool_1_0", 60.0),
+    p.Pong(3),
+    p.Registered(4, 7, 1 << 20, 16, b"e" * 64),
+    p.Unregistered(5),
+    p.LookupReply(6, 2, 9, [[0, 4096], [8192, 12288]]),
+    p.StoreReply(7, [p.ChunkStatus.STORED, p.ChunkStatus.PRESENT, p.ChunkStatus.REFUSED_FULL], "full"),
+    p.RetrieveReply(8, 2),
+    p.Released(9, 3),
+    p.Granted(10, [0, 4096]),
+    p.Committed(11, [p.ChunkStatus.STORED], [8192]),
+    p.Pinned(12, [0], 9),
+    p.Cleared(13, 4),
+    p.StatusReply(14, {"pool": {"used_bytes": 0}}),
+]
+
+
+def test_every_request_and_reply_round_trips_and_tags_are_unique():
+    assert {type(m) for m in REQUESTS} == set(typing.get_args(p.Request))  # every type, once
+    assert {type(m) for m in REPLIES} == set(typing.get_args(p.Reply))
+    assert len(REQUESTS) == len(typing.get_args(p.Request)) and len(REPLIES) == len(typing.get_args(p.Reply))
+    for message, decoder in [(m, p.request_decoder) for m in REQUESTS] + [(m, p.reply_decoder) for m in REPLIES]:
+        decoded = decoder.decode(p.encoder.encode(message))
+        assert type(decoded) is type(message) and decoded == message, (message, decoded)
+    tags = [t.__struct_config__.tag for t in typing.get_args(p.Request) + typing.get_args(p.Reply)]
+    assert len(set(tags)) == len(tags), sorted(tags)
+    for message in REQUESTS:  # a request never passes for a reply, nor the other way round
+        with pytest.raises(msgspec.ValidationError):
+            p.reply_decoder.decode(p.encoder.encode(message))
+    for message in REPLIES:
+        with pytest.raises(msgspec.ValidationError):
+            p.request_decoder.decode(p.encoder.encode(message))
+
+
+def test_the_evolution_rules_hold_for_shorter_and_longer_arrays():
+    # an older peer's shorter array: the fields it lacks take their defaults
+    commit = p.request_decoder.decode(enc(["commit", 1, 7, [HASH], [4096]]))
+    assert commit == p.Commit(1, 7, [HASH], [4096], 0, 0.0)
+    loaded = p.request_decoder.decode(enc(["loaded", 2, 7, 9, [HASH]]))
+    assert loaded == p.Loaded(2, 7, 9, [HASH], 0, 0.0)
+    register = p.request_decoder.decode(enc(["register", 3, list(msgspec.to_builtins(LAYOUT)), 0, 0, [1 << 20]]))
+    assert register == p.RegisterWorker(3, LAYOUT, p.Device.CPU, p.Copier.SERVER, [1 << 20])
+    # a newer peer's longer array: the fields this version does not know are ignored
+    longer = enc(["hello", 4, 1, 2, ["m", "bf16", "g", 1, 0], None, "", 0, "a field of version 3"])
+    assert p.request_decoder.decode(longer) == p.Hello(4, 1, p.Role.WORKER, p.Namespace("m", "bf16", "g", 1, 0))
+    # Hello and Error keep version 1's leading shape, so any peer can read VERSION_MISMATCH
+    assert msgspec.to_builtins(p.Error(5, p.ErrorCode.VERSION_MISMATCH, "m")) == ["error", 5, 4, "m"]
+    assert msgspec.to_builtins(p.Hello(6, 1, p.Role.CLIENT, NS))[:4] == ["hello", 6, 1, 0]
+
+
+def test_a_version_1_hello_gets_version_mismatch(server, raw_factory, monkeypatch):
+    raw = raw_factory(server.url)
+    mismatch = raw.expect_error(hello(1, version=1), p.ErrorCode.VERSION_MISMATCH)
+    assert "protocol version 1" in mismatch.message and f"speaks {p.PROTOCOL_VERSION}" in mismatch.message
+    assert "matching lmcd versions" in mismatch.message
+    raw.expect_error(p.Ping(2), p.ErrorCode.NOT_HELLO)  # no session was opened
+    assert isinstance(raw.call(hello(3)), p.HelloReply)  # the right version still can
+    # the client says which version it speaks: a client of version 1 is told, as a ServerError
+    monkeypatch.setattr(p, "PROTOCOL_VERSION", 1)
+    with pytest.raises(ServerError) as err:
+        connect(server.url)
+    assert err.value.code == p.ErrorCode.VERSION_MISMATCH and "protocol version 1" in err.value.message
+    monkeypatch.undo()
+    with connect(server.url) as client:
+        assert client.hello is not None and client.hello.protocol_version == p.PROTOCOL_VERSION == 2
+        assert client.status()["counters"]["errors"] == {"VERSION_MISMATCH": 2, "NOT_HELLO": 1}
+
+
+class FakeServer:
+    """A ROUTER in this process that answers Hello with ``hello_reply`` and everything else with ``other``."""
+
+    def __init__(self, hello_reply: type, other: type) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.hello_reply, self.other = hello_reply, other
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            routing_id, frame = self.sock.recv_multipart()
+            request = p.request_decoder.decode(frame)
+            self.seen.append(type(request).__name__)
+            if isinstance(request, p.Hello) and self.hello_reply is p.HelloReply:
+                reply: object = p.HelloReply(request.rid, "fake", p.PROTOCOL_VERSION, 256, p.HASH_ALGORITHM, [], 1,
+                                             "", 60.0)
+            else:
+                reply = (self.hello_reply if isinstance(request, p.Hello) else self.other)(request.rid)
+            self.sock.send_multipart([routing_id, p.encoder.encode(reply)])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close(0)
+
+
+def test_the_client_raises_protocol_error_on_a_reply_of_the_wrong_type():
+    fake = FakeServer(p.HelloReply, p.Pong)
+    try:
+        with CacheClient(fake.url, namespace(), role=p.Role.WORKER, timeout_s=5.0) as client:
+            assert client.hello is not None and client.hello.server_version == "fake"
+            with pytest.raises(ProtocolError, match="lookup: .* answered Pong, expected LookupReply") as err:
+                client.lookup([HASH])
+            assert isinstance(err.value, LmcdError) and not isinstance(err.value, AssertionError)
+            with pytest.raises(ProtocolError, match="answered Pong, expected StoreReply"):
+                client.store(1, [HASH], [0, 1])
+            with pytest.raises(ProtocolError, match="answered Pong, expected Pinned"):
+                client.pin(1, [HASH])
+            assert client.ping() >= 0  # a Pong is the right answer to a Ping
+        assert fake.seen == ["Hello", "Lookup", "Store", "Pin", "Ping"]
+    finally:
+        fake.close()
+    fake = FakeServer(p.Pong, p.Pong)  # not even the Hello is answered right
+    try:
+        with pytest.raises(ProtocolError, match="hello: .* answered Pong, expected HelloReply"):
+            CacheClient(fake.url, namespace(), timeout_s=5.0)
+    finally:
+        fake.close()

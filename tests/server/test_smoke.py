@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 
 from lmcd import protocol as p
-from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import connect, fill_random, namespace, shm_names
 
@@ -18,7 +18,7 @@ def test_store_lookup_retrieve_roundtrip(server):
     with connect(server.url, ns) as client:
         info = kv.register(client)
         assert info.chunk_bytes == 2 * 2 * kv.page_bytes
-        hashes = chunk_hashes(list(range(1000)), client.chunk_size)
+        hashes = chunk_keys(list(range(1000)), client.chunk_size)
         assert len(hashes) == 3
         result = client.store(info.worker_id, hashes, [0, 1, 5, 4, 9, 2])
         assert result.statuses == [p.ChunkStatus.STORED] * 3
