@@ -103,14 +103,14 @@ def plan(layout: KVLayout, planes: np.ndarray, slot_addresses: Sequence[int], bl
 
 
 def split(copy_plan: CopyPlan, num_parts: int) -> list[CopyPlan]:
-    """``copy_plan`` in at most ``num_parts`` parts of about equal bytes (long runs are cut)."""
+    """``copy_plan`` in at most ``num_parts`` parts of about equal bytes; runs longer than a part are
+    cut, so that one long run can be shared by several threads."""
     total = copy_plan.num_bytes
-    num_parts = min(num_parts, len(copy_plan.size)) if total else 1
-    if num_parts <= 1:
+    if num_parts <= 1 or total == 0:
         return [copy_plan]
     piece = -(-total // num_parts)
     pieces = -(-copy_plan.size // piece)
-    if int(pieces.max()) > 1:  # cut runs longer than a part, so that one long run can be shared
+    if int(pieces.max()) > 1:
         run_of = np.repeat(np.arange(len(pieces)), pieces)
         first = np.repeat(np.cumsum(pieces) - pieces, pieces)
         offset = (np.arange(len(run_of)) - first) * piece

@@ -59,20 +59,19 @@ class ServerCopies:
         if not writing:
             return p.StoreReply(req.rid, statuses, message)
         early = worker.gpu is not None  # GPU: answered at launch; the worker orders itself on our event
-        num_bytes = len(writing) * worker.chunk_bytes
 
         def finish(error: BaseException | None, seconds: float) -> None:
             for entry, i in writing:
                 svc.index.finish_store(entry, error is None)
                 if error is not None:
                     statuses[i] = p.ChunkStatus.FAILED
-            if error is None:  # counted before the reply: a scrape after it sees the store
-                svc.count_store(len(writing), num_bytes, seconds)
+            if error is None:  # counted before the reply (a scrape after it sees the store), logged after it
+                line = svc.count_store(worker, len(writing), seconds, log_line=False)
             if not early:
                 text = f"copy failed: {error}" if error is not None else message
                 svc.send(session, p.StoreReply(req.rid, statuses, text), "store", started)
             if error is None:
-                svc.log_copy("Stored", len(writing), num_bytes, seconds)
+                svc.log_copy("Stored", *line, seconds)
             else:
                 log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
 
@@ -88,8 +87,6 @@ class ServerCopies:
         if not pinned:
             return p.RetrieveReply(req.rid, 0)
         early = worker.gpu is not None
-        layout = worker.layout
-        num_bytes = len(pinned) * worker.chunk_bytes - req.skip_blocks * layout.num_planes * layout.page_bytes
 
         def finish(error: BaseException | None, seconds: float) -> None:
             svc.unpin(pinned)
@@ -99,10 +96,10 @@ class ServerCopies:
                     svc.send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"), "retrieve",
                              started)
                 return
-            svc.count_retrieve(len(pinned), num_bytes, seconds)
+            line = svc.count_retrieve(worker, len(pinned), req.skip_blocks, seconds, log_line=False)
             if not early:  # the reply before the log line, as for a store
                 svc.send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
-            svc.log_copy("Retrieved", len(pinned), num_bytes, seconds)
+            svc.log_copy("Retrieved", *line, seconds)
 
         self._copy(worker, pinned, blocks[: len(pinned)], False, req.skip_blocks, finish)
         return p.RetrieveReply(req.rid, len(pinned)) if early else None

@@ -78,8 +78,7 @@ class WorkerCopies:
         stored = statuses.count(p.ChunkStatus.STORED)
         svc.stats.store_present_chunks += len(statuses) - stored
         if stored:
-            svc.count_store(stored, stored * worker.chunk_bytes, req.copy_seconds)
-            svc.log_copy("Stored", stored, stored * worker.chunk_bytes, req.copy_seconds)
+            svc.count_store(worker, stored, req.copy_seconds)
         return p.Committed(req.rid, statuses, self._grant(session, worker, req.want_slots))
 
     def pin(self, session: Session, req: p.Pin) -> p.Pinned:
@@ -95,15 +94,15 @@ class WorkerCopies:
         """The worker copied its rank's chunks of a lease out of the shared pool itself."""
         svc = self.service
         worker = svc.worker(session, req.worker_id, p.Copier.WORKER)
+        if req.skip_blocks >= worker.blocks_per_chunk:
+            raise RequestError(p.ErrorCode.BAD_REQUEST, f"skip_blocks {req.skip_blocks} must be below the "
+                               f"{worker.blocks_per_chunk} blocks of a chunk")
         entries = svc.take_lease(req.lease_id, worker.rank)
         svc.unpin(entries)
         keys = set(req.chunk_keys)
         num_loaded = sum(entry.key[2] in keys for entry in entries)
         if num_loaded:
-            layout = worker.layout
-            num_bytes = num_loaded * worker.chunk_bytes - req.skip_blocks * layout.num_planes * layout.page_bytes
-            svc.count_retrieve(num_loaded, num_bytes, req.copy_seconds)
-            svc.log_copy("Retrieved", num_loaded, num_bytes, req.copy_seconds)
+            svc.count_retrieve(worker, num_loaded, req.skip_blocks, req.copy_seconds)
         return p.Released(req.rid, len(entries))
 
     def drop_grants(self, session: Session) -> None:

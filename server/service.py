@@ -272,24 +272,36 @@ class CacheService:
         for entry in entries:
             self.index.unpin(entry)
 
-    def count_store(self, num_chunks: int, num_bytes: int, seconds: float) -> None:
-        """A store's bytes are in the pool (server and worker copies alike)."""
+    def count_store(self, worker: Worker, num_chunks: int, seconds: float, log_line: bool = True) -> tuple[int, int]:
+        """A store's bytes are in the pool (server and worker copies alike); ``seconds``: the copy's own
+        time where it ran. Logs LMCache's familiar line, unless the caller logs it after its reply with
+        the (tokens, bytes) returned."""
+        num_tokens, num_bytes = num_chunks * self.config.chunk_size, num_chunks * worker.chunk_bytes
         self.stats.stores += 1
         self.stats.stored_chunks += num_chunks
         self.stats.stored_bytes += num_bytes
         self.observe_copy("store", seconds)
+        if log_line:
+            self.log_copy("Stored", num_tokens, num_bytes, seconds)
+        return num_tokens, num_bytes
 
-    def count_retrieve(self, num_chunks: int, num_bytes: int, seconds: float) -> None:
-        """A retrieve's bytes are in the worker's blocks (server and worker copies alike)."""
+    def count_retrieve(self, worker: Worker, num_chunks: int, skip_blocks: int, seconds: float,
+                       log_line: bool = True) -> tuple[int, int]:
+        """A retrieve's bytes are in the worker's blocks (server and worker copies alike); the first
+        ``skip_blocks`` blocks of the first chunk were left out. As ``count_store`` for the log line."""
+        layout = worker.layout
+        num_tokens = num_chunks * self.config.chunk_size - skip_blocks * layout.block_size
+        num_bytes = num_chunks * worker.chunk_bytes - skip_blocks * layout.num_planes * layout.page_bytes
         self.stats.retrieves += 1
         self.stats.retrieved_chunks += num_chunks
         self.stats.retrieved_bytes += num_bytes
         self.observe_copy("retrieve", seconds)
+        if log_line:
+            self.log_copy("Retrieved", num_tokens, num_bytes, seconds)
+        return num_tokens, num_bytes
 
-    def log_copy(self, verb: str, num_chunks: int, num_bytes: int, seconds: float) -> None:
-        """LMCache's familiar line; ``seconds``: the copy's own time where it ran."""
-        tokens = num_chunks * self.config.chunk_size
-        log.info("%s %d tokens in %.4f seconds (%.2f GB/s, %.1f MiB)", verb, tokens, seconds,
+    def log_copy(self, verb: str, num_tokens: int, num_bytes: int, seconds: float) -> None:
+        log.info("%s %d tokens in %.4f seconds (%.2f GB/s, %.1f MiB)", verb, num_tokens, seconds,
                  num_bytes / seconds / 1e9 if seconds > 0 else 0.0, num_bytes / 2**20)
 
     def clear(self) -> int:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmcd import protocol as p
 from lmcd.connector.client import ServerError
-from lmcd.connector.keys import chunk_hashes
+from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import connect, fill_random, namespace
 
@@ -64,7 +64,7 @@ def make_traffic(url: str) -> None:
     try:
         with connect(url, namespace()) as client:
             worker = kv.register(client)
-            keys = chunk_hashes(list(range(8 * client.chunk_size)), client.chunk_size)
+            keys = chunk_keys(list(range(8 * client.chunk_size)), client.chunk_size)
             for key in keys:
                 client.store(worker.worker_id, [key], [0, 1])
             hit = client.lookup(keys + [b"\0" * p.HASH_BYTES])

@@ -735,8 +735,6 @@ def test_split_of_an_empty_plan_is_that_plan() -> None:
     assert len(parts) == 1 and parts[0].num_bytes == 0
 
 
-@pytest.mark.xfail(strict=True, reason="copyplan.split caps the parts at the number of runs before it cuts long "
-                   "runs, so a plan of fewer runs than threads (one long run) is never shared")
 def test_split_shares_one_long_run() -> None:
     one = CopyPlan(np.array([1 << 30]), np.array([1 << 34]), np.array([12 * MiB]))
     parts = split(one, 3)
