@@ -1,6 +1,7 @@
 """The installed layout: a wheel built from the source tree holds only ``lmcd`` (with ``lmcd.server``,
 ``lmcd.connector``, ``lmcd.kernels``, ``lmcd.protocol``) and the two console scripts; it installs into
-a fresh virtual environment and runs from outside the repository; ``pip install -e`` works too.
+a fresh virtual environment and runs from outside the repository and from its root; ``pip install -e`` (strict
+mode, as the test environment is installed) maps the source folders core/, server/, connector/, kernels/.
 
 Runtime dependencies are not downloaded: the fresh environment gets a ``.pth`` line naming this test
 environment's site-packages. A plain path line does not run that directory's own ``.pth`` files, so
@@ -87,13 +88,16 @@ def test_wheel_holds_only_the_lmcd_package(wheel: Path) -> None:
     top = {n.split("/", 1)[0] for n in names}
     dist_info = f"lmcd-{__version__}.dist-info"
     assert top == {"lmcd", dist_info}, f"unexpected top-level entries: {sorted(top - {'lmcd', dist_info})}"
-    for stray in ("server", "connector", "kernels", "tests"):
+    for stray in ("core", "server", "connector", "kernels", "tests"):
         assert stray not in top
     for required in ("lmcd/__init__.py", "lmcd/__main__.py", "lmcd/cli.py", "lmcd/protocol.py",
                      "lmcd/server/__init__.py", "lmcd/server/daemon.py", "lmcd/server/config.py",
                      "lmcd/server/main.py", "lmcd/connector/__init__.py", "lmcd/connector/client.py",
-                     "lmcd/kernels/__init__.py"):
+                     "lmcd/kernels/__init__.py", "lmcd/copyplan.py", "lmcd/shm.py", "lmcd/py.typed",
+                     "lmcd/kernels/staged.py"):
         assert required in names, f"{required} missing from the wheel"
+    core = {p.name for p in (REPO / "core").glob("*.py")}  # core/ is the lmcd package itself
+    assert core <= {n.removeprefix("lmcd/") for n in names if n.count("/") == 1}, "lmcd is missing core/ modules"
     for package in ("server", "connector", "kernels"):
         sources = {p.relative_to(REPO / package).as_posix() for p in (REPO / package).rglob("*.py")
                    if "__pycache__" not in p.parts}
@@ -158,6 +162,11 @@ def test_without_the_lent_deps_the_fresh_venv_cannot_run(wheel: Path, tmp_path: 
 
 
 def test_editable_install_maps_the_source_dirs(tmp_path: Path) -> None:
+    """Strict editable mode (how the test env is installed): a link tree under build/__editable__*/
+    whose files are symlinks into core/, server/, connector/ and kernels/. It runs on a copy of the
+    sources, because the install empties the link tree that this test environment imports from."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=IGNORE)
     python = make_venv(tmp_path / "editable")
     got = pip(python, "install", "--no-cache-dir", "--timeout", "20", "setuptools>=77", cwd=tmp_path,
               timeout=90, check=False)
@@ -167,20 +176,60 @@ def test_editable_install_maps_the_source_dirs(tmp_path: Path) -> None:
     # The backend runs under the fresh venv's python and must find its own setuptools first.
     which = run([str(python), "-c", "import setuptools; print(setuptools.__file__)"], cwd=tmp_path)
     assert Path(which.stdout.strip()).is_relative_to(site_packages(python))
-    pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(REPO), cwd=tmp_path, timeout=120)
+    pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(src), "--config-settings",
+        "editable_mode=strict", cwd=tmp_path, timeout=120)
+    trees = list((src / "build").glob("__editable__*"))
+    assert len(trees) == 1 and trees[0].is_dir(), trees
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     probe = run([str(python), "-c", "import lmcd, lmcd.server.config, lmcd.connector, lmcd.kernels; "
                  "print(lmcd.__file__); print(lmcd.server.__file__); print(lmcd.connector.__file__); "
                  "print(lmcd.kernels.__file__); print(lmcd.server.config.default_l1_size_gb())"], cwd=outside)
     lines = probe.stdout.split()
-    assert Path(lines[0]) == REPO / "lmcd" / "__init__.py"
-    assert Path(lines[1]) == REPO / "server" / "__init__.py"
-    assert Path(lines[2]) == REPO / "connector" / "__init__.py"
-    assert Path(lines[3]) == REPO / "kernels" / "__init__.py"
+    for line, folder in zip(lines[:4], ("core", "server", "connector", "kernels"), strict=True):
+        path = Path(line)
+        assert path.is_relative_to(trees[0]) and path.is_symlink(), f"{path}: not a link of the link tree"
+        assert path.resolve() == src / folder / "__init__.py"
     assert float(lines[4]) > 0
+    # strict: a module added after the install is not importable until the package is installed again
+    (src / "connector" / "added_later.py").write_text("X = 1\n", encoding="utf-8")
+    later = run([str(python), "-c", "import lmcd.connector.added_later"], cwd=outside, check=False)
+    assert later.returncode != 0 and "ModuleNotFoundError" in later.stderr
     # A top-level `server` package must not be importable: only lmcd.server is.
     stray = run([str(python), "-c", "import server"], cwd=outside, check=False)
     assert stray.returncode != 0 and "ModuleNotFoundError" in stray.stderr
     helped = run([str(python.parent / "lmcache"), "server", "--help"], cwd=outside)
     assert "--eviction-policy" in helped.stdout
+
+
+# pytest in-process, then where the lmcd its conftest imported came from (no conftest of ours involved)
+PYTEST_THEN_WHERE = (
+    "import sys, pytest; rc = pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/connector/test_keys.py']); "
+    "print('LMCD_FROM', sys.modules['lmcd'].__file__, sys.modules['lmcd.connector.keys'].__file__); sys.exit(rc)")
+
+
+def test_a_regular_install_works_from_the_repository_root(wheel: Path, tmp_path: Path) -> None:
+    """Issue 12: with ``pip install .`` (not -e), ``python -m lmcd`` and ``python -m pytest`` from the
+    clone import the installed package: no folder at the root is named like it and shadows half of it."""
+    assert not (REPO / "lmcd").exists(), "a folder named lmcd at the repository root shadows the installed package"
+    python = make_venv(tmp_path / "regular")
+    pip(python, "install", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
+    fresh_site = site_packages(python)
+    lend_runtime_deps(python)
+    quiet = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+    version = run([str(python), "-m", "lmcd", "--version"], cwd=REPO, env=quiet)
+    assert version.stdout.startswith("lmcd ")
+    probe = run([str(python), "-c", "import lmcd, lmcd.connector.client, lmcd.server.daemon; print(lmcd.__file__)"],
+                cwd=REPO, env=quiet)
+    lmcd_file = Path(probe.stdout.strip())
+    assert lmcd_file == fresh_site / "lmcd" / "__init__.py", f"lmcd imported from {lmcd_file}"
+    assert not lmcd_file.resolve().is_relative_to(REPO)  # neither the sources nor the test env's editable link tree
+
+    tests = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/connector/test_keys.py"],
+                cwd=REPO, env=quiet, timeout=180)
+    assert " passed" in tests.stdout and "failed" not in tests.stdout, tests.stdout
+    where = run([str(python), "-c", PYTEST_THEN_WHERE], cwd=REPO, env=quiet, timeout=180)
+    line = next(x for x in where.stdout.splitlines() if x.startswith("LMCD_FROM "))
+    imported = [Path(x) for x in line.split()[1:]]
+    assert imported == [fresh_site / "lmcd" / "__init__.py", fresh_site / "lmcd" / "connector" / "keys.py"], line

@@ -35,3 +35,10 @@ def test_bench_reports_a_pool_too_small(server_factory):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "too small" in out.stderr and "--l1-size-gb" in out.stderr
+
+
+def test_bench_in_process_is_retired():
+    """The worker copies itself in `--transfer-mode lmcache_driven`; the old `--in-process` variant is gone."""
+    out = subprocess.run([sys.executable, "-m", "lmcd", "bench", "--in-process"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments: --in-process" in out.stderr

@@ -2,8 +2,9 @@
 
 import pytest
 
-from lmcd.connector.keys import chunk_hashes
-from lmcd.connector.scheduler import SchedulerState
+from lmcd.connector.client import LookupResult
+from lmcd.connector.keys import chunk_keys
+from lmcd.connector.scheduler import MISS, SchedulerState
 from lmcd.connector.settings import ConnectorSettings, EmbeddedSettings, SettingsError
 
 C, B = 256, 128  # chunk size, vLLM block size: 2 blocks per chunk
@@ -17,23 +18,23 @@ class FakeServer:
         self.leases: dict[int, int] = {}
         self.next_lease = 1
 
-    def lookup(self, hashes):
+    def lookup(self, keys):
         n = 0
-        while n < len(hashes) and hashes[n] in self.cached:
+        while n < len(keys) and keys[n] in self.cached:
             n += 1
         if not n:
-            return 0, None, None, 0.0
+            return MISS
         self.leases[self.next_lease] = n
         self.next_lease += 1
-        slots = [[1000 * rank + i for i in range(n)] for rank in range(2)]  # two ranks' slot offsets
-        return n, self.next_lease - 1, slots, 123.0
+        slots = [[1000 * rank + i for i in range(n)] for rank in range(2)]  # two ranks' slots
+        return LookupResult(n, self.next_lease - 1, slots, 123.0)
 
     def release(self, lease_id):
         del self.leases[lease_id]
 
 
 def state_for(prompt, cached_chunks):
-    server = FakeServer(set(chunk_hashes(prompt, C)[:cached_chunks]))
+    server = FakeServer(set(chunk_keys(prompt, C)[:cached_chunks]))
     return SchedulerState(C, B, server.lookup, server.release), server
 
 
@@ -45,8 +46,9 @@ def test_miss_stores_every_full_prompt_chunk_once():
     blocks = list(range(10, 18))
     plan = state.plan_step("r", prompt, blocks, True, 0, 1000)
     assert plan is not None and plan.load is None
-    assert plan.store.chunk_hashes == chunk_hashes(prompt, C)
+    assert plan.store.chunk_keys == chunk_keys(prompt, C)
     assert plan.store.block_ids == blocks[:6]
+    assert plan.store.blocks_per_chunk == 2  # travels in the plan: workers never derive it from list lengths
     assert state.plan_step("r", None, [18], False, 1000, 1) is None  # decode: nothing new to store
     assert state.finished("r") is True  # a store was planned: GPU workers delay the block frees
     assert len(state) == 0 and not server.leases
@@ -68,9 +70,9 @@ def test_chunked_prefill_stores_chunks_as_they_fill():
     state.num_new_matched_tokens("r", prompt, 0)
     state.after_alloc("r", 0)
     first = state.plan_step("r", prompt, [0, 1], True, 0, 300)
-    assert len(first.store.chunk_hashes) == 1 and first.store.block_ids == [0, 1]
+    assert len(first.store.chunk_keys) == 1 and first.store.block_ids == [0, 1]
     second = state.plan_step("r", None, [2, 3, 4], False, 300, 300)
-    assert len(second.store.chunk_hashes) == 1 and second.store.block_ids == [2, 3]
+    assert len(second.store.chunk_keys) == 1 and second.store.block_ids == [2, 3]
 
 
 def test_hit_loads_and_does_not_store_again():
@@ -80,8 +82,9 @@ def test_hit_loads_and_does_not_store_again():
     assert len(server.leases) == 1
     state.after_alloc("r", 768)
     plan = state.plan_step("r", prompt, list(range(8)), True, 0, 1000 - 768)
-    assert plan.load.chunk_hashes == chunk_hashes(prompt, C)
+    assert plan.load.chunk_keys == chunk_keys(prompt, C)
     assert plan.load.block_ids == list(range(6)) and plan.load.skip_blocks == 0
+    assert plan.load.blocks_per_chunk == 2
     assert plan.load.lease_id is not None
     assert plan.store is None  # the cached chunks are not stored again
     state.finished("r")
@@ -104,10 +107,10 @@ def test_local_prefix_cache_is_not_reloaded():
     state.after_alloc("r", 384)
     plan = state.plan_step("r", prompt, list(range(8)), True, 384, 1000 - 768)
     # chunk 1 is half local (block 2 of it is vLLM's); only block 3 and chunk 2 are written
-    assert plan.load.chunk_hashes == chunk_hashes(prompt, C)[1:3]
+    assert plan.load.chunk_keys == chunk_keys(prompt, C)[1:3]
     assert plan.load.block_ids == [2, 3, 4, 5] and plan.load.skip_blocks == 1
-    # the workers get every rank's slot offsets of exactly the loaded chunks (1 and 2), and the deadline
-    assert plan.load.slot_offsets == [[1, 2], [1001, 1002]] and plan.load.slots_valid_until == 123.0
+    # the workers get every rank's slots of exactly the loaded chunks (1 and 2), and the deadline
+    assert plan.load.slots == [[1, 2], [1001, 1002]] and plan.load.slots_valid_until == 123.0
 
 
 def test_asking_again_releases_the_previous_lease():
@@ -122,7 +125,7 @@ def test_asking_again_releases_the_previous_lease():
 
 def test_block_size_must_divide_chunk_size():
     with pytest.raises(ValueError, match="--chunk-size"):
-        SchedulerState(256, 96, lambda h: (0, None, None, 0.0), lambda lease: None)
+        SchedulerState(256, 96, lambda keys: MISS, lambda lease: None)
 
 
 def test_settings_from_extra_config():

@@ -35,15 +35,16 @@ def test_import_has_no_side_effects_and_exports_both_classes():
 
 DELAYED_FREES = """
 from lmcd.connector import vllm as m
-from lmcd.connector.scheduler import LoadSpec, RequestPlan, SchedulerState, StoreSpec
+from lmcd.connector.scheduler import MISS, LoadSpec, RequestPlan, SchedulerState, StoreSpec
 
 class Worker:  # the WorkerState calls the connector makes, recorded (GPU: stores finish later)
     def __init__(self):
-        self.stored, self.fenced, self.done, self.settled = [], 0, False, 0
+        self.stored, self.loaded, self.fenced, self.done, self.settled = [], [], 0, False, 0
     def store(self, spec):
         self.stored.append(spec)
-    def load(self, spec, bpc):
-        return set()
+    def load(self, spec):  # the block ids that did not load: here the second chunk's
+        self.loaded.append(spec)
+        return set(spec.block_ids[spec.blocks_per_chunk:])
     def fence_stores(self):
         self.fenced += 1
     def stores_done(self):
@@ -55,15 +56,19 @@ c = object.__new__(m.LMCacheMPConnector)
 c._connector_metadata = None
 c._worker, c._scheduler, c._delay_frees = Worker(), None, True
 c._storing, c._finishing, c._load_errors = set(), set(), set()
-meta = m.LmcdConnectorMetadata([RequestPlan("a", store=StoreSpec([b"x" * 32], [1, 2])),
-                                RequestPlan("b", load=LoadSpec([b"y" * 32], [3, 4], 0, None))], fence_stores=True)
+meta = m.LmcdConnectorMetadata([RequestPlan("a", store=StoreSpec([b"x" * 32], [1, 2], 2)),
+                                RequestPlan("b", load=LoadSpec([b"y" * 32, b"z" * 32], [3, 4, 5, 6], 2, 0, None))],
+                               fence_stores=True)
 c.bind_connector_metadata(meta)
 c.start_load_kv(None)
 assert c._worker.fenced == 1, "a preemption must make the next step wait for stores in flight"
+assert [spec.blocks_per_chunk for spec in c._worker.loaded] == [2], "the plan's LoadSpec goes to the worker as is"
+assert c.get_block_ids_with_load_errors() == {5, 6}, "blocks that did not load are vLLM's to recompute"
+assert c.get_block_ids_with_load_errors() == set(), "reported once"
 c.wait_for_save()
-assert c._storing == {"a"} and len(c._worker.stored) == 1
+assert c._storing == {"a"} and [spec.blocks_per_chunk for spec in c._worker.stored] == [2]
 assert c.get_finished(set()) == (None, None)            # not finished yet
-assert c._worker.settled == 1, "every get_finished sends the Commit/Release of copies that ended"
+assert c._worker.settled == 1, "every get_finished sends the Commit/Loaded of copies that ended"
 assert c.get_finished({"a", "b"}) == (None, None)       # finished, but its store is still running
 assert c.get_finished(set()) == (None, None)
 c._worker.done = True
@@ -72,7 +77,7 @@ assert c.get_finished(set()) == (None, None)
 
 # scheduler side: a request's blocks are kept (True) only if a store was planned for it, on GPU
 c._worker = None
-c._scheduler = SchedulerState(256, 16, lambda hashes: (0, None, None, 0.0), lambda lease: None)
+c._scheduler = SchedulerState(256, 16, lambda keys: MISS, lambda lease: None)
 class Req:
     def __init__(self, rid):
         self.request_id = rid
