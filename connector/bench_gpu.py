@@ -2,26 +2,21 @@
 
 This process is the GPU worker. It builds KV the way vLLM does (ONE int8 buffer, per-layer
 views ``[blocks, heads, block_size, 2*head_dim]``; default Llama-3-8B: 32 layers, 8 KV heads,
-head_dim 128, bf16, block 16), registers through ``WorkerState`` (CUDA IPC), and times:
+head_dim 128, bf16, block 16), registers through ``WorkerState`` and times, for 256, 4096 and
+16384 tokens at random block ids:
 
-- store: ``WorkerState.store`` (record event, Store request, server launch) until the server's
-  event has completed, as seen by this worker (``WorkerState.stores_done``, polled);
-- retrieve: ``WorkerState.load`` (Retrieve, stream waits on the server's event) until this
-  worker's stream has passed it;
+- store: ``WorkerState.store`` until ``WorkerState.stores_done`` says the copy has ended, as the
+  connector learns it (server copies: the server's event; worker copies: the copy's own event,
+  after which the Commit goes out);
+- retrieve: ``WorkerState.load`` until this worker's stream has passed the copy. With worker
+  copies the load reads the slots of a lookup made before it, untimed, as vLLM's scheduler makes
+  it before the step that loads.
 
-or, where the worker copies itself through the server's shared pool (``--transfer-mode``
-lmcache_driven, or auto against a ``--share-pool`` server): the store into slots granted ahead
-until its event has completed (``stores_done``, which then sends the Commit), and the load from
-the slots a lookup reported until the worker's stream has passed the copy. That lookup is made
-untimed before the load, as vLLM's scheduler makes it before the step that loads.
-
-for 256, 4096 and 16384 tokens at random block ids, checking every byte of the last round,
-against the same-run pinned D2H / H2D copy of the same bytes (one contiguous torch copy).
-
-``--load`` repeats the measurement while a second stream in this process runs back-to-back bf16
-matmuls, and reports copy GB/s under load and the matmul TFLOP/s against matmuls alone.
-``--in-process`` measures the alternative where the worker runs the same copy kernel itself, on
-a side stream, into a pool pinned in its own process (what an in-engine transfer would give).
+Who copies follows ``--transfer-mode`` and the server (worker copies against a ``--share-pool``
+server). Every byte of the last round is checked; the baseline is the same-run pinned D2H / H2D
+copy of the same bytes (one contiguous torch copy). ``--load`` repeats the measurement while a
+second stream in this process runs back-to-back bf16 matmuls, and reports copy GB/s under load
+and the matmul TFLOP/s against matmuls alone.
 """
 
 from __future__ import annotations

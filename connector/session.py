@@ -5,7 +5,8 @@ answers with an error, it returns ``fallback`` instead (the engine then recomput
 warning for the outage, and while the server stays away it does not wait on it: a new
 attempt is made at most every ``RETRY_INTERVAL_S``, with a short connect timeout. When the
 server answers again, ``on_connect`` runs (the worker re-registers its KV memory there) and
-one info line says so.
+one info line says so; if ``on_connect`` fails there (the server answers but cannot take this
+connector), one warning per distinct reason says why, and it is tried again later.
 
 Ownership: one session per connector instance; calls are serialised by a lock.
 """
@@ -42,6 +43,7 @@ class ServerSession:
         self._next_attempt = 0.0
         self.num_failures = 0
         self._refusals: set[tuple[str, p.ErrorCode]] = set()
+        self._unusable_reason = ""  # why the last registration with an answering server failed
 
     @property
     def available(self) -> bool:
@@ -59,6 +61,10 @@ class ServerSession:
                     # the server restarted and lost our registration: register again, retry once
                     try:
                         self.on_connect(client)
+                    except LmcdError as again:
+                        self._unusable(again)
+                        return fallback
+                    try:
                         return op(client)
                     except LmcdError as again:
                         self._fail(what, again)
@@ -88,11 +94,16 @@ class ServerSession:
                 client.say_hello()
             else:  # still away: never make the engine wait for it
                 return None
-            if self.on_connect is not None:
-                self.on_connect(client)
         except LmcdError as exc:
             self._fail("connect", exc)
             return None
+        try:
+            if self.on_connect is not None:
+                self.on_connect(client)
+        except LmcdError as exc:  # the server answers, but this connector cannot use it
+            self._unusable(exc)
+            return None
+        self._unusable_reason = ""
         if self._down:
             log.info("LMCache server at %s is back: %s uses the cache again", self.settings.url, self.name)
         self._down = False
@@ -104,6 +115,18 @@ class ServerSession:
             log.warning("LMCache server at %s failed (%s: %s); %s continues without the cache (prompts are "
                         "recomputed) and reconnects when the server is back", self.settings.url, what, exc,
                         self.name)
+        self._down = True
+        self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
+
+    def _unusable(self, exc: LmcdError) -> None:
+        """The server answered but registering with it failed: say why once per reason (a retry follows
+        every RETRY_INTERVAL_S), whether or not an outage was logged before."""
+        reason = str(exc)
+        if reason != self._unusable_reason:
+            self._unusable_reason = reason
+            log.warning("LMCache server at %s answers, but %s cannot use it: %s; it continues without the cache "
+                        "(prompts are recomputed) and tries again", self.settings.url, self.name, reason)
+        self.num_failures += 1
         self._down = True
         self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 

@@ -90,10 +90,16 @@ class SharedPool:
         self.grant_target = 0
         self.in_flight: list[InFlight] = []  # GPU copies, in the order they were queued (and end)
         self.posted: list[tuple[int, int]] = []  # (rid, slots asked) of requests sent without waiting
+        self.closed = False
 
     def register(self, client: CacheClient) -> WorkerInfo:
+        """Register (again: a new session), mapping nothing new; what an earlier session was granted or
+        owed died with it."""
         from lmcd.connector.cuda import PoolCopier
 
+        if self.copier is not None:
+            self.copier.synchronize()
+        self.grants, self.in_flight, self.posted = [], [], []
         device = p.Device.CPU if self.device is None else p.Device.CUDA
         info = client.register_worker(self.layout, device, p.Copier.WORKER, self.segment_sizes)
         self.worker_id, self.blocks_per_chunk = info.worker_id, info.blocks_per_chunk
@@ -262,3 +268,4 @@ class SharedPool:
             self.copier.close()
             self.copier = None
         self.pool.close()
+        self.closed = True

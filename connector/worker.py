@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, LmcdError
+from lmcd.connector.client import CacheClient, LmcdError, WorkerInfo
 from lmcd.connector.layout import LayoutError, describe_pages, migrate_to_shm, storages
 from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
@@ -61,7 +61,9 @@ class WorkerState:
         self.plane: SharedKV | SharedPool | None = None  # who copies, for the current registration
         self.worker_id: int | None = None
         self.blocks_per_chunk = 0  # the server's chunk size over vLLM's block size (Registered)
-        self._registering = False
+        self._registering = False  # within register_kv_caches: vLLM has not run a step yet
+        self._answered = False  # a server has answered since register_kv_caches
+        self._unregistered: SharedKV | SharedPool | None = None  # a plane whose registration failed
         self.session = ServerSession(settings, namespace, p.Role.WORKER, name, on_connect=self._register)
 
     # ------------------------------------------------------------ registration
@@ -86,7 +88,7 @@ class WorkerState:
             self.session.call(lambda client: None, None, "register")  # connects; registers through _register
         finally:
             self._registering = False
-        if self.device is None and self.segments is None and self.plane is None and self.mode == "auto":
+        if self.device is None and self.segments is None and not self._answered and self.mode == "auto":
             log.info("No LMCache server answers at registration: auto chooses server copies (engine_driven), which "
                      "any server can serve later without moving vLLM's KV again")
             self._move_to_shm()
@@ -96,37 +98,56 @@ class WorkerState:
         self.segments = migrate_to_shm(self.kv_caches)
 
     def _register(self, client: CacheClient) -> None:
-        """Register with a server that just answered (the first time, or again after it restarted)."""
-        if self.plane is not None:
-            self.plane.close()
-        self.plane, self.worker_id = None, None
+        """Register with a server that just answered (the first time, or again after it restarted). A
+        plane whose registration failed is kept for the next attempt, which reuses it if it fits."""
+        previous, self.plane, self.worker_id = self.plane or self._unregistered, None, None
+        self._unregistered = None
         if not self.kv_caches:
             return  # register_kv_caches has not come yet
+        self._answered = True
         try:
-            plane = self._choose(client)
+            plane = self._choose(client, previous)
+            if previous is not None and plane is not previous:
+                previous.close()
             try:
-                info = plane.register(client)
-            except LmcdError:
+                plane, info = self._register_plane(client, plane)
+            except BaseException:
+                self._unregistered = plane
                 raise
-            except Exception as exc:
-                if not isinstance(plane, SharedPool) or self.device is None:
-                    raise
-                # this GPU worker cannot copy itself (NVRTC, pinning, GPU memory): the server copies instead
-                log.warning("%s cannot copy through the shared pool itself (%s); the server copies over CUDA IPC "
-                            "instead (engine_driven)", self.session.name, exc)
-                if plane.worker_id is not None:
-                    client.unregister_worker(plane.worker_id)
-                plane.close()
-                plane = self._shared_kv()
-                info = plane.register(client)
         except LmcdError:
             raise
         except Exception as exc:  # the worker cannot use this server: a warning and a recompute, never a crash
             raise LmcdError(f"registration failed: {exc}") from exc
         self.plane, self.worker_id, self.blocks_per_chunk = plane, info.worker_id, info.blocks_per_chunk
+        copier = p.Copier.WORKER if isinstance(self.plane, SharedPool) else p.Copier.SERVER
+        if self.mode != "auto" and MODE_NAMES[copier] != self.mode:
+            log.warning("lmcache.mp.mp_transfer_mode %s is not possible with this server: the server copies "
+                        "(engine_driven)", self.mode)
+        log.info("Creating transfer context (device_type=%s, mode=%s): %s", "cpu" if self.device is None else "cuda",
+                 MODE_NAMES[copier], "the server shares its pool and this worker copies"
+                 if copier == p.Copier.WORKER else "this worker shares its KV memory and the server copies")
 
-    def _choose(self, client: CacheClient) -> SharedKV | SharedPool:
-        """Who copies for this registration (module docstring), logged as LMCache logs it."""
+    def _register_plane(self, client: CacheClient, plane: SharedKV | SharedPool
+                        ) -> tuple[SharedKV | SharedPool, WorkerInfo]:
+        """Register ``plane``; a GPU worker that cannot copy itself registers for server copies instead."""
+        try:
+            return plane, plane.register(client)
+        except LmcdError:
+            raise
+        except Exception as exc:
+            if not isinstance(plane, SharedPool) or self.device is None:
+                raise
+            # this GPU worker cannot copy itself (NVRTC, pinning, GPU memory): the server copies instead
+            log.warning("%s cannot copy through the shared pool itself (%s); the server copies over CUDA IPC "
+                        "instead (engine_driven)", self.session.name, exc)
+            if plane.worker_id is not None:
+                client.unregister_worker(plane.worker_id)
+            plane.close()
+            shared_kv = self._shared_kv()
+            return shared_kv, shared_kv.register(client)
+
+    def _choose(self, client: CacheClient, previous: SharedKV | SharedPool | None) -> SharedKV | SharedPool:
+        """Who copies for this registration (module docstring); ``previous`` is reused where it fits."""
         assert client.hello is not None
         pool_name = client.hello.pool_segment
         if self.device is None and self.segments is None and not pool_name:
@@ -136,16 +157,10 @@ class WorkerState:
                 raise LmcdError(f"this worker's KV stays in vLLM's memory (lmcache.mp.mp_transfer_mode {self.mode}, "
                                 f"decided at registration) and the server at {self.settings.url} does not share "
                                 "its pool: start the server with --share-pool")
-        worker_copies = bool(pool_name) and self.segments is None and self.mode != "engine_driven"
-        copier = p.Copier.WORKER if worker_copies else p.Copier.SERVER
-        if self.mode != "auto" and MODE_NAMES[copier] != self.mode:
-            log.warning("lmcache.mp.mp_transfer_mode %s needs a server started with --share-pool; the server "
-                        "copies (engine_driven)", self.mode)
-        log.info("Creating transfer context (device_type=%s, mode=%s): %s", "cpu" if self.device is None else "cuda",
-                 MODE_NAMES[copier], "the server shares its pool and this worker copies" if worker_copies
-                 else "this worker shares its KV memory and the server copies")
-        if not worker_copies:
-            return self._shared_kv()
+        if not pool_name or self.segments is not None or self.mode == "engine_driven":
+            return previous if isinstance(previous, SharedKV) else self._shared_kv()
+        if isinstance(previous, SharedPool) and previous.pool.name == pool_name and not previous.closed:
+            return previous
         starts, sizes = storages(self.kv_caches)  # no memory is shared: pages count from their tensors
         return SharedPool(pool_name, self._describe(starts, sizes), starts, sizes, self.device, self.session.name)
 
@@ -168,7 +183,9 @@ class WorkerState:
         got = self.session.call(lambda client: self._plane().load(client, spec), 0, "load")
         if got < num_chunks:
             first_failed = max(got * spec.blocks_per_chunk, spec.skip_blocks)
-            log.warning("Loaded %d of %d chunks; vLLM recomputes the rest", got, num_chunks)
+            # a partial load from a server that answers is news; without one the session said so already
+            log.log(logging.WARNING if self.plane is not None else logging.DEBUG,
+                    "Loaded %d of %d chunks; vLLM recomputes the rest", got, num_chunks)
             return set(spec.block_ids[first_failed:])
         log.debug("Loaded %d chunks in %.4f s", num_chunks, time.perf_counter() - started)
         return set()

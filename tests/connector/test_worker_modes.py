@@ -330,9 +330,6 @@ def test_each_registration_logs_its_transfer_context(server_factory, caplog, mon
     assert shm_names(os.getpid()) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="production bug: ServerSession._ready_client reports a failed re-registration "
-                   "through _fail, which logs only while the session is up; after an outage the reason is never "
-                   "logged")
 def test_after_an_outage_the_worker_says_why_it_runs_without_the_cache(server_factory, caplog, monkeypatch):
     """The same replacement, but the worker notices the outage first (a load while no server runs):
     when the new server answers and cannot take this worker, the worker still says why."""
@@ -387,10 +384,6 @@ def test_a_registration_the_server_refuses_is_a_recompute(server_factory, caplog
         a.close()
 
 
-@pytest.mark.xfail(strict=True, reason="production bug: WorkerState._register (via ServerSession._ready_client) "
-                   "retries a refused registration every RETRY_INTERVAL_S, each time mapping the whole shared pool "
-                   "again (MappedPool, MAP_POPULATE) and logging 'Creating transfer context' and 'Mapped the "
-                   "server's shared pool' although no registration happens")
 def test_a_refused_registration_is_not_redone_every_second(server_factory, caplog, monkeypatch):
     watch_connector_log(caplog, monkeypatch)
     srv = server_factory(*SHARED)
