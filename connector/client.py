@@ -137,8 +137,13 @@ class CacheClient:
 
     def say_hello(self) -> p.HelloReply:
         """Hello over the current socket (ZMQ reconnects it by itself after an outage)."""
-        self.hello = self._say_hello()
-        return self.hello
+        hello = self._say_hello()
+        if hello.hash_algorithm != p.HASH_ALGORITHM:  # chunk keys would never match the server's
+            raise ProtocolError(f"the lmcd server at {self.url} (lmcd {hello.server_version}) keys chunks with "
+                                f"{hello.hash_algorithm}, this client with {p.HASH_ALGORITHM}: install matching "
+                                "lmcd versions on both sides")
+        self.hello = hello
+        return hello
 
     def connected(self) -> bool:
         """Whether the socket has a live connection to the server now (never waits)."""

@@ -41,7 +41,6 @@ class ServerSession:
         self._lock = threading.RLock()
         self._down = False
         self._next_attempt = 0.0
-        self.num_failures = 0
         self._refusals: set[tuple[str, p.ErrorCode]] = set()
         self._unusable_reason = ""  # why the last registration with an answering server failed
 
@@ -110,7 +109,6 @@ class ServerSession:
         return client
 
     def _fail(self, what: str, exc: Exception) -> None:
-        self.num_failures += 1
         if not self._down:
             log.warning("LMCache server at %s failed (%s: %s); %s continues without the cache (prompts are "
                         "recomputed) and reconnects when the server is back", self.settings.url, what, exc,
@@ -126,13 +124,11 @@ class ServerSession:
             self._unusable_reason = reason
             log.warning("LMCache server at %s answers, but %s cannot use it: %s; it continues without the cache "
                         "(prompts are recomputed) and tries again", self.settings.url, self.name, reason)
-        self.num_failures += 1
         self._down = True
         self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 
     def _refused(self, what: str, exc: ServerError) -> None:
         """The server is there but said no: say so once per kind of refusal, stay connected."""
-        self.num_failures += 1
         key = (what, exc.code)
         if key not in self._refusals:
             self._refusals.add(key)

@@ -69,7 +69,6 @@ class ErrorCode(enum.IntEnum):
     BLOCK_OUT_OF_RANGE = 8
     SEGMENT_ERROR = 9  # a worker's memory cannot be mapped, or is not what the layout says
     LAYOUT_MISMATCH = 10  # chunk bytes differ from what the namespace already holds
-    SHUTTING_DOWN = 11
     INTERNAL = 12
 
 
