@@ -28,6 +28,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,26 +249,19 @@ _LLM_SCRIPT = textwrap.dedent('''
         sp = SamplingParams(temperature=0.0, max_tokens=params["max_tokens"], ignore_eos=True,
                             detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in params["prompts"]]
-        outputs, round_times, prompt_times = [], [], []
-        for r in range(params["rounds"]):
-            if r and params["reset_prefix_cache"]:
-                llm.reset_prefix_cache()
+        outputs, cached, batch_times = [], [], []
+        for i, item in enumerate(params["schedule"]):
+            if item == "reset":
+                assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
+                continue
             start = time.perf_counter()
-            if params["sequential"]:
-                outs, times = [], []
-                for p in prompts:
-                    s = time.perf_counter()
-                    outs += llm.generate([p], sp, use_tqdm=False)
-                    times.append(time.perf_counter() - s)
-            else:
-                outs = llm.generate(prompts, sp, use_tqdm=False)
-                times = []
-            round_times.append(time.perf_counter() - start)
-            prompt_times.append(times)
+            outs = llm.generate([prompts[k] for k in item], sp, use_tqdm=False)
+            batch_times.append(time.perf_counter() - start)
             outputs.append([list(o.outputs[0].token_ids) for o in outs])
-            print(f"LMCD_VLLM_ROUND {{r}} {{round_times[-1]:.3f}}", flush=True)
-        result = dict(outputs=outputs, round_times=round_times, prompt_times=prompt_times,
-                      import_s=t_import - t0, init_s=t_init - t_import, pid=os.getpid())
+            cached.append([o.num_cached_tokens for o in outs])
+            print(f"LMCD_VLLM_BATCH {{i}} {{batch_times[-1]:.3f}}", flush=True)
+        result = dict(batches=outputs, cached=cached, batch_times=batch_times, import_s=t_import - t0,
+                      init_s=t_init - t_import, pid=os.getpid())
         del llm
         print({result_prefix!r} + json.dumps(result), flush=True)
 
@@ -281,28 +275,51 @@ class VllmRunError(AssertionError):
     """The vLLM subprocess failed or timed out; the message carries its log."""
 
 
+RESET = "reset"  # a schedule item: ``LLM.reset_prefix_cache()`` (vLLM's own prefix cache is emptied)
+ScheduleItem = Sequence[int] | str  # prompt indices generated as ONE batch (one ``generate`` call), or RESET
+
+
+def round_schedule(num_prompts: int, rounds: int = 1, sequential: bool = False,
+                   reset_prefix_cache: bool = True) -> list[ScheduleItem]:
+    """Every prompt in each round (one batch, or one batch per prompt), RESET between rounds."""
+    schedule: list[ScheduleItem] = []
+    for r in range(rounds):
+        if r and reset_prefix_cache:
+            schedule.append(RESET)
+        schedule += [[i] for i in range(num_prompts)] if sequential else [list(range(num_prompts))]
+    return schedule
+
+
 def run_llm_script(model_dir: str | os.PathLike[str], prompts_token_ids: Sequence[Sequence[int]],
                    kv_transfer_config: Mapping[str, Any] | None = None, extra_env: Mapping[str, str] | None = None,
                    timeout: float = 240.0, *, rounds: int = 1, max_tokens: int = 8, max_model_len: int = 2048,
                    enable_prefix_caching: bool = False, reset_prefix_cache: bool = True, sequential: bool = False,
-                   block_size: int | None = None, dtype: str = "bfloat16", seed: int = 0,
-                   llm_kwargs: Mapping[str, Any] | None = None, workdir: str | os.PathLike[str] | None = None,
-                   check: bool = True) -> dict[str, Any]:
+                   schedule: Sequence[ScheduleItem] | None = None, block_size: int | None = None,
+                   dtype: str = "bfloat16", seed: int = 0, llm_kwargs: Mapping[str, Any] | None = None,
+                   workdir: str | os.PathLike[str] | None = None, check: bool = True) -> dict[str, Any]:
     """Run ``LLM(...).generate`` greedily on token-id prompts in a fresh subprocess.
 
-    Each round generates every prompt (in one batch, or one prompt after another with
-    ``sequential=True``) on the same LLM instance; with ``reset_prefix_cache`` vLLM's own prefix
-    cache is cleared between rounds. Returns a dict:
+    One LLM instance runs a *schedule*: batches of prompt indices, each one ``generate`` call
+    (vLLM schedules a batch's prompts together), and RESET items that empty vLLM's own prefix
+    cache. Without ``schedule``, :func:`round_schedule` builds one from ``rounds``,
+    ``sequential`` and ``reset_prefix_cache``. Returns a dict:
 
-    - ``outputs``: ``outputs[round][prompt]`` = generated token ids,
-    - ``round_times`` (s per round), ``prompt_times`` (s per prompt per round, sequential only),
+    - ``batches``: ``batches[i][j]`` = generated token ids of the j-th prompt of the i-th batch,
+    - ``cached``: ``cached[i][j]`` = its prompt tokens vLLM did not compute (``num_cached_tokens``:
+      from its own prefix cache, plus what a KV connector loaded),
+    - ``outputs``: by round, ``outputs[round][prompt]`` (None where ``schedule`` was given),
+    - ``batch_times`` (s per batch), ``round_times`` (s per round, without ``schedule``),
     - ``import_s``, ``init_s`` (LLM construction), ``wall_s`` (whole subprocess), ``pid``,
     - ``log``: stdout+stderr of the subprocess and its EngineCore/Worker children,
     - ``returncode``.
 
     With ``check`` (default) a non-zero exit, a timeout or a missing result raises
-    :class:`VllmRunError` with the log; otherwise those come back with ``outputs`` None.
+    :class:`VllmRunError` with the log; otherwise those come back with ``batches`` and ``outputs`` None.
     """
+    by_rounds = schedule is None
+    if schedule is None:
+        schedule = round_schedule(len(prompts_token_ids), rounds, sequential, reset_prefix_cache)
+    schedule = [RESET if item == RESET else [int(i) for i in item] for item in schedule]
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lmcd-vllm-"))
     tmp.mkdir(parents=True, exist_ok=True)
     script = tmp / "run_llm.py"
@@ -310,9 +327,8 @@ def run_llm_script(model_dir: str | os.PathLike[str], prompts_token_ids: Sequenc
     params = {
         "model": str(model_dir), "prompts": [list(map(int, p)) for p in prompts_token_ids],
         "kv_transfer_config": dict(kv_transfer_config) if kv_transfer_config is not None else None,
-        "rounds": rounds, "max_tokens": max_tokens, "max_model_len": max_model_len,
-        "enable_prefix_caching": enable_prefix_caching, "reset_prefix_cache": reset_prefix_cache,
-        "sequential": sequential, "block_size": block_size, "dtype": dtype, "seed": seed,
+        "schedule": schedule, "max_tokens": max_tokens, "max_model_len": max_model_len,
+        "enable_prefix_caching": enable_prefix_caching, "block_size": block_size, "dtype": dtype, "seed": seed,
         "llm_kwargs": dict(llm_kwargs or {}),
     }
     params_file = tmp / "params.json"
@@ -340,11 +356,29 @@ def run_llm_script(model_dir: str | os.PathLike[str], prompts_token_ids: Sequenc
     if check and (timed_out or proc.returncode != 0 or result is None):
         why = f"timed out after {timeout} s" if timed_out else f"exited with {proc.returncode}"
         raise VllmRunError(f"vLLM subprocess {why}; log {log_path}:\n{_tail(log)}")
-    out: dict[str, Any] = {"outputs": None, "round_times": None, "prompt_times": None, "import_s": None,
-                           "init_s": None, "pid": proc.pid}
-    out.update(result or {})
+    out: dict[str, Any] = {"batches": None, "cached": None, "outputs": None, "batch_times": None, "round_times": None,
+                           "import_s": None, "init_s": None, "pid": proc.pid}
+    if result is not None:
+        out.update(result)
+        if by_rounds:
+            out["outputs"], out["round_times"] = _by_rounds(schedule, result["batches"], result["batch_times"])
     out.update(log=log, returncode=proc.returncode, timed_out=timed_out, wall_s=wall, log_path=str(log_path))
     return out
+
+
+def _by_rounds(schedule: Sequence[ScheduleItem], batches: list[list[list[int]]],
+               batch_times: list[float]) -> tuple[list[list[list[int]]], list[float]]:
+    """Regroup a :func:`round_schedule`'s batches by round (a round starts at prompt 0)."""
+    outputs: list[list[list[int]]] = []
+    times: list[float] = []
+    items = [item for item in schedule if item != RESET]
+    for item, outs, seconds in zip(items, batches, batch_times, strict=True):
+        if item[0] == 0:
+            outputs.append([])
+            times.append(0.0)
+        outputs[-1] += outs
+        times[-1] += seconds
+    return outputs, times
 
 
 def _tail(text: str, lines: int = 150) -> str:
@@ -468,3 +502,52 @@ def start_vllm_server(model_dir: str | os.PathLike[str], port: int | None = None
             time.sleep(0.5)
     server.startup_s = time.monotonic() - start
     return server
+
+
+# --------------------------------------------------------------------------------------------
+# byte-level check of loaded KV (tests/connector/digest_connector.py writes the lines)
+# --------------------------------------------------------------------------------------------
+
+DIGEST_PREFIX = "LMCD_KV_DIGEST"
+DIGEST_LINE = re.compile(rf"{DIGEST_PREFIX} (stored|loaded) ([0-9a-f]{{64}}) skip=(\d+) blocks=([0-9,]+) ([0-9a-f,]+)")
+
+
+@dataclass(frozen=True)
+class ChunkDigest:
+    """One digest line: a chunk's key, the blocks it was copied from (store) or into (load), after
+    ``skip`` leading blocks vLLM had, and a digest of each of those blocks."""
+
+    key: str
+    skip: int
+    block_ids: tuple[int, ...]
+    digests: tuple[str, ...]
+
+
+def kv_digests(log: str) -> tuple[dict[str, list[ChunkDigest]], list[ChunkDigest]]:
+    """The digest lines of a vLLM log: ``stored[key hex]`` = every store of that chunk, in order;
+    ``loaded`` = every chunk loaded, in order."""
+    stored: dict[str, list[ChunkDigest]] = {}
+    loaded: list[ChunkDigest] = []
+    for m in DIGEST_LINE.finditer(log):
+        line = ChunkDigest(m[2], int(m[3]), tuple(map(int, m[4].split(","))), tuple(m[5].split(",")))
+        if m[1] == "stored":
+            stored.setdefault(line.key, []).append(line)
+        else:
+            loaded.append(line)
+    return stored, loaded
+
+
+def check_loaded_kv(log: str) -> list[ChunkDigest]:
+    """Assert that every chunk loaded into vLLM's blocks holds the bytes it had when it was stored,
+    block by block (the digest connector fills the blocks with NaN before a load, so a load that
+    copied nothing cannot pass); a chunk stored twice would leave the check ambiguous: that fails
+    too. Returns the loaded chunks."""
+    stored, loaded = kv_digests(log)
+    twice = sorted(key for key, stores in stored.items() if len(stores) > 1)
+    assert not twice, f"chunks stored more than once: {twice}"
+    for chunk in loaded:
+        assert chunk.key in stored, f"chunk {chunk.key} was loaded but never stored by this instance"
+        source = stored[chunk.key][0]
+        assert chunk.digests == source.digests[chunk.skip:], (
+            f"chunk {chunk.key} (skip {chunk.skip}) loaded other bytes than were stored: {chunk} != {source}")
+    return loaded

@@ -1,8 +1,10 @@
 """The vLLM harness without any KV connector: real vLLM (CPU build), tiny random-weight Llama.
 
 These prove what the connector tests build on: greedy generation from token-id prompts is
-reproducible across separate vLLM processes, and ``vllm serve`` (through tests/vllm_launcher.py)
-answers /v1/completions with token-id prompts.
+reproducible across separate vLLM processes, a schedule's RESET really empties vLLM's own prefix
+cache, a repeat hits floor((L - 1) / 128) blocks of it (the arithmetic the connector tests choose
+their prompt lengths by), and ``vllm serve`` (through tests/vllm_launcher.py) answers
+/v1/completions with token-id prompts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 
 import pytest
 
-from tests.vllm_support import make_tiny_llama, requires_vllm, run_llm_script, start_vllm_server, token_prompts
+from tests.vllm_support import RESET, make_tiny_llama, requires_vllm, run_llm_script, start_vllm_server, token_prompts
 
 pytestmark = requires_vllm(300)
 
@@ -43,19 +45,23 @@ def _group_gone(pid: int) -> bool:
 
 def test_offline_greedy_is_deterministic_across_processes(tiny_model, reference, tmp_path):
     first = reference
-    second = run_llm_script(tiny_model, PROMPTS, rounds=1, max_tokens=MAX_TOKENS, workdir=tmp_path)
+    # vLLM's own prefix cache on: a batch, RESET, the batch again (cold again), and once more (hits)
+    batch = list(range(len(PROMPTS)))
+    second = run_llm_script(tiny_model, PROMPTS, max_tokens=MAX_TOKENS, enable_prefix_caching=True,
+                            schedule=[batch, RESET, batch, batch], workdir=tmp_path)
 
     assert first["pid"] != second["pid"]
     assert _group_gone(first["pid"]) and _group_gone(second["pid"])
-    assert len(first["outputs"]) == 2 and len(second["outputs"]) == 1
-    for round_outputs in first["outputs"] + second["outputs"]:
+    assert len(first["outputs"]) == 2 and second["outputs"] is None and len(second["batches"]) == 3
+    assert second["cached"] == [[0, 0, 0], [0, 0, 0], [0, 128, 256]]  # full blocks of 128 before the last token
+    for round_outputs in first["outputs"] + second["batches"]:
         assert len(round_outputs) == len(PROMPTS)
         for ids in round_outputs:
             assert len(ids) == MAX_TOKENS  # ignore_eos: exactly max_tokens
             assert all(0 <= t < VOCAB for t in ids)
     # Same process, second round: same outputs. Separate process (same seed): same outputs.
     assert first["outputs"][1] == first["outputs"][0]
-    assert second["outputs"][0] == first["outputs"][0]
+    assert second["batches"][0] == second["batches"][1] == first["outputs"][0]
     # Different prompts do not all collapse to one continuation (the model really reads the prompt).
     assert len({tuple(ids) for ids in first["outputs"][0]}) > 1
     assert all(t > 0 for t in first["round_times"])
