@@ -1,104 +1,110 @@
 #!/usr/bin/env bash
-# One GPU-machine session: GPU tests, then the GPU bench variants (idle and under matmul load).
-# Usage on the GPU machine, from the repository root, with the wheels from
-# ../shared/gpu/fetch-wheels.sh plus `pip wheel --no-deps . -w .whl` carried in .whl/:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|all|final|one|quick|debug|trace|timeline|probe|latency|worker|worker-bench|worker-profile]
+# One GPU-machine session: the GPU tests, the GPU bench of both designs, and what the shared pool costs
+# each GPU worker.
+#
+# Usage on the GPU machine, from the repository root, with .whl/ carried along holding the wheels of
+# ../shared/gpu/fetch-wheels.sh plus lmcd's own (`pip wheel --no-deps . -w .whl`; it is how lmcd gets there):
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests|bench|pool|all]
+#   tests  pytest -m gpu tests/gpu (kernels and pipeline bit-exact; a real server and workers end to end)
+#   bench  lmcache bench --device cuda --repeats 30 --load, with its same-run pinned-copy ceiling, for worker
+#          copies against a --share-pool server and server copies against a plain server, two fresh servers each
+#   pool   benchmarks/pool_register.py: mapping and registering a 32-96 GiB pool from 1, 2 and 4 processes
+#   all    the three (about 20 minutes: more than one 10-minute command; run the steps one by one there)
+# Every step is bounded by `timeout`; the servers a step starts are stopped at its end (and at exit).
+# Everything each run prints is saved under $OUT.
 set -uo pipefail
 what=${1:-all}
+case $what in tests | bench | pool | all) ;; *) echo "usage: OUT=dir $0 [tests|bench|pool|all]" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/lmcd-gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+exec > >(tee -a "$OUT/session-$what.log") 2>&1  # everything this session prints, kept
+export OUT PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+ls .whl/lmcd-*.whl > /dev/null 2>&1 || { echo "no lmcd wheel in .whl/: pip wheel --no-deps . -w .whl" >&2; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site
-# run from a copy without the source folders, so that the installed lmcd is the one imported
-cp benchmarks/gpu_trace.py /tmp/lmcd-trace.py; cp benchmarks/gpu_probe.py /tmp/lmcd-probe.py; cp benchmarks/request_path.py /tmp/lmcd-request-path.py; cp benchmarks/worker_profile.py /tmp/lmcd-worker-profile.py
-RUN=/tmp/lmcd-run; rm -rf $RUN; mkdir -p $RUN; cp -r tests pyproject.toml $RUN/; cd $RUN
-nvidia-smi --query-gpu=name,pci.bus_id,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__, "gpus", torch.cuda.device_count())'
-grep -n "cuMemcpyBatchAsync" /usr/local/cuda/include/cuda.h 2>/dev/null | head -5
+# Run from a copy that holds no source folders (core/ is lmcd, server/, connector/, kernels/), so that the lmcd
+# imported is the installed wheel, never the checkout.
+RUN=/tmp/lmcd-run
+rm -rf "$RUN"; mkdir -p "$RUN/benchmarks"
+cp -r tests pyproject.toml "$RUN/"; cp benchmarks/pool_register.py "$RUN/benchmarks/"
+cd "$RUN" || exit 1
 
-if [[ $what == tests || $what == all || $what == quick || $what == final ]]; then
-  timeout 420 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
-fi
+SERVERS=()  # pids of the `timeout` wrappers of servers still running
+stop_server() {  # stop_server PID: TERM (timeout passes it on to the server), then KILL both after 20 s
+  local pid=$1
+  kill -TERM "$pid" 2> /dev/null
+  for _ in $(seq 1 40); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+  if kill -0 "$pid" 2> /dev/null; then
+    pkill -KILL -P "$pid" 2> /dev/null  # the server, the one child of this wrapper
+    kill -KILL "$pid" 2> /dev/null
+  fi
+  wait "$pid" 2> /dev/null
+  local left=()
+  for other in ${SERVERS[@]+"${SERVERS[@]}"}; do [[ $other != "$pid" ]] && left+=("$other"); done
+  SERVERS=(${left[@]+"${left[@]}"})
+}
+stop_all() { for pid in ${SERVERS[@]+"${SERVERS[@]}"}; do stop_server "$pid"; done; }
+trap stop_all EXIT
 
-bench() {  # bench NAME SERVER-FLAGS... -- BENCH-FLAGS...
-  local name=$1; shift
-  local sflags=() bflags=()
-  while [[ $# -gt 0 && $1 != -- ]]; do sflags+=("$1"); shift; done
-  shift || true
-  bflags=("$@")
-  local port=$((5600 + RANDOM % 300))
-  python3 -m lmcd server --host 127.0.0.1 --port $port --http-port 0 --l1-size-gb 12 --cuda on "${sflags[@]}" \
-    > "$OUT/server-$name.log" 2>&1 &
-  local spid=$!
-  for _ in $(seq 1 120); do grep -q "cache server is running" "$OUT/server-$name.log" && break; sleep 0.5; done
-  echo "=== $name: server ${sflags[*]}; bench ${bflags[*]}"
-  timeout 240 python3 -m lmcd bench --device cuda --host 127.0.0.1 --port $port --json "${bflags[@]}" \
-    2>&1 | tee "$OUT/bench-$name.log" | grep -v '^{' | grep -v "LMCache INFO"
-  kill -TERM $spid; wait $spid
-  grep -E "Pinning|pinned|GPU workers" "$OUT/server-$name.log" | head -3
+{
+  nvidia-smi --query-gpu=name,pci.bus_id,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import lmcd, torch, cupy; print("lmcd", lmcd.__version__, "from", lmcd.__file__, "| torch",
+torch.__version__, "| cupy", cupy.__version__, "| gpus", torch.cuda.device_count())'
+  df -h /dev/shm | tail -1
+  free -g | head -2
+} 2>&1 | tee "$OUT/machine.txt"
+
+run_tests() {
+  local timeout_flag=()
+  python3 -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 300)
+  timeout -k 10 900 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -ra -W ignore::UserWarning \
+    -o addopts="" ${timeout_flag[@]+"${timeout_flag[@]}"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+  echo "gpu tests: exit ${PIPESTATUS[0]}"
 }
 
-if [[ $what == one ]]; then
-  bench staged -- --repeats 20 --load
-fi
-if [[ $what == debug ]]; then
-  bench debug --log-level DEBUG -- --repeats 10 --tokens 256,4096
-  grep -E "launched|Replied to (store|retrieve)|submit us" "$OUT/server-debug.log" | tail -12
-fi
-if [[ $what == quick ]]; then
-  bench staged -- --repeats 10 --load --in-process --in-process-ctas 16
-fi
-if [[ $what == bench || $what == all ]]; then
-  bench staged -- --repeats 20 --load --in-process --in-process-ctas 16
-  bench kernel16 --copy-engine kernel --copy-ctas 16 -- --repeats 20 --load
-  bench kernel132 --copy-engine kernel --copy-ctas 132 -- --repeats 10 --tokens 4096,16384 --load --in-process \
-    --in-process-ctas 132
-  bench dma --copy-engine dma -- --repeats 20 --load
-fi
-if [[ $what == trace ]]; then
-  timeout 400 python3 /tmp/lmcd-trace.py --tokens ${TRACE_TOKENS:-256,4096,16384} --repeats 20 2>&1 | grep -v "LMCache INFO" | tee "$OUT/trace.log"
-fi
-if [[ $what == final ]]; then  # the default twice (two servers), then the other engines
-  bench staged -- --repeats 30 --load
-  bench staged-again -- --repeats 30 --load
-  bench kernel16 --copy-engine kernel --copy-ctas 16 -- --repeats 20 --load
-  bench dma --copy-engine dma -- --repeats 20 --load
-  timeout 120 python3 /tmp/lmcd-trace.py --timeline --tokens 256,4096 --repeats 30 2>&1 | grep -v "LMCache INFO" \
-    | tee "$OUT/timeline.log"
-fi
-if [[ $what == worker ]]; then  # the worker copying itself through the shared pool, then the server copying
-  df -h /dev/shm | tail -1
-  timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_cuda_worker_gpu.py -q -W ignore::UserWarning \
-    -o addopts="" --timeout 200 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
-  bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
-  bench staged -- --repeats 30 --load
-fi
-if [[ $what == worker-bench ]]; then  # worker copies twice (two servers), the server's staged copies once
-  bench worker --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
-  bench worker-again --share-pool true -- --transfer-mode lmcache_driven --repeats 30 --load
-  bench staged -- --repeats 30 --load
-fi
-if [[ $what == worker-profile ]]; then  # where the self-copying worker's host time goes
-  port=$((5600 + RANDOM % 300))
-  python3 -m lmcd server --host 127.0.0.1 --port $port --http-port 0 --l1-size-gb 4 --cuda on --share-pool true \
-    > "$OUT/server-profile.log" 2>&1 &
-  spid=$!
-  for _ in $(seq 1 120); do grep -q "cache server is running" "$OUT/server-profile.log" && break; sleep 0.5; done
-  timeout 200 python3 /tmp/lmcd-worker-profile.py --host 127.0.0.1 --port $port --tokens ${TRACE_TOKENS:-256} \
-    --rounds 200 2>&1 | grep -v "LMCache INFO" | tee "$OUT/worker-profile.log" | head -60
-  kill -TERM $spid; wait $spid
-fi
-if [[ $what == probe ]]; then
-  timeout 150 python3 /tmp/lmcd-probe.py staged 2>&1 | tee "$OUT/probe-staged.log"
-  timeout 120 python3 /tmp/lmcd-probe.py pool 2>&1 | tee "$OUT/probe-pool.log"
-fi
-if [[ $what == timeline ]]; then  # TRACE_FLAGS: server flags; LMCD_TRACE_SPIN / LMCD_TRACE_CPU_WAIT: experiments
-  timeout 200 python3 /tmp/lmcd-trace.py --timeline --tokens ${TRACE_TOKENS:-256,4096} --repeats 30 ${TRACE_FLAGS:-} 2>&1 \
-    | grep -v "LMCache INFO" | tee "$OUT/timeline.log"
-fi
-if [[ $what == latency ]]; then
-  timeout 120 python3 /tmp/lmcd-request-path.py --requests 2000 2>&1 | tail -30 | tee "$OUT/request-path.log"
-fi
+bench() {  # bench NAME TRANSFER-MODE [SERVER-FLAGS...]: one fresh server, one lmcache bench against it
+  local name=$1 mode=$2
+  shift 2
+  local log="$OUT/server-$name.log" port=""
+  timeout -k 10 600 python3 -m lmcd server --host 127.0.0.1 --port 0 --http-port 0 --l1-size-gb 12 --cuda on "$@" \
+    > "$log" 2>&1 &
+  local spid=$!
+  SERVERS+=("$spid")
+  for _ in $(seq 1 240); do
+    port=$(grep -oE "cache server is running on tcp://[^ ]+" "$log" | head -1 | sed 's/.*://')
+    [[ -n $port ]] && break
+    kill -0 "$spid" 2> /dev/null || break
+    sleep 0.5
+  done
+  echo "=== $name: server --cuda on --l1-size-gb 12 $*; lmcache bench --device cuda --transfer-mode $mode --repeats 30 --load"
+  if [[ -n $port ]]; then
+    timeout -k 10 400 python3 -m lmcd bench --device cuda --host 127.0.0.1 --port "$port" --transfer-mode "$mode" \
+      --repeats 30 --load --json > "$OUT/bench-$name.log" 2>&1
+    echo "bench exit $?"
+    grep -v '^{' "$OUT/bench-$name.log" | grep -v "LMCache INFO"
+  else
+    echo "the server did not start:"; tail -20 "$log"
+  fi
+  stop_server "$spid"
+  grep -E "GPU workers|pinned|staging buffers|Registered KV cache" "$log" | head -5
+}
+
+run_bench() {  # each design twice, alternating, on fresh servers
+  bench worker lmcache_driven --share-pool true
+  bench server engine_driven
+  bench worker-again lmcache_driven --share-pool true
+  bench server-again engine_driven
+  stop_all
+}
+
+run_pool() {
+  timeout -k 10 450 python3 benchmarks/pool_register.py --sizes-gib 32,64,96 --procs 1,2,4 --max-seconds 400 2>&1 \
+    | tee "$OUT/pool-register.log"
+  echo "pool_register: exit ${PIPESTATUS[0]}"
+}
+
+[[ $what == tests || $what == all ]] && run_tests
+[[ $what == bench || $what == all ]] && run_bench
+[[ $what == pool || $what == all ]] && run_pool
+exit 0
