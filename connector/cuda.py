@@ -182,6 +182,9 @@ class PoolCopier:
             self.close()
             raise PoolCopierError(f"{exc}; lower vLLM's --gpu-memory-utilization a little if the GPU is full"
                                   if isinstance(exc, StagingMemoryError) else str(exc)) from None
+        except BaseException:
+            self.close()  # the pool is never left registered with CUDA
+            raise
         log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.pipeline.stages,
                  self.pipeline.chunk_bytes / 2**20)
 

@@ -99,6 +99,8 @@ class SharedPool:
 
         if self.copier is not None:
             self.copier.synchronize()
+            for copy in self.in_flight:  # ended; what they owed went with the old session
+                self.copier.seconds(*copy.copies)
         self.grants, self.in_flight, self.posted = [], [], []
         device = p.Device.CPU if self.device is None else p.Device.CUDA
         info = client.register_worker(self.layout, device, p.Copier.WORKER, self.segment_sizes)

@@ -99,6 +99,13 @@ def multiprocessor_count() -> int:
     return count.value
 
 
+def free_memory() -> int:
+    """Free bytes of the current context's GPU."""
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    check(driver().cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+    return free.value
+
+
 def stream_create() -> int:
     """A non-blocking stream of the current context (it never waits on the legacy default stream)."""
     stream = ctypes.c_void_p()

@@ -1,7 +1,7 @@
 """The staged copy: the one GPU data plane, used by the server (server copies) and by a worker
 (worker copies through the shared pool) alike.
 
-Each chunk crosses PCIe as ONE contiguous copy by the GPU's DMA engines between its pool slot and
+Each chunk crosses PCIe as ONE contiguous DMA copy (``cuMemcpyAsync``) between its pool slot and
 a staging buffer in GPU memory (contiguous DMA copies are what the link does best), and the page
 kernel (``PageKernel``, every SM, microseconds per chunk) moves the chunk's pages between that
 buffer and the KV blocks inside GPU memory::
@@ -42,6 +42,7 @@ from lmcd.kernels import PageKernel
 
 log = logging.getLogger("lmcd.kernels")
 STAGE_BYTES = 256 << 20  # staging memory per registration: chunks in flight = STAGE_BYTES // chunk bytes, 2..8
+HEADROOM_BYTES = 256 << 20  # free GPU memory the staging buffers leave alone (or a quarter of it, if less)
 TIMED = cudadrv.CU_EVENT_BLOCKING_SYNC  # start/done events: timing on, host waits yield
 
 
@@ -64,7 +65,8 @@ class CopyEvents:
 
 class StagedPipeline:
     """The staged copy of one KV registration (module docstring); it owns ``kernel`` from here on, and
-    keeps up to ``stages`` staging buffers: fewer where the GPU's free memory holds fewer."""
+    keeps up to ``stages`` staging buffers: fewer where the GPU's free memory, less some headroom for
+    the engine, holds fewer; StagingMemoryError where it holds not one."""
 
     def __init__(self, kernel: PageKernel, stages: int) -> None:
         self.kernel = kernel
@@ -74,21 +76,24 @@ class StagedPipeline:
         self._streams: list[int] = []
         self._events: list[int] = []
         try:
-            for _ in range(stages):
+            self.kernel_stream, self.dma_stream = cudadrv.stream_create(), cudadrv.stream_create()
+            self._streams = [self.kernel_stream, self.dma_stream]
+            # leave the GPU a quarter of its free memory (at most 256 MiB): what the engine may still need
+            free = cudadrv.free_memory()
+            fits = (free - min(HEADROOM_BYTES, free // 4)) // self.chunk_bytes
+            for _ in range(max(0, min(stages, fits))):
                 try:
                     self.buffers.append(cudadrv.DeviceBuffer(self.chunk_bytes))
-                except CudaError as exc:
+                except CudaError as exc:  # another process took memory meanwhile
                     if exc.result != cudadrv.CUDA_ERROR_OUT_OF_MEMORY:
                         raise
                     break
             if not self.buffers:
-                raise StagingMemoryError(f"no GPU memory for even one staging buffer of "
-                                         f"{self.chunk_bytes / 2**20:.1f} MiB (one chunk)")
+                raise StagingMemoryError(f"the GPU has {free / 2**20:.0f} MiB free, too little for one staging "
+                                         f"buffer of {self.chunk_bytes / 2**20:.1f} MiB (one chunk) and headroom")
             for buffer in self.buffers:
                 kernel.check_buffer(buffer.address)
             self.stages = len(self.buffers)
-            self.kernel_stream, self.dma_stream = cudadrv.stream_create(), cudadrv.stream_create()
-            self._streams = [self.kernel_stream, self.dma_stream]
             self._filled = [self._event() for _ in self.buffers]
             self._freed = [self._event() for _ in self.buffers]
         except BaseException:

@@ -123,12 +123,17 @@ class CudaHost:
         return index
 
 
+class GpuSetupError(RuntimeError):
+    """Server copies cannot be set up for a GPU worker; the message names the step and what to do."""
+
+
 class GpuWorker:
     """One GPU worker's mapped KV memory and its server copies (module docstring). Touched by the loop
-    thread, except ``_complete`` (its own thread), which only waits for events and calls back."""
+    thread, except ``_complete`` (its own thread), which only waits for events and calls back.
+    ``pool_shared``: the server runs with --share-pool (what an error may suggest differs)."""
 
     def __init__(self, host: CudaHost, device_pci: str, ipc_handles: Sequence[bytes], layout: KVLayout,
-                 blocks_per_chunk: int, worker_event: bytes) -> None:
+                 blocks_per_chunk: int, worker_event: bytes, pool_shared: bool) -> None:
         self.host = host
         runtime = host.runtime
         self.device = host.device_index(device_pci)
@@ -138,30 +143,40 @@ class GpuWorker:
         self.pipeline: StagedPipeline | None = None
         host.use(self.device)
         try:
-            for handle in ipc_handles:
-                self.bases.append(runtime.ipcOpenMemHandle(bytes(handle), IPC_LAZY_ENABLE_PEER_ACCESS))
-            self.worker_event = runtime.ipcOpenEventHandle(bytes(worker_event))
+            try:
+                for handle in ipc_handles:
+                    self.bases.append(runtime.ipcOpenMemHandle(bytes(handle), IPC_LAZY_ENABLE_PEER_ACCESS))
+                self.worker_event = runtime.ipcOpenEventHandle(bytes(worker_event))
+            except Exception as exc:  # CUDA refused a handle: say which and why
+                raise GpuSetupError(f"cannot open the worker's CUDA IPC memory on GPU {device_pci}: {exc}; the worker "
+                                    "and the server must run on the same host and see the same GPU (docker: --ipc "
+                                    "host --gpus all)") from None
             self.event = host.cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
             self.event_handle = bytes(runtime.ipcGetEventHandle(self.event.ptr))
             planes = plane_addresses(layout, self.bases).tolist()
-            self.pipeline = self._pipeline(PageKernel(cupy_functions(self.device), planes, layout.num_blocks,
-                                                      layout.page_bytes, layout.block_stride, blocks_per_chunk))
-        except BaseException:
+            kernel = PageKernel(cupy_functions(self.device), planes, layout.num_blocks, layout.page_bytes,
+                                layout.block_stride, blocks_per_chunk)
+            self.pipeline = self._pipeline(kernel, pool_shared)
+        except GpuSetupError:
             self._close_handles()
             raise
+        except Exception as exc:
+            self._close_handles()
+            raise GpuSetupError(f"cannot set up server copies on GPU {self.device}: {type(exc).__name__}: {exc}") \
+                from None
         self._completions: queue.SimpleQueue[tuple[CopyEvents, Done] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete, name=f"lmcd-gpu{self.device}", daemon=True)
         self._thread.start()
 
-    def _pipeline(self, kernel: PageKernel) -> StagedPipeline:
+    def _pipeline(self, kernel: PageKernel, pool_shared: bool) -> StagedPipeline:
         wanted = stages_for(kernel.chunk_bytes)
         try:
             pipeline = StagedPipeline(kernel, wanted)
         except StagingMemoryError as exc:
-            raise StagingMemoryError(
+            raise GpuSetupError(
                 f"GPU {self.device} has too little free memory for server copies: {exc}. Lower vLLM's "
-                "--gpu-memory-utilization a little (a few hundred MiB), or start the server with --share-pool "
-                "so that each worker copies itself") from None
+                "--gpu-memory-utilization a little (a few hundred MiB)" + ("" if pool_shared else
+                ", or start the server with --share-pool so that each worker copies itself")) from None
         if pipeline.stages < wanted:
             log.warning("GPU %d had room for %d of the %d staging buffers (%.1f MiB each) server copies use: this "
                         "worker's copies keep fewer chunks in flight. Lower vLLM's --gpu-memory-utilization a "

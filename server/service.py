@@ -45,7 +45,8 @@ class CacheService:
         self.pool = pool
         self.index = ChunkIndex(pool)
         self.leases = LeaseTable(config.lease_timeout_s)
-        self.workers = WorkerRegistry(*(cuda or (None, "CUDA was not probed")))
+        cuda = cuda or CudaSupport(None, "CUDA was not probed")
+        self.workers = WorkerRegistry(cuda.host, cuda.problem, pool_shared=pool.segment is not None)
         self.stats = Stats()
         self.send = send
         self.post = post

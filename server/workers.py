@@ -31,7 +31,6 @@ import numpy as np
 
 from lmcd import protocol as p
 from lmcd.copyplan import plane_addresses
-from lmcd.kernels.staged import StagingMemoryError
 
 if TYPE_CHECKING:
     from lmcd.server.gpu import CudaHost, GpuWorker
@@ -195,9 +194,11 @@ def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
 
 
 class WorkerRegistry:
-    def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed") -> None:
+    def __init__(self, cuda: CudaHost | None = None, cuda_problem: str = "CUDA was not probed",
+                 pool_shared: bool = False) -> None:
         self.cuda = cuda
         self.cuda_problem = cuda_problem
+        self.pool_shared = pool_shared
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)
         self._rechecks: list[tuple[float, int, SegmentFile]] = []  # (when, attempt, file)
@@ -250,18 +251,13 @@ class WorkerRegistry:
                                     "sizes")
         if len(req.event_handle) != p.IPC_HANDLE_BYTES:
             raise RegistrationError("a GPU worker whose KV the server copies must send its interprocess event handle")
-        from lmcd.server.gpu import GpuWorker  # CuPy is imported only where GPU workers come
+        from lmcd.server.gpu import GpuSetupError, GpuWorker  # CuPy is imported only where GPU workers come
 
         try:
             return GpuWorker(self.cuda, req.device_pci, req.ipc_handles, req.layout, blocks_per_chunk,
-                             req.event_handle)
-        except (LookupError, StagingMemoryError) as exc:
+                             req.event_handle, self.pool_shared)
+        except (LookupError, GpuSetupError) as exc:
             raise RegistrationError(str(exc)) from None
-        except Exception as exc:  # CUDA refused a handle: say which and why
-            raise RegistrationError(
-                f"cannot open the worker's CUDA IPC memory on GPU {req.device_pci}: {exc}; the worker and the server "
-                "must run on the same host and see the same GPU (docker: --ipc host --gpus all)"
-            ) from None
 
     def get(self, worker_id: int) -> Worker | None:
         worker = self.workers.get(worker_id)
