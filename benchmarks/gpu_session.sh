@@ -58,7 +58,7 @@ torch.__version__, "| cupy", cupy.__version__, "| gpus", torch.cuda.device_count
 run_tests() {
   local timeout_flag=()
   python3 -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 300)
-  timeout -k 10 900 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -ra -W ignore::UserWarning \
+  timeout -k 10 540 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -ra -W ignore::UserWarning \
     -o addopts="" ${timeout_flag[@]+"${timeout_flag[@]}"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   echo "gpu tests: exit ${PIPESTATUS[0]}"
 }
