@@ -1,22 +1,12 @@
 """Worker-side CUDA: the KV shared with the server over CUDA IPC (``CudaShare``, server copies), or
 this worker's own copies through the server's shared pool (``PoolCopier``, worker copies).
 
-vLLM allocates its KV cache as int8 buffers and hands the connector per-layer views into them.
-``CudaShare`` finds the allocation under every view (``cuMemGetAddressRange``: usually ONE buffer
-for all layers), exports each once with ``cuIpcGetMemHandle``, and describes every page relative
-to its allocation; the server opens the handles once. Memory from CUDA's virtual memory
-management API (``cuMemCreate``: vLLM's sleep-mode allocator, PyTorch's ``expandable_segments``)
-cannot be exported with legacy CUDA IPC: server copies refuse it with a message naming the
-setting, and worker copies, which share no KV memory, take it.
-
-Ordering (no host waits on the hot path):
-  server copies, store: ``before_copy`` records the worker event on the current stream after the
-      step that wrote the KV; the server's copy waits on it. Before the blocks may be reused,
-      ``stores_done`` polls the server's event.
-  server copies, load: ``before_copy``, then Retrieve; then the current stream waits on the
-      server's event (``after_load``), so the forward reads the loaded KV only after the copy.
-  worker copies: the staged copy (``lmcd.kernels.staged``) waits on an event recorded on the
-      current stream; after a load the current stream waits on the copy's ``done``.
+``CudaShare`` exports the allocation under every KV view once (``cuMemGetAddressRange``: usually
+ONE buffer for all layers); memory from CUDA's VMM API (vLLM's sleep mode, PyTorch's
+``expandable_segments``) cannot be exported and is refused with the setting named. Its events
+order the server's copies with the engine's stream: ``before_copy`` marks the stream's work so
+far (the server's copy waits on it), ``after_load`` makes the stream wait for the server's copy,
+``stores_done`` polls the server's event. ``PoolCopier`` runs the staged copy in this process.
 
 Torch is imported here; this module runs inside vLLM (or a test harness), never in the server.
 """

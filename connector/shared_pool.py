@@ -1,20 +1,11 @@
-"""Worker copies (``lmcache_driven``), the worker's side: the server's pool is shared with this
-worker (server ``--share-pool``), which copies between its own KV and the pool itself. vLLM's KV
-stays where vLLM put it; the server maps none of it.
+"""Worker copies (``lmcache_driven``), the worker's side: it copies between its own KV and the
+server's shared pool (``--share-pool``), with no request before a copy (README, "Worker copies").
 
-No request comes before a copy:
-
-- store: into slots the server GRANTED ahead of time. Without enough of them one ``Grant`` asks
-  for the rest while the first copies run. When the whole store has been copied, ONE ``Commit``
-  names its chunks (sent without waiting; its reply brings fresh grants up to ``grant_target``).
-- load: from the slots the scheduler's lookup reported (its lease pins them), trusted until
-  ``slots_valid_until``; else a ``Pin`` first. ``Loaded`` ends this rank's part of the lease.
-
-CPU copies run on the calling thread (a plan of ``lmcd.copyplan``: vLLM's threads are bound to
-their cores, so extra copy threads would only compete with them), and their Commit or Loaded goes
-out at once. GPU copies are queued on the staged copy (``PoolCopier``); their Commit or Loaded
-goes out once their ``done`` event has completed (``settle``, from every connector call). The
-seconds sent are the copy's own time (GPU events; the CPU copy's clock).
+A store goes into granted slots (a ``Grant`` for the rest is sent while the first copies run) and
+ONE ``Commit`` names its chunks once it has been copied; a load reads the slots of the scheduler's
+lookup until ``slots_valid_until`` (else a ``Pin`` first), then ``Loaded``. Commits and Loaded go
+out without waiting: at once on a CPU (the copy ran on this thread), once the copy's ``done``
+event has completed on a GPU (``settle``, from every connector call), with the copy's seconds.
 
 Ownership: one instance per registration, called from the vLLM worker's thread.
 """

@@ -1,26 +1,12 @@
 """One vLLM worker's registration with the server, and its loads and stores.
 
-Who copies is decided at registration and logged (``Creating transfer context (device_type=...,
-mode=...)``), from ``lmcache.mp.mp_transfer_mode`` and what the server says in its Hello:
-
-- ``SharedKV`` (server copies, ``engine_driven``): the worker shares its KV memory (CPU: POSIX
-  SHM; GPU: CUDA IPC) and the server copies on Store and Retrieve.
-- ``SharedPool`` (worker copies, ``lmcache_driven``): the server shares its pool (``--share-pool``)
-  and the worker copies between its own KV and the pool.
-
-On a CPU the choice fixes where vLLM's KV lives, so it is made once, at ``register_kv_caches``,
-before vLLM has run a step: ``engine_driven`` moves the KV into SHM then; ``lmcache_driven``
-leaves it in vLLM's memory; ``auto`` asks the server and takes worker copies where the server
-shares its pool, else (or when no server answers yet) server copies, which any server can serve
-later with no further move. The KV is never moved in the middle of a run: a CPU worker whose KV
-stays private and that later meets a server without a shared pool runs without the cache, and
-says so. On a GPU nothing moves either way, so each (re)registration chooses again: worker copies
-where the server shares its pool (``auto``, ``lmcache_driven``) and this worker can copy,
-else server copies over CUDA IPC.
-
-Errors a user must fix locally (a KV layout this connector cannot describe, VMM memory with
-``engine_driven``) raise from ``register_kv_caches``; anything the server causes later costs a
-warning and a recompute (``ServerSession``).
+Who copies is decided at registration (README, "Who copies") and logged as LMCache logs it,
+``Creating transfer context (device_type=..., mode=...)``: ``SharedKV`` (server copies,
+``engine_driven``) or ``SharedPool`` (worker copies, ``lmcache_driven``). On a CPU the choice fixes
+where vLLM's KV lives, so it is made once, in ``register_kv_caches``, before vLLM has run a step,
+and the KV never moves later; on a GPU nothing moves, so each registration chooses again.
+Errors a user must fix locally raise from ``register_kv_caches``; anything the server causes later
+costs a warning and a recompute (``ServerSession``).
 """
 
 from __future__ import annotations

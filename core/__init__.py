@@ -8,4 +8,4 @@ the ``lmcd`` command (``lmcd.cli``); ``lmcd.server`` [server/] is the daemon; ``
 ``lmcd.kernels`` [kernels/] is the GPU page kernel and the staged copy built on it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

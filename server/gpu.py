@@ -1,20 +1,13 @@
 """The server's CUDA side: GPUs found by PCI address, the pinned pool, and server copies for GPU workers.
 
-Imported only when CuPy is installed and a GPU is visible; the server never imports torch.
-
-- ``CudaHost`` finds the GPUs and registers the pool with the CUDA driver once, at start
-  (``cudaHostRegister``, portable and mapped), so that a pool slot is a DMA target on every GPU.
-- ``GpuWorker`` is one registered worker's KV memory: its CUDA IPC handles opened once (on the
-  worker's own device), the worker's interprocess event (opened), the server's own interprocess
-  event (its handle goes back in ``Registered``) and the staged copy (``lmcd.kernels.staged``,
-  compiled here by CuPy) with its staging buffers in that GPU's memory.
-
-A copy waits on the worker's event (recorded after the step that produced the KV, or before the
-forward that will read it) before it touches the worker's blocks; the server's event is recorded
-after it, and the request is answered at once. The worker waits on the server's event on its own
-stream (load) or polls it before its blocks may be reused (store): no host waits on the hot path.
-A per-worker completion thread waits for each copy's ``done`` event and hands the bookkeeping
-(chunk ready, pins released, the copy's seconds on the GPU) back to the loop.
+Imported only where CuPy is installed and a GPU is visible; the server never imports torch.
+``CudaHost`` registers the pool with the CUDA driver once, at start (``cudaHostRegister``, portable
+and mapped), so that a slot is a DMA target on every GPU. ``GpuWorker`` is one registered
+worker's KV memory: its CUDA IPC handles and interprocess event opened on its own GPU, the
+server's interprocess event (its handle goes back in ``Registered``), and the staged copy
+(``lmcd.kernels.staged``, kernel compiled by CuPy). A copy waits on the worker's event, the
+server's event is recorded after it, and the request is answered at once; a completion thread
+per worker waits for each copy's ``done`` event and hands the bookkeeping back to the loop.
 """
 
 from __future__ import annotations
