@@ -126,7 +126,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; each runs every arm in a fresh vLLM, arms in alternating order")
     parser.add_argument("--modes", default="engine_driven",
-                        help="comma-separated connector arms, each against a fresh server (with --share-pool): "
+                        help="comma-separated connector arms, each against a fresh server (with --share-pool); "
+                             "MODE@DIR runs the lmcd installed in DIR instead (pip install --target DIR), so that two "
+                             "versions of the code are measured in the same run: "
                              "auto, engine_driven, lmcache_driven")
     parser.add_argument("--shm-only", action="store_true",
                         help="add a diagnostic arm: the connector (KV moved into SHM) with no server to talk to")
@@ -155,11 +157,16 @@ def main() -> int:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(MODEL, f)
 
-        def ktc_for(mode: str, port: int) -> dict:
+        def ktc_for(arm: str, port: int) -> dict:
             return {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
                     "kv_connector_module_path": "lmcd.connector.vllm",
                     "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
-                                                  "lmcache.mp.mp_transfer_mode": mode}}
+                                                  "lmcache.mp.mp_transfer_mode": arm.split("@")[0]}}
+
+        def env_for(arm: str) -> dict[str, str]:
+            """An arm MODE@DIR runs the lmcd installed in DIR (pip install --target DIR): other code, same run."""
+            mode, _, site = arm.partition("@")
+            return {**env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"} if site else env
 
         for r in range(args.rounds):
             # fresh prompts every round, so the connector's first pass is a real miss
@@ -181,13 +188,13 @@ def main() -> int:
                     server = subprocess.Popen(
                         [sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", str(port),
                          "--http-port", "0", "--l1-size-gb", "4", "--share-pool", "true"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for(arm))
                     try:
                         assert server.stdout is not None
                         for line in server.stdout:
                             if "cache server is running" in line:
                                 break
-                        both, hooks = run_vllm(tmp, prompts, 2, ktc_for(arm, port), env, args.timeout)
+                        both, hooks = run_vllm(tmp, prompts, 2, ktc_for(arm, port), env_for(arm), args.timeout)
                     finally:
                         server.send_signal(signal.SIGTERM)
                         server_logs[arm] += server.communicate(timeout=60)[0]

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, LookupResult, ProtocolError, ServerError, server_url
+from lmcd.connector.client import CacheClient, LmcdError, LookupResult, ProtocolError, ServerError, server_url
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import connect, namespace, shm_names
@@ -123,11 +123,17 @@ def test_client_and_worker_memory_survive_a_server_restart(how):
 # ---------------------------------------------------------------- typed replies
 
 
-class StubServer:
-    """A ROUTER socket that answers Hello properly and every other request with ``answer(request)``."""
+def hello_ok(request: p.Hello, algorithm: str = p.HASH_ALGORITHM) -> p.Reply:
+    return p.HelloReply(request.rid, "stub", p.PROTOCOL_VERSION, 256, algorithm, [], 1, "", 30.0)
 
-    def __init__(self, answer: Callable[[p.Request], p.Reply]) -> None:
-        self.answer = answer
+
+class StubServer:
+    """A ROUTER socket in this process that answers Hello with ``hello(request)`` (a proper HelloReply
+    by default) and every other request with ``answer(request)``."""
+
+    def __init__(self, answer: Callable[[p.Request], p.Reply],
+                 hello: Callable[[p.Hello], p.Reply] = hello_ok) -> None:
+        self.answer, self.hello = answer, hello
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -143,11 +149,7 @@ class StubServer:
                 continue
             ident, frame = self.sock.recv_multipart()
             request = p.request_decoder.decode(frame)
-            if isinstance(request, p.Hello):
-                reply: p.Reply = p.HelloReply(request.rid, "stub", p.PROTOCOL_VERSION, 256, p.HASH_ALGORITHM, [], 1,
-                                              "", 30.0)
-            else:
-                reply = self.answer(request)
+            reply = self.hello(request) if isinstance(request, p.Hello) else self.answer(request)
             self.sock.send_multipart([ident, p.encoder.encode(reply)])
 
     def close(self) -> None:
@@ -157,11 +159,11 @@ class StubServer:
 
 
 @pytest.fixture
-def stub() -> Iterator[Callable[[Callable[[p.Request], p.Reply]], StubServer]]:
+def stub() -> Iterator[Callable[..., StubServer]]:
     made: list[StubServer] = []
 
-    def make(answer: Callable[[p.Request], p.Reply]) -> StubServer:
-        made.append(StubServer(answer))
+    def make(answer: Callable[[p.Request], p.Reply], **hello: Callable[[p.Hello], p.Reply]) -> StubServer:
+        made.append(StubServer(answer, **hello))
         return made[-1]
 
     yield make
@@ -176,8 +178,18 @@ def test_a_reply_of_the_wrong_type_is_a_protocol_error(stub):
         for call in (lambda: client.lookup([b"k" * 32]), lambda: client.store(1, [b"k" * 32], [0]),
                      lambda: client.retrieve(1, [b"k" * 32], [0]), lambda: client.release(1),
                      lambda: client.pin(1, [b"k" * 32]), lambda: client.clear(), lambda: client.status()):
-            with pytest.raises(ProtocolError, match="answered Pong, expected"):
+            with pytest.raises(ProtocolError, match="answered Pong, expected") as err:
                 call()
+            assert isinstance(err.value, LmcdError) and not isinstance(err.value, AssertionError)
+
+
+def test_a_hello_of_the_wrong_kind_or_hash_algorithm_is_a_protocol_error(stub):
+    pong = stub(lambda req: p.Pong(req.rid), hello=lambda req: p.Pong(req.rid))
+    with pytest.raises(ProtocolError, match="hello: .* answered Pong, expected HelloReply"):
+        connect(pong.url)
+    other_keys = stub(lambda req: p.Pong(req.rid), hello=lambda req: hello_ok(req, "sha256-chain"))
+    with pytest.raises(ProtocolError, match=f"keys chunks with sha256-chain, this client with {p.HASH_ALGORITHM}"):
+        connect(other_keys.url)
 
 
 def test_an_error_reply_is_a_server_error_with_its_code(stub):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import typing
 import uuid
@@ -26,7 +25,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, LmcdError, ProtocolError, ServerError, ServerTimeout
+from lmcd.connector.client import CacheClient, ServerError, ServerTimeout
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import RunningServer, connect, fill_random, namespace
@@ -631,62 +630,3 @@ def test_a_version_1_hello_gets_version_mismatch(server, raw_factory, monkeypatc
     with connect(server.url) as client:
         assert client.hello is not None and client.hello.protocol_version == p.PROTOCOL_VERSION == 2
         assert client.status()["counters"]["errors"] == {"VERSION_MISMATCH": 2, "NOT_HELLO": 1}
-
-
-class FakeServer:
-    """A ROUTER in this process that answers Hello with ``hello_reply`` and everything else with ``other``."""
-
-    def __init__(self, hello_reply: type, other: type) -> None:
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.hello_reply, self.other = hello_reply, other
-        self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            if not self.sock.poll(50):
-                continue
-            routing_id, frame = self.sock.recv_multipart()
-            request = p.request_decoder.decode(frame)
-            self.seen.append(type(request).__name__)
-            if isinstance(request, p.Hello) and self.hello_reply is p.HelloReply:
-                reply: object = p.HelloReply(request.rid, "fake", p.PROTOCOL_VERSION, 256, p.HASH_ALGORITHM, [], 1,
-                                             "", 60.0)
-            else:
-                reply = (self.hello_reply if isinstance(request, p.Hello) else self.other)(request.rid)
-            self.sock.send_multipart([routing_id, p.encoder.encode(reply)])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close(0)
-
-
-def test_the_client_raises_protocol_error_on_a_reply_of_the_wrong_type():
-    fake = FakeServer(p.HelloReply, p.Pong)
-    try:
-        with CacheClient(fake.url, namespace(), role=p.Role.WORKER, timeout_s=5.0) as client:
-            assert client.hello is not None and client.hello.server_version == "fake"
-            with pytest.raises(ProtocolError, match="lookup: .* answered Pong, expected LookupReply") as err:
-                client.lookup([HASH])
-            assert isinstance(err.value, LmcdError) and not isinstance(err.value, AssertionError)
-            with pytest.raises(ProtocolError, match="answered Pong, expected StoreReply"):
-                client.store(1, [HASH], [0, 1])
-            with pytest.raises(ProtocolError, match="answered Pong, expected Pinned"):
-                client.pin(1, [HASH])
-            assert client.ping() >= 0  # a Pong is the right answer to a Ping
-        assert fake.seen == ["Hello", "Lookup", "Store", "Pin", "Ping"]
-    finally:
-        fake.close()
-    fake = FakeServer(p.Pong, p.Pong)  # not even the Hello is answered right
-    try:
-        with pytest.raises(ProtocolError, match="hello: .* answered Pong, expected HelloReply"):
-            CacheClient(fake.url, namespace(), timeout_s=5.0)
-    finally:
-        fake.close()
