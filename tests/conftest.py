@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +66,28 @@ class RunningServer:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+def free_port() -> int:
+    """A free TCP port of 127.0.0.1 BELOW the kernel's ephemeral range, for a server a test starts on a
+    port of its choosing. A port the kernel hands out (``bind(0)``) can be handed out again before
+    the test binds it, to any process asking for one (vLLM's own sockets, servers on ``--port 0``);
+    one below that range is never handed out, so nothing but another test can take it meanwhile."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port below {low} on 127.0.0.1")
 
 
 def server_command(*flags: str) -> list[str]:

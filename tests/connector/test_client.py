@@ -12,7 +12,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, LookupResult, ProtocolError, ServerError, server_url
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import connect, namespace, shm_names
+from tests.conftest import connect, free_port, namespace, shm_names
 
 
 @pytest.mark.parametrize(
@@ -76,12 +76,6 @@ def test_segments_are_named_while_their_worker_lives(server):
     assert shm_names(me) == before
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])

@@ -20,7 +20,7 @@ from lmcd.connector.layout import LayoutError, describe_pages, migrate_to_shm, s
 from lmcd.connector.scheduler import LoadSpec, StoreSpec  # noqa: E402
 from lmcd.connector.shared_kv import SharedKV  # noqa: E402
 from lmcd.connector.shared_pool import SharedPool  # noqa: E402
-from tests.conftest import shm_names  # noqa: E402
+from tests.conftest import free_port, shm_names  # noqa: E402
 from tests.connector.worker_support import (  # noqa: E402
     BLOCKS,
     BPC,
@@ -32,7 +32,6 @@ from tests.connector.worker_support import (  # noqa: E402
     N,
     count_lines,
     data_ptrs,
-    free_port,
     inside,
     make_worker,
     messages,

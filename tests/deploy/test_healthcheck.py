@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import ModuleType
 import pytest
 
 from lmcd.server.config import ConfigError
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "deploy" / "healthcheck.py"
@@ -27,10 +27,6 @@ def load_probe() -> ModuleType:
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe(pid: int) -> subprocess.CompletedProcess[str]:
