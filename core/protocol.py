@@ -7,7 +7,9 @@ reply carrying the same ``rid``; failures are ``Error`` replies, never silence.
 
 Evolution rules (read before you edit):
   1. ``PROTOCOL_VERSION`` changes only when an old peer would misread a new message. Version 2
-     replaced version 1's Reserve/Commit-by-hash and its two-in-one Commit and Release.
+     replaced version 1's Reserve/Commit-by-hash and its two-in-one Commit and Release. Version 3:
+     a worker's memory crosses as file descriptors over the handoff socket, never by name
+     (``segment_names`` is retired), and leases are random ids bound to an instance.
   2. Every message is ``array_like``: fields are positional. New fields go at the END and
      carry a default, so an older peer's shorter array still decodes.
   3. No field is ever retyped, reordered or removed; retire a field by ignoring it.
@@ -34,7 +36,7 @@ from typing import Annotated
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HASH_ALGORITHM = "blake2b-256-chain-u32le"
 HASH_BYTES = 32
 
@@ -70,6 +72,7 @@ class ErrorCode(enum.IntEnum):
     SEGMENT_ERROR = 9  # a worker's memory cannot be mapped, or is not what the layout says
     LAYOUT_MISMATCH = 10  # chunk bytes differ from what the namespace already holds
     INTERNAL = 12
+    LIMIT = 13  # a per-session or per-server limit was reached (the message names it and how to raise it)
 
 
 class Role(enum.IntEnum):
@@ -147,6 +150,10 @@ class KVLayout(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Hello(msgspec.Struct, array_like=True, tag="hello"):
+    """``instance_id``: the inference instance this session belongs to (vLLM's engine id), the
+    same for its scheduler and all its workers: they share the instance's leases. Empty: the
+    session's leases are its own."""
+
     rid: int
     version: int
     role: Role
@@ -154,6 +161,7 @@ class Hello(msgspec.Struct, array_like=True, tag="hello"):
     auth_token: Text | None = None
     client_name: Text = ""
     pid: int = 0
+    instance_id: Text = ""
 
 
 class Ping(msgspec.Struct, array_like=True, tag="ping"):
@@ -165,7 +173,9 @@ class RegisterWorker(msgspec.Struct, array_like=True, tag="register"):
 
     ``segment_sizes``: bytes of each memory segment the layout's offsets count from (an SHM
     segment, a CUDA allocation, or, for a worker that copies itself, a KV tensor's storage).
-    CPU + SERVER: ``segment_names`` are the POSIX SHM segments the server maps. CUDA + SERVER:
+    CPU + SERVER: the segments are sealed memfds the worker handed over (one file descriptor per
+    segment size, in order) through the handoff socket before this request; ``segment_names`` is
+    retired (version 3) and must be empty: the server never opens a worker's memory by name. CUDA + SERVER:
     ``ipc_handles`` holds one CUDA IPC memory handle per segment, ``device_pci`` names the
     worker's GPU by PCI address ("dddd:bb:dd") and ``event_handle`` is the worker's interprocess
     event, which the server's copy waits on. WORKER: no names or handles (the server maps none
@@ -298,8 +308,11 @@ class Error(msgspec.Struct, array_like=True, tag="error"):
 
 
 class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
-    """``pool_segment``: the shared pool's SHM name (server ``--share-pool``), else "";
-    ``lease_ttl_s``: how long a lookup's pins live (``--lease-timeout``)."""
+    """``pool_segment``: the shared pool's name (server ``--share-pool``), else "";
+    ``lease_ttl_s``: how long a lookup's pins (and a worker's granted slots) live
+    (``--lease-timeout``). ``handoff_path`` and ``handoff_nonce``: the server's Unix socket over
+    which this session hands its memory over as file descriptors (and receives the shared
+    pool's), and the one-time secret that ties that connection to this session."""
 
     rid: int
     server_version: str
@@ -310,6 +323,8 @@ class HelloReply(msgspec.Struct, array_like=True, tag="hello_ok"):
     session_id: int
     pool_segment: str
     lease_ttl_s: float
+    handoff_path: str = ""
+    handoff_nonce: bytes = b""
 
 
 class Pong(msgspec.Struct, array_like=True, tag="pong"):
