@@ -7,6 +7,7 @@ LMCache in-process environment variables used by embedded mode.
 | ``lmcache.mp.port`` | ``5555`` | server port |
 | ``lmcache.mp.mp_transfer_mode`` | ``auto`` | ``auto``, ``engine_driven``, ``lmcache_driven`` |
 | ``lmcache.mp.auth_token`` | env ``LMCD_AUTH_TOKEN`` | the server's ``--auth-token`` |
+| ``lmcache.mp.auth_token_file`` | env ``LMCD_AUTH_TOKEN_FILE`` | a file holding it (mode 0600): ``--auth-token-file`` |
 | ``lmcache.mp.request_timeout`` | ``10`` | seconds before a request to the server counts as failed |
 | ``lmcache.mp.autostart`` | ``false`` (``true`` for ``LMCacheConnectorV1``) | start a local server if none answers |
 | ``lmcache.mp.load_failure_policy`` | ``recompute`` | vLLM's ``kv_load_failure_policy`` unless set there |
@@ -26,15 +27,34 @@ from typing import Any
 import yaml
 
 from lmcd.connector.client import server_url
+from lmcd.server.config import read_token_file
 
 TRANSFER_MODES = ("auto", "engine_driven", "lmcache_driven")
 PREFIX = "lmcache.mp."
-KNOWN_KEYS = {"host", "port", "mp_transfer_mode", "auth_token", "request_timeout", "autostart",
+KNOWN_KEYS = {"host", "port", "mp_transfer_mode", "auth_token", "auth_token_file", "request_timeout", "autostart",
               "load_failure_policy"}
 
 
 class SettingsError(ValueError):
     pass
+
+
+def _token(ours: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The token the connector sends: a config key beats the environment; a token and a token file from
+    the same place are an error; a file is read once, with the server's rules (mode 0600 or stricter)."""
+    env_token, env_path = environ.get("LMCD_AUTH_TOKEN"), environ.get("LMCD_AUTH_TOKEN_FILE")
+    for token, path, where in ((ours.get("auth_token"), ours.get("auth_token_file"), f"{PREFIX}auth_token"),
+                               (env_token, env_path, "LMCD_AUTH_TOKEN")):
+        if token and path:
+            raise SettingsError(f"{where} and {where}_file both give the auth token: give one of them")
+        if path:
+            try:
+                return read_token_file(str(path))
+            except ValueError as exc:
+                raise SettingsError(f"{where}_file: {exc}") from None
+        if token:
+            return str(token)
+    return None
 
 
 def _truthy(value: Any) -> bool:
@@ -116,9 +136,8 @@ class ConnectorSettings:
             raise SettingsError(f"{PREFIX}port / {PREFIX}request_timeout: {exc}") from None
         if not 0 < port < 65536 or not timeout > 0:
             raise SettingsError(f"{PREFIX}port must be 1..65535 and {PREFIX}request_timeout positive")
-        token = ours.get("auth_token") or environ.get("LMCD_AUTH_TOKEN") or None
         return cls(
             host=str(ours.get("host", "localhost")), port=port, transfer_mode=mode,
-            auth_token=str(token) if token else None, request_timeout_s=timeout,
+            auth_token=_token(ours, environ), request_timeout_s=timeout,
             autostart=_truthy(ours.get("autostart", autostart_default)), load_failure_policy=policy,
         )

@@ -7,8 +7,11 @@ Every invalid value raises ``ConfigError`` naming the flag (and where the value 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,10 +22,80 @@ EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
 CUDA_MODES = ("auto", "on", "off")
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_FILE_BYTES = 4096
+TOKEN_HOWTO = ("make one with `openssl rand -hex 32` or `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
+               " and put it in a file of mode 0600 for --auth-token-file")
+# Words of documentation examples and committed placeholders (compared lower-case, letters and digits
+# only): a token with one of them in it was typed by a person, not drawn at random.
+PLACEHOLDER_WORDS = ("replaceme", "changeme", "placeholder", "yourtoken", "yoursecret", "yourrandom", "goeshere",
+                     "tokenhere", "secrethere", "insertyour", "putyour", "example", "dummy", "fixme", "password",
+                     "secret")
 
 
 class ConfigError(ValueError):
     pass
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a ``--host``/``--http-host`` value binds loopback only: 127.0.0.0/8, ::1, ``localhost``, or an
+    ``ipc://`` path. Names other than ``localhost``, interfaces and wildcards count as reachable from outside."""
+    if host.startswith("ipc://"):
+        return True
+    bare = host.removeprefix("tcp://").strip("[]")
+    if bare.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def token_problem(token: str) -> str | None:
+    """What makes ``token`` unfit as a shared secret, or None. Never quotes the token."""
+    if not token:
+        return "is empty"
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        return "must be printable ASCII without spaces (it travels in an HTTP 'Authorization: Bearer' header)"
+    normalized = re.sub(r"[^a-z0-9]", "", token.lower())
+    word = next((w for w in PLACEHOLDER_WORDS if w in normalized), None)
+    if word is not None:
+        return f"looks like a placeholder (it contains {word!r}), not a random secret"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"has {len(token)} characters; a token needs at least {MIN_TOKEN_LENGTH}"
+    return None
+
+
+def read_token_file(path: str) -> str:
+    """The token in file ``path``, read once, whitespace stripped. ValueError (naming the file and the fix)
+    where it cannot be read, is no regular file, is open to its group or others (any of the mode bits
+    0o077: a file that others can read shares the secret with them; one they can write lets them pick it),
+    is larger than MAX_TOKEN_FILE_BYTES, or holds no text."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"cannot read {path}: not a regular file")
+        raise ValueError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}, open to its group or others: "
+                         f"chmod 600 {path} (in Kubernetes: defaultMode: 0400 on the Secret's volume)")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token file")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not token:
+        raise ValueError(f"{path} is empty: write the token into it ({TOKEN_HOWTO.split(' and put')[0]})")
+    return token
 
 
 def proc_kib_field(path: str, key: str) -> int | None:
@@ -86,7 +159,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lease_timeout_s", "--lease-timeout", "LMCACHE_LEASE_TIMEOUT", float,
             "seconds a lookup's pins are held if no retrieve or release comes"),
     Setting("auth_token", "--auth-token", "LMCD_AUTH_TOKEN", str,
-            "shared secret required in Hello and on mutating HTTP endpoints"),
+            "shared secret required in Hello and on every HTTP endpoint but /healthcheck (at least "
+            f"{MIN_TOKEN_LENGTH} characters; on the command line every local user sees it: prefer --auth-token-file "
+            "or LMCD_AUTH_TOKEN)"),
+    Setting("auth_token_file", "--auth-token-file", "LMCD_AUTH_TOKEN_FILE", str,
+            "file holding the shared secret (read once at start, whitespace stripped; mode 0600 or stricter)"),
+    Setting("insecure_no_auth", "--insecure-no-auth", "LMCD_INSECURE_NO_AUTH", _bool,
+            "serve a non-loopback --host/--http-host without a token: only on a trusted network; logged at WARNING "
+            "(true/false)"),
     Setting("log_level", "--log-level", "LMCACHE_LOG_LEVEL", str, f"one of {', '.join(LOG_LEVELS)}"),
     Setting("touch_pool", "--touch-pool", "LMCACHE_TOUCH_POOL", _bool,
             "fault in the whole pool at start so no request pays for it (true/false)"),
@@ -111,7 +191,9 @@ class ServerConfig:
     chunk_size: int = 256
     max_workers: int | None = None  # None: default_max_workers()
     lease_timeout_s: float = 60.0
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
+    auth_token_file: str | None = None  # where auth_token was read from, when from a file
+    insecure_no_auth: bool = False
     log_level: str = "INFO"
     touch_pool: bool = True
     share_pool: bool = False
@@ -127,7 +209,16 @@ class ServerConfig:
         object.__setattr__(self, "eviction_policy", self.eviction_policy.upper())
         object.__setattr__(self, "log_level", self.log_level.upper())
         object.__setattr__(self, "cuda", self.cuda.lower())
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                raise ConfigError("--auth-token and --auth-token-file both give a token: give one of them "
+                                  "(--auth-token-file keeps it off the command line)")
+            try:
+                object.__setattr__(self, "auth_token", read_token_file(self.auth_token_file))
+            except ValueError as exc:
+                raise ConfigError(f"--auth-token-file: {exc}") from None
         self._validate()
+        self._validate_auth()
 
     def _validate(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -152,12 +243,35 @@ class ServerConfig:
             fail("lease_timeout_s", "must be a positive number of seconds")
         if self.log_level not in LOG_LEVELS:
             fail("log_level", f"valid values: {', '.join(LOG_LEVELS)}")
-        if self.auth_token is not None and not self.auth_token:
-            fail("auth_token", "an empty token is not allowed; omit it to disable auth")
         if not self.host:
             fail("host", "must not be empty")
         if self.cuda not in CUDA_MODES:
             fail("cuda", f"valid values: {', '.join(CUDA_MODES)}")
+
+    def _validate_auth(self) -> None:
+        """A token fit to be a secret, and none only where every address is loopback or the operator opted out."""
+        token = self.auth_token
+        if token is not None:
+            problem = token_problem(token)
+            if problem is not None:
+                source = f"--auth-token-file {self.auth_token_file}" if self.auth_token_file else "--auth-token"
+                raise ConfigError(f"{source}: the token {problem}; {TOKEN_HOWTO}")
+            if self.insecure_no_auth:
+                raise ConfigError("--insecure-no-auth true and an auth token contradict each other: drop "
+                                  "--insecure-no-auth (LMCD_INSECURE_NO_AUTH) to require the token, or the token to "
+                                  "serve without auth")
+            return
+        if self.insecure_no_auth:
+            return
+        exposed = [f"{flag} {value}" for flag, value in (("--host", self.host), ("--http-host", self.http_host))
+                   if not is_loopback(value)]
+        if exposed:
+            raise ConfigError(
+                f"{' and '.join(exposed)}: not a loopback address, and no auth token is set, so anyone who reaches "
+                "it could read, overwrite and clear the cache. Set a token: --auth-token-file PATH (or "
+                f"LMCD_AUTH_TOKEN_FILE; {TOKEN_HOWTO.split(' and put')[0]}, in a file of mode 0600) or "
+                "LMCD_AUTH_TOKEN; or bind 127.0.0.1; or, on a trusted network only, pass --insecure-no-auth true "
+                "(LMCD_INSECURE_NO_AUTH=1)")
 
     @property
     def l1_size_bytes(self) -> int:
@@ -185,7 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(keys are the flag names with underscores, e.g. l1_size_gb)")
     for s in SETTINGS:
         default = defaults[s.field].default
-        shown = {"auth_token": "none"}.get(s.field, "auto") if default is None else default
+        shown = "none" if s.field in TOKEN_FIELDS else "auto" if default is None else default
         kwargs: dict[str, Any] = {"dest": s.field, "default": None, "help": f"{s.help} [default: {shown}; env {s.env}]"}
         if s.parse is _bool:
             kwargs["type"] = _bool
@@ -226,12 +340,48 @@ def load_file(path: str) -> dict[str, Any]:
     return data
 
 
+TOKEN_FIELDS = ("auth_token", "auth_token_file")
+
+
+def _token_values(args: argparse.Namespace, environ: Mapping[str, str], from_file: Mapping[str, Any],
+                  config_path: str | None) -> dict[str, Any]:
+    """The token (or its file) from the highest source that gives either; both from one source is an error,
+    and so is a token variable that is set but empty (it would silently mean "no auth")."""
+    flag, env = BY_FIELD["auth_token"], BY_FIELD["auth_token_file"]
+    given = {name: getattr(args, name, None) for name in TOKEN_FIELDS}
+    if all(v is not None for v in given.values()):
+        raise ConfigError(f"{flag.flag} and {env.flag} both give a token: give one of them "
+                          f"({env.flag} keeps it off the command line)")
+    if any(v is not None for v in given.values()):
+        return {k: v for k, v in given.items() if v is not None}
+    found: dict[str, Any] = {}
+    for name in TOKEN_FIELDS:
+        s = BY_FIELD[name]
+        if environ.get(s.env) == "":
+            raise ConfigError(f"{s.flag} (from environment {s.env}): {s.env} is set but empty, which would mean no "
+                              f"auth: unset it, or set it to {'a token' if name == 'auth_token' else 'a token file'} "
+                              f"({TOKEN_HOWTO.split(' and put')[0]})")
+        if environ.get(s.env) is not None:
+            found[name] = _parse(s, environ[s.env], f"environment {s.env}")
+    if len(found) == 2:
+        raise ConfigError(f"{flag.env} and {env.env} are both set: set one of them")
+    if found:
+        return found
+    found = {name: _parse(BY_FIELD[name], from_file[name], f"{config_path}") for name in TOKEN_FIELDS
+             if from_file.get(name) is not None}
+    if len(found) == 2:
+        raise ConfigError(f"{config_path}: auth_token and auth_token_file both give a token: keep one of them")
+    return found
+
+
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     environ = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or environ.get("LMCD_CONFIG")
     from_file = load_file(config_path) if config_path else {}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _token_values(args, environ, from_file, config_path)
     for s in SETTINGS:
+        if s.field in TOKEN_FIELDS:
+            continue
         given = getattr(args, s.field, None)
         if given is not None:
             values[s.field] = given

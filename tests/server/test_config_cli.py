@@ -83,14 +83,18 @@ PRECEDENCE_CASES = [
      (5, 6, 7, COMPUTED)),
     ("lease_timeout_s", "--lease-timeout", "LMCACHE_LEASE_TIMEOUT", "lease_timeout", ("11", "12.5", 13),
      (11.0, 12.5, 13.0, 60.0)),
-    ("auth_token", "--auth-token", "LMCD_AUTH_TOKEN", "auth_token", ("from-flag", "from-env", "from-file"),
-     ("from-flag", "from-env", "from-file", None)),
+    ("auth_token", "--auth-token", "LMCD_AUTH_TOKEN", "auth_token",
+     ("token-from-the-flag-7f3a9c", "token-from-the-env-7f3a9c", "token-from-the-file-7f3a9c"),
+     ("token-from-the-flag-7f3a9c", "token-from-the-env-7f3a9c", "token-from-the-file-7f3a9c", None)),
+    ("insecure_no_auth", "--insecure-no-auth", "LMCD_INSECURE_NO_AUTH", "insecure_no_auth", ("true", "false", True),
+     (True, False, True, False)),
     ("log_level", "--log-level", "LMCACHE_LOG_LEVEL", "log_level", ("debug", "WARNING", "error"),
      ("DEBUG", "WARNING", "ERROR", "INFO")),
-    ("host", "--host", "LMCACHE_HOST", "host", ("10.0.0.1", "10.0.0.2", "10.0.0.3"),
-     ("10.0.0.1", "10.0.0.2", "10.0.0.3", "localhost")),
-    ("http_host", "--http-host", "LMCACHE_HTTP_HOST", "http_host", ("::1", "0.0.0.0", "127.0.0.3"),
-     ("::1", "0.0.0.0", "127.0.0.3", "127.0.0.1")),
+    # loopback addresses: a non-loopback one needs a token (tests/server/test_auth_defaults.py)
+    ("host", "--host", "LMCACHE_HOST", "host", ("127.0.0.11", "127.0.0.12", "127.0.0.13"),
+     ("127.0.0.11", "127.0.0.12", "127.0.0.13", "localhost")),
+    ("http_host", "--http-host", "LMCACHE_HTTP_HOST", "http_host", ("::1", "127.0.0.2", "127.0.0.3"),
+     ("::1", "127.0.0.2", "127.0.0.3", "127.0.0.1")),
     ("touch_pool", "--touch-pool", "LMCACHE_TOUCH_POOL", "touch_pool", ("false", "yes", False),
      (False, True, False, True)),
 ]
@@ -113,7 +117,7 @@ def test_precedence_flag_env_file_default(tmp_path: Path, field: str, flag: str,
         want_default = {"l1_size_gb": default_l1_size_gb, "max_workers": cfgmod.default_max_workers}[field]()
     assert default == want_default
     # The three non-default sources really are different from the default, so each check could fail.
-    assert len({want_flag, want_env, want_file}) == 3 or field == "touch_pool"
+    assert len({want_flag, want_env, want_file}) == 3 or field in ("touch_pool", "insecure_no_auth")
     assert want_file != want_default
 
 
@@ -344,6 +348,7 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
     literal_defaults = {"--port": "5555", "--http-port": "8080", "--chunk-size": "256", "--host": "localhost",
                         "--eviction-policy": "LRU", "--lease-timeout": "60.0", "--log-level": "INFO",
                         "--l1-size-gb": "auto", "--max-workers": "auto", "--auth-token": "none",
+                        "--auth-token-file": "none", "--insecure-no-auth": "False",
                         "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",
                         "--cuda": "auto"}
     assert set(literal_defaults) == {s.flag for s in SETTINGS}

@@ -290,7 +290,7 @@ def test_clear_cache_only_by_post(server):
 
 
 def test_bearer_auth(server_factory, kv):
-    token = "s3cret"
+    token = "s3cret-s3cret-s3cret"  # 16 characters at least: shorter ones are refused at start
     server = server_factory("--l1-size-gb", "0.25", "--auth-token", token)
     good = {"Authorization": f"Bearer {token}"}
     bad_headers = [None, {"Authorization": "Bearer wrong"}, {"Authorization": token},
