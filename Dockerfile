@@ -2,9 +2,13 @@
 # NVRTC from PyPI; the driver comes from the NVIDIA container runtime), no torch, a non-root user.
 #
 #   docker build -t lmcd .
-#   docker run --network host --ipc host lmcd                      # a server with the defaults below
+#   docker run --network host --ipc host lmcd                      # the defaults below, on 127.0.0.1
 #   docker run --runtime nvidia --gpus all --network host --ipc host lmcd \
 #     /opt/venv/bin/lmcache server --l1-size-gb 60 --eviction-policy LRU --max-workers 4 --port 6555
+#   docker run -p 5555:5555 -p 8080:8080 -v /etc/lmcd/token:/run/lmcd/token:ro \
+#     -e LMCD_AUTH_TOKEN_FILE=/run/lmcd/token lmcd /opt/venv/bin/lmcache server --host 0.0.0.0 --http-host 0.0.0.0
+#     (beyond loopback the server needs a token: a file of mode 0600 readable by the container's user,
+#     or LMCD_AUTH_TOKEN; --insecure-no-auth true is the opt-out for trusted networks)
 #
 # Build arguments: BASE_IMAGE (a Debian 12 image), LMCD_EXTRA (the pip extra: cuda12, cuda13, or
 # empty for a CPU-only image). Extra CA certificates for builds behind a TLS-inspecting proxy go in
@@ -31,9 +35,9 @@ EXPOSE 5555 8080
 # (deploy/healthcheck.py reads them from PID 1). Pinning a large pool takes a while: start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["/opt/venv/bin/python", "/opt/venv/bin/lmcd-healthcheck"]
-# All interfaces by default (a container is reached through its published ports); with
-# --network host on a shared machine, pass --host/--http-host 127.0.0.1 or set LMCD_AUTH_TOKEN.
-CMD ["/opt/venv/bin/lmcache", "server", "--host", "0.0.0.0", "--http-host", "0.0.0.0"]
+# Loopback by default: with --network host (next to vLLM, as in LMCache's Docker quick start) the host's
+# 127.0.0.1. The server refuses a non-loopback --host/--http-host without a token (see the example above).
+CMD ["/opt/venv/bin/lmcache", "server", "--host", "127.0.0.1", "--http-host", "127.0.0.1"]
 
 # Only what .dockerignore lets through: the package sources, pyproject.toml, README.md,
 # deploy/certs/ and deploy/healthcheck.py.

@@ -2,8 +2,9 @@
 # Build the lmcd image and run it for real: health (HTTP and Docker's HEALTHCHECK), a store/retrieve
 # bench from the host through the container's ports and shared /dev/shm, /status, /metrics and
 # /clear-cache, a clean `docker stop` (exit code 0, nothing left in /dev/shm), checks inside the
-# image (non-root, no torch, CuPy with NVRTC from PyPI), plain `docker run IMAGE` with its defaults,
-# and `docker compose config` of deploy/compose.yaml. Reports the image size.
+# image (non-root, no torch, CuPy with NVRTC from PyPI), plain `docker run IMAGE` with its defaults
+# (loopback), all interfaces refused without a token and served with a token file (the HTTP endpoints
+# but /healthcheck need it), and `docker compose config` of deploy/compose.yaml. Reports the image size.
 #
 #   deploy/docker-smoke.sh            (as root, or as a user who can use docker)
 #
@@ -45,7 +46,7 @@ cleanup() {
   local rc=$?
   set +e
   local name
-  for name in "$CONTAINER" "$CONTAINER-default"; do
+  for name in "$CONTAINER" "$CONTAINER-default" "$CONTAINER-auth"; do
     docker container inspect "$name" >/dev/null 2>&1 || continue
     [[ $rc -ne 0 ]] && { echo "--- log of $name (last 40 lines)"; docker logs --tail 40 "$name" 2>&1; }
     timeout 60 docker rm -f "$name" >/dev/null 2>&1
@@ -340,8 +341,8 @@ stop_server() {
 }
 
 check_default_run() {
-  # plain `docker run IMAGE`: the image's CMD serves with the defaults on all interfaces (here in a
-  # network namespace of its own), Docker's HEALTHCHECK finds the default HTTP port, stop exits 0
+  # plain `docker run IMAGE`: the image's CMD serves with the defaults on loopback, which needs no token
+  # (here in a network namespace of its own), Docker's HEALTHCHECK finds the default HTTP port, stop exits 0
   local name=$CONTAINER-default started=$SECONDS
   timeout 120 docker run -d --name "$name" --network none --health-interval 1s "$IMAGE" >/dev/null \
     || die "plain docker run $IMAGE failed"
@@ -353,13 +354,61 @@ $(docker inspect -f '{{json .State.Health}}' "$name")"
     sleep 0.5
   done
   docker logs "$name" > "$WORK/default.log" 2>&1
-  grep -q "cache server is running on tcp://0.0.0.0:5555 .*HTTP http://0.0.0.0:8080" "$WORK/default.log" \
-    || die "plain docker run $IMAGE does not serve on 0.0.0.0:5555 and :8080: $(grep 'is running' "$WORK/default.log")"
+  grep -q "cache server is running on tcp://127.0.0.1:5555 .*HTTP http://127.0.0.1:8080" "$WORK/default.log" \
+    || die "plain docker run $IMAGE does not serve on 127.0.0.1:5555 and :8080: $(grep 'is running' "$WORK/default.log")"
   timeout 60 docker stop -t 30 "$name" >/dev/null || die "docker stop $name failed"
   [[ $(docker inspect -f '{{.State.ExitCode}}' "$name") == 0 ]] || die "plain docker run $IMAGE: exit code \
 $(docker inspect -f '{{.State.ExitCode}}' "$name") on docker stop"
   timeout 60 docker rm "$name" >/dev/null
-  log "plain docker run $IMAGE: healthy on 0.0.0.0:5555 and :8080 after $((SECONDS - started)) s, exit code 0 on stop"
+  log "plain docker run $IMAGE: healthy on 127.0.0.1:5555 and :8080 after $((SECONDS - started)) s, exit code 0 on stop"
+}
+
+check_auth_beyond_loopback() {
+  # all interfaces without a token: refused before anything binds (exit code 2, the flags named); with a
+  # token file of mode 0400 (this user's, and the container runs as this user): healthy, /healthcheck
+  # answers without the token, /status, /metrics and /clear-cache answer 401 without it and 200 with it
+  local name=$CONTAINER-auth started=$SECONDS code=0 out
+  local server=(/opt/venv/bin/lmcache server --host 0.0.0.0 --http-host 0.0.0.0 --l1-size-gb 0.25 --touch-pool false)
+  out=$(timeout 120 docker run --rm --network none "$IMAGE" "${server[@]}" 2>&1) || code=$?
+  [[ $code == 2 ]] || die "docker run $IMAGE --host 0.0.0.0 without a token exited with $code, not 2: $out"
+  grep -q -- "--host 0.0.0.0 and --http-host 0.0.0.0: not a loopback address, and no auth token is set" <<<"$out" \
+    || die "docker run $IMAGE --host 0.0.0.0 without a token: unexpected message: $out"
+  log "docker run $IMAGE --host 0.0.0.0 --http-host 0.0.0.0 without a token: refused (exit code 2)"
+  (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/token") && chmod 0400 "$WORK/token"
+  timeout 120 docker run -d --name "$name" --network none --user "$(id -u):$(id -g)" --health-interval 1s \
+    -v "$WORK/token:/run/lmcd/token:ro" -e LMCD_AUTH_TOKEN_FILE=/run/lmcd/token "$IMAGE" "${server[@]}" >/dev/null \
+    || die "docker run $IMAGE with a token file failed"
+  until [[ $(docker inspect -f '{{.State.Health.Status}}' "$name") == healthy ]]; do
+    [[ $(docker inspect -f '{{.State.Running}}' "$name") == true ]] || die "docker run $IMAGE with a token file \
+exited with $(docker inspect -f '{{.State.ExitCode}}' "$name"): $(docker logs --tail 5 "$name" 2>&1)"
+    (( SECONDS - started < 120 )) || die "docker run $IMAGE with a token file: not healthy within 120 s"
+    sleep 0.5
+  done
+  timeout 60 docker exec -i --user "$(id -u):$(id -g)" "$name" /opt/venv/bin/python - > "$WORK/auth.log" 2>&1 <<'EOF' \
+    || { cat "$WORK/auth.log" >&2; die "the HTTP endpoints of the server with a token file (output above)"; }
+import urllib.error, urllib.request
+token = open("/run/lmcd/token").read().strip()
+def code(method, path, headers):
+    request = urllib.request.Request(f"http://127.0.0.1:8080{path}", method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+routes = [("GET", "/healthcheck"), ("GET", "/status"), ("GET", "/metrics"), ("POST", "/clear-cache")]
+got = {path: (code(method, path, {}), code(method, path, {"Authorization": f"Bearer {token}"})) for method, path in routes}
+assert got == {"/healthcheck": (200, 200), "/status": (401, 200), "/metrics": (401, 200), "/clear-cache": (401, 200)}, got
+print(", ".join(f"{path} {a}/{b}" for path, (a, b) in got.items()))
+EOF
+  docker logs "$name" > "$WORK/auth-server.log" 2>&1
+  grep -q "Auth: token required (from --auth-token-file /run/lmcd/token)" "$WORK/auth-server.log" \
+    || die "no 'Auth: token required' line in the log: $(grep -i auth "$WORK/auth-server.log")"
+  if grep -qF -- "$(cat "$WORK/token")" "$WORK/auth-server.log"; then die "the server's log shows its token"; fi
+  timeout 60 docker stop -t 30 "$name" >/dev/null || die "docker stop $name failed"
+  [[ $(docker inspect -f '{{.State.ExitCode}}' "$name") == 0 ]] || die "the server with a token file: exit code \
+$(docker inspect -f '{{.State.ExitCode}}' "$name") on docker stop"
+  timeout 60 docker rm "$name" >/dev/null
+  log "docker run $IMAGE with a token file on 0.0.0.0: healthy; without/with the token: $(tail -1 "$WORK/auth.log")"
 }
 
 "$PYTHON" -c 'import lmcd' 2>/dev/null || die "$PYTHON cannot import lmcd: set LMCD_PYTHON to a Python with lmcd installed"
@@ -374,4 +423,5 @@ bench
 check_http
 stop_server
 check_default_run
+check_auth_beyond_loopback
 log "docker smoke test passed: image $IMAGE is $IMAGE_MB MB; total $((SECONDS - T0)) s"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,37 @@ def test_kv_transfer_config_points_at_the_server():
     vllm_dockerfile = (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve()
     assert "vllm/vllm-openai" in build["args"]["VLLM_IMAGE"]
     assert re.search(r"^FROM \$\{VLLM_IMAGE\}", vllm_dockerfile.read_text(), re.M)
+
+
+def container_env(service: dict[str, Any], shell: dict[str, str]) -> dict[str, str]:
+    """The environment compose gives a service's container: ``${VAR}`` interpolated from the shell, and a
+    variable named without a value passed through from the shell only where it is set there."""
+    raw = yaml.safe_load(COMPOSE.read_text())["services"][service["name"]].get("environment", {})
+    pairs = raw.items() if isinstance(raw, dict) else [(e.partition("=")[0], e.partition("=")[2] if "=" in e
+                                                        else None) for e in raw]
+    out = {}
+    for name, value in pairs:
+        if value is None:
+            if name in shell:
+                out[name] = shell[name]
+        else:
+            out[name] = interpolate(str(value), shell)
+    return out
+
+
+def test_the_token_passes_through_only_when_set():
+    """An unset LMCD_AUTH_TOKEN must not reach the containers as "" (the server refuses an empty token
+    variable); a set one reaches the server and vLLM alike, and the server accepts the result."""
+    from lmcd.server.config import resolve
+
+    token = secrets.token_hex(32)
+    for shell in ({}, {"LMCD_AUTH_TOKEN": token}):
+        found = interpolate(yaml.safe_load(COMPOSE.read_text()), shell)["services"]
+        envs = {name: container_env({"name": name}, shell) for name in found}
+        for name, env in envs.items():
+            assert all(env[k] != "" for k in env if k.startswith("LMCD_")), (name, env)
+            assert env.get("LMCD_AUTH_TOKEN") == shell.get("LMCD_AUTH_TOKEN"), (name, env)
+        args = build_parser().parse_args(found["lmcd"]["command"][1:])
+        args.l1_size_gb = 0.25  # the pool is checked above; this machine may have less memory
+        config = resolve(args, envs["lmcd"])
+        assert config.auth_token == shell.get("LMCD_AUTH_TOKEN")

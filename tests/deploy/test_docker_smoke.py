@@ -81,7 +81,8 @@ def test_docker_image_builds_runs_serves_and_stops_cleanly(capsys):
     assert code == 0, f"deploy/docker-smoke.sh failed with exit code {code}:\n{out[-8000:]}"
     for step in ("/healthcheck: {\"status\":\"healthy\"", "docker HEALTHCHECK: healthy", "no torch",
                  "compiled page_copy.cu", "lookup of 4096 tokens", "POST /clear-cache", "docker stop: exit code 0",
-                 "no SHM segments left", "plain docker run"):
+                 "no SHM segments left", "plain docker run", "healthy on 127.0.0.1:5555",
+                 "without a token: refused (exit code 2)", "/status 401/200"):
         assert step in out, f"step {step!r} missing from the script's output:\n{out[-8000:]}"
     if "no docker compose here" not in out:
         assert "deploy/compose.yaml is valid" in out, out[-8000:]

@@ -1,25 +1,31 @@
 """deploy/k8s/: every document is valid against the Kubernetes API schemas (offline, fixed versions), and
 the manifests agree with the server: probe paths are routes of the HTTP sidecar, probe and Service ports
 are the ports the ConfigMap's settings bind, the memory request covers the pool, the startup probe
-leaves time to pin it, and both pods share the host's /dev/shm."""
+leaves time to pin it, both pods share the host's /dev/shm, and both read the token from files of the
+Secret the README tells users to create (no committed Secret holds one)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import pytest
 import yaml
 
 from lmcd.cli import build_parser
 from lmcd.connector.settings import KNOWN_KEYS
-from lmcd.server.config import ServerConfig, load_file
+from lmcd.server.config import ConfigError, ServerConfig, load_file
 from lmcd.server.http import HEALTH_DEADLINE_S, build_app
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 STARTUP_BUDGET_S_PER_GIB = 2.0  # touching and pinning a pool: about 1 s per GiB measured; twice that
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -70,7 +76,7 @@ def server_settings(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
 
 def test_every_document_is_valid_against_the_kubernetes_api():
     docs = documents()
-    assert {doc["kind"] for _, doc in docs} >= {"DaemonSet", "Service", "ConfigMap", "Secret", "Deployment"}
+    assert {doc["kind"] for _, doc in docs} >= {"DaemonSet", "Service", "ConfigMap", "Deployment"}
     invalid = []
     for version in K8S_VERSIONS:
         for filename, doc in docs:
@@ -82,12 +88,57 @@ def test_every_document_is_valid_against_the_kubernetes_api():
     assert not invalid, "invalid against the Kubernetes API schemas:\n" + "\n".join(invalid)
 
 
+def secret_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str, int]:
+    """(Secret name, key, file mode) of the Secret volume file ``path`` in ``container``."""
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    directory, name = os.path.split(path)
+    assert directory in mounts, f"{path}: no volume is mounted at {directory} in {container['name']}"
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[directory]]
+    assert "secret" in volume, f"{path} is not on a Secret volume: {volume}"
+    secret = volume["secret"]
+    items = {item["path"]: item["key"] for item in secret.get("items", [])}
+    return secret["secretName"], items.get(name, name), secret.get("defaultMode", 0o644)
+
+
 def test_config_map_is_a_valid_server_config(tmp_path):
     args, settings = server_settings(tmp_path)
-    fields = {k: v for k, v in settings.items() if k != "l1_size_gb"}
-    config = ServerConfig(**fields, l1_size_gb=0.25)  # validates every other setting; the pool is sized below
-    assert config.host == "0.0.0.0" and config.http_host == "0.0.0.0", "probes and the Service reach the pod IP"
+    fields = {k: v for k, v in settings.items() if k not in ("l1_size_gb", "auth_token_file")}
+    assert fields["host"] == "0.0.0.0" and fields["http_host"] == "0.0.0.0", "probes and the Service reach the pod IP"
     assert settings["l1_size_gb"] > 0
+    # on all interfaces the server needs its token: from the file the ConfigMap names, on the Secret's volume
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 and --http-host 0.0.0.0: not a loopback"):
+        ServerConfig(**fields, l1_size_gb=0.25)
+    pod = one("DaemonSet", "lmcd")["spec"]["template"]["spec"]
+    name, key, mode = secret_file(pod, server_container(), settings["auth_token_file"])
+    assert (name, key) == ("lmcd-auth", "token")
+    assert mode & 0o077 == 0, f"defaultMode {mode:o}: the server refuses a token file open to group or others"
+    local = tmp_path / "token"  # what the kubelet writes there: the Secret's value, with that mode
+    local.write_text(secrets.token_hex(32) + "\n")
+    local.chmod(mode)
+    config = ServerConfig(**fields, auth_token_file=str(local), l1_size_gb=0.25)  # the pool is sized below
+    assert config.auth_token is not None and not config.insecure_no_auth
+
+
+def test_no_committed_secret_and_the_readme_creates_a_random_one():
+    """`kubectl apply -f deploy/k8s/` must not overwrite the Secret users create with a committed value, and no
+    committed value may work as a token; the README's command creates the Secret the pods read."""
+    secrets_found = [(filename, doc["metadata"]["name"]) for filename, doc in documents() if doc["kind"] == "Secret"]
+    assert not secrets_found, f"deploy/k8s commits Secrets {secrets_found}: users create lmcd-auth themselves"
+    # the placeholder this directory used to commit is refused, should a user's copy of it still be applied
+    with pytest.raises(ConfigError, match="placeholder"):
+        ServerConfig(auth_token="replace-me-with-a-random-token", l1_size_gb=0.25)
+    readme = (REPO / "README.md").read_text()
+    created = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=\"\$\(openssl rand -hex 32\)\"",
+                        readme)
+    assert created is not None, "README: no `kubectl create secret generic ... $(openssl rand -hex 32)` command"
+    pod = one("DaemonSet", "lmcd")["spec"]["template"]["spec"]
+    _, settings = server_settings_from_config_map()
+    assert secret_file(pod, server_container(), settings["auth_token_file"])[:2] == created.groups()
+
+
+def server_settings_from_config_map() -> tuple[None, dict[str, Any]]:
+    [text] = one("ConfigMap", "lmcd-config")["data"].values()
+    return None, yaml.safe_load(text)
 
 
 def test_probes_hit_real_routes_on_the_configured_port(tmp_path):
@@ -155,9 +206,13 @@ def test_vllm_is_wired_to_the_node_local_server():
     zmq_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["zmq"]
     assert extra["lmcache.mp.host"] == f"tcp://{service['metadata']['name']}"
     assert extra["lmcache.mp.port"] == zmq_port
-    # the server's token reaches the connector (it reads LMCD_AUTH_TOKEN) from the same Secret
-    server_env = {e["name"]: e for e in server_container()["env"]}
-    vllm_env = {e["name"]: e for e in container["env"]}
-    secret_ref = server_env["LMCD_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert vllm_env["LMCD_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret_ref
-    assert secret_ref["key"] in one("Secret", secret_ref["name"])["stringData"]
+    # the server's token reaches the connector from the same Secret, as files (no token in any env or arg)
+    server_pod = one("DaemonSet", "lmcd")["spec"]["template"]["spec"]
+    vllm_pod = one("Deployment", "vllm")["spec"]["template"]["spec"]
+    _, settings = server_settings_from_config_map()
+    server_secret = secret_file(server_pod, server_container(), settings["auth_token_file"])
+    vllm_secret = secret_file(vllm_pod, container, extra["lmcache.mp.auth_token_file"])
+    assert server_secret[:2] == vllm_secret[:2] == ("lmcd-auth", "token")
+    assert vllm_secret[2] & 0o077 == 0, "the connector refuses a token file open to group or others"
+    for spec in (server_container(), container):
+        assert not [e for e in spec.get("env", []) if "TOKEN" in e["name"]], spec.get("env")
