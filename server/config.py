@@ -24,8 +24,8 @@ DEFAULT_L1_CAP_GB = 4.0
 CUDA_MODES = ("auto", "on", "off")
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE_BYTES = 4096
-TOKEN_HOWTO = ("make one with `openssl rand -hex 32` or `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
-               " and put it in a file of mode 0600 for --auth-token-file")
+TOKEN_RECIPE = "make one with `openssl rand -hex 32` or `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
+TOKEN_HOWTO = f"{TOKEN_RECIPE} and put it in a file of mode 0600 for --auth-token-file"
 # Words of documentation examples and committed placeholders (compared lower-case, letters and digits
 # only): a token with one of them in it was typed by a person, not drawn at random.
 PLACEHOLDER_WORDS = ("replaceme", "changeme", "placeholder", "yourtoken", "yoursecret", "yourrandom", "goeshere",
@@ -94,7 +94,7 @@ def read_token_file(path: str) -> str:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     if not token:
-        raise ValueError(f"{path} is empty: write the token into it ({TOKEN_HOWTO.split(' and put')[0]})")
+        raise ValueError(f"{path} is empty: write the token into it ({TOKEN_RECIPE})")
     return token
 
 
@@ -269,7 +269,7 @@ class ServerConfig:
             raise ConfigError(
                 f"{' and '.join(exposed)}: not a loopback address, and no auth token is set, so anyone who reaches "
                 "it could read, overwrite and clear the cache. Set a token: --auth-token-file PATH (or "
-                f"LMCD_AUTH_TOKEN_FILE; {TOKEN_HOWTO.split(' and put')[0]}, in a file of mode 0600) or "
+                f"LMCD_AUTH_TOKEN_FILE; {TOKEN_RECIPE}, in a file of mode 0600) or "
                 "LMCD_AUTH_TOKEN; or bind 127.0.0.1; or, on a trusted network only, pass --insecure-no-auth true "
                 "(LMCD_INSECURE_NO_AUTH=1)")
 
@@ -360,7 +360,7 @@ def _token_values(args: argparse.Namespace, environ: Mapping[str, str], from_fil
         if environ.get(s.env) == "":
             raise ConfigError(f"{s.flag} (from environment {s.env}): {s.env} is set but empty, which would mean no "
                               f"auth: unset it, or set it to {'a token' if name == 'auth_token' else 'a token file'} "
-                              f"({TOKEN_HOWTO.split(' and put')[0]})")
+                              f"({TOKEN_RECIPE})")
         if environ.get(s.env) is not None:
             found[name] = _parse(s, environ[s.env], f"environment {s.env}")
     if len(found) == 2:
