@@ -475,8 +475,11 @@ def one_kill(server: Server, model: str, flag: mmap.mmap, flag_path: str, rng: r
         raise RuntimeError("the kill worker did not register within 30 s")
     time.sleep(rng.uniform(0.05, 0.4))
     wait_until = time.monotonic() + 1.0
+    between = flag[0] != 1
     while flag[0] != 1 and time.monotonic() < wait_until:
         pass
+    if between:  # the request was just sent: into its copy (16 MiB take milliseconds), not its send
+        time.sleep(rng.uniform(0.0005, 0.002))
     in_flight = flag[0] == 1
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGKILL)
