@@ -24,9 +24,9 @@ stops it at the end. Children die with this process (``PR_SET_PDEATHSIG``) and a
   processes) each looking up, storing and retrieving 16 KiB chunks for ``--load-seconds``:
   requests/s and p50/p99 per operation, errors.
 
-    python benchmarks/reliability.py all --json /tmp/reliability.json   # the full run, about 13 minutes
+    python benchmarks/reliability.py all --json /tmp/reliability.json   # the full run, about 14 minutes
     python benchmarks/reliability.py hostile --frames 100000             # about 30 s
-    python benchmarks/reliability.py kill --kills 100                    # about 70 s
+    python benchmarks/reliability.py kill --kills 100                    # 1-2 minutes
     python benchmarks/reliability.py soak --soak-seconds 600             # 10 minutes
     python benchmarks/reliability.py load --load-sessions 32,128 --load-seconds 30   # about 80 s
     # development run: all --frames 20000 --kills 20 --soak-seconds 60 --load-seconds 10
