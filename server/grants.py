@@ -122,8 +122,7 @@ class WorkerCopies:
         pinned = svc.pin_leading(session, worker, req.chunk_keys, req.lease_id)
         if not pinned:
             return p.Pinned(req.rid, [], None)
-        lease = svc.leases.create(svc.lease_owner(session), {worker.rank: pinned})
-        return p.Pinned(req.rid, [entry.slot for entry in pinned], lease.lease_id)
+        return p.Pinned(req.rid, [entry.slot for entry in pinned], svc.create_lease(session, {worker.rank: pinned}))
 
     def loaded(self, session: Session, req: p.Loaded) -> p.Released:
         """The worker copied its rank's chunks of a lease out of the shared pool itself."""

@@ -26,7 +26,7 @@ from lmcd.server.copies import ServerCopies
 from lmcd.server.gpu import CudaSupport
 from lmcd.server.grants import WorkerCopies
 from lmcd.server.index import ChunkIndex, Entry, IndexKey
-from lmcd.server.leases import LeaseOwner, LeaseTable, instance_owner, session_owner
+from lmcd.server.leases import LeaseHolder, LeaseOwner, LeaseTable, holder_of
 from lmcd.server.metrics import Stats
 from lmcd.server.namespaces import NamespaceTable
 from lmcd.server.pool import Pool
@@ -130,29 +130,37 @@ class CacheService:
         takes the new ones before it leaves the old ones, so that the same ones are kept."""
         ns = req.namespace
         old_ns_id = session.ns_id
-        old_owner = self.lease_owner(session) if old_ns_id is not None else None
+        old_holder = self.lease_holder(session) if old_ns_id is not None else None
         ns_id = self.namespaces.acquire((ns.model, ns.kv_dtype, ns.geometry, ns.world_size))
         if old_ns_id not in (None, ns_id) and self.workers.for_session(session.session_id):
             self.namespaces.release(ns_id)
             raise RequestError(p.ErrorCode.BAD_REQUEST, "this session has workers registered in its namespace; "
                                "unregister them before a Hello with another namespace")
         session.ns_id, session.hello = ns_id, req
-        self.leases.join(self.lease_owner(session))
-        if old_ns_id is not None and old_owner is not None:
-            self._leave(old_ns_id, old_owner)
+        self.leases.join(self.lease_holder(session))
+        if old_ns_id is not None and old_holder is not None:
+            self._leave(old_ns_id, old_holder)
 
-    def _leave(self, ns_id: int, owner: LeaseOwner) -> list[Entry]:
-        """A session leaves its namespace and lease owner; returns the lease entries it unpinned."""
-        released = self.leases.leave(owner)
+    def _leave(self, ns_id: int, holder: LeaseHolder) -> list[Entry]:
+        """A session leaves its namespace and lease holder; returns the lease entries it unpinned."""
+        released = self.leases.leave(holder)
         self.unpin(released)
         self.namespaces.release(ns_id)
         return released
 
-    def lease_owner(self, session: Session) -> LeaseOwner:
-        """Who owns the leases this session takes: its instance (same namespace and instance id), or itself."""
+    @staticmethod
+    def lease_owner(session: Session) -> LeaseOwner:
+        """Whose leases this session may take, release and consume: its instance's (leases.py)."""
         assert session.hello is not None and session.ns_id is not None
-        instance_id = session.hello.instance_id
-        return instance_owner(session.ns_id, instance_id) if instance_id else session_owner(session.session_id)
+        return (session.ns_id, session.hello.instance_id)
+
+    def lease_holder(self, session: Session) -> LeaseHolder:
+        """Whose sessions keep the leases this session takes (leases.py)."""
+        return holder_of(self.lease_owner(session), session.session_id)
+
+    def create_lease(self, session: Session, by_rank: dict[int, list[Entry]]) -> int:
+        owner = self.lease_owner(session)
+        return self.leases.create(owner, holder_of(owner, session.session_id), by_rank).lease_id
 
     def disconnect(self, session: Session) -> None:
         """The session's peer is gone: release its leases (an instance's, when it was the instance's last
@@ -160,7 +168,7 @@ class CacheService:
         self.stats.disconnects += 1
         released: list[Entry] = []
         if session.hello is not None and session.ns_id is not None:
-            released = self._leave(session.ns_id, self.lease_owner(session))
+            released = self._leave(session.ns_id, self.lease_holder(session))
         self.worker_copies.drop_grants(session)
         workers = self.workers.for_session(session.session_id)
         for worker in workers:
@@ -248,7 +256,7 @@ class CacheService:
             return p.LookupReply(req.rid, num_hits, None)
         for part in parts:
             self.index.pin_many(part)
-        lease_id = self.leases.create(self.lease_owner(session), dict(zip(ranks, parts, strict=True))).lease_id
+        lease_id = self.create_lease(session, dict(zip(ranks, parts, strict=True)))
         if req.slots and self.pool.segment is not None:  # workers that copy themselves read these
             return p.LookupReply(req.rid, num_hits, lease_id, [[e.slot for e in part] for part in parts])
         return p.LookupReply(req.rid, num_hits, lease_id)

@@ -18,7 +18,7 @@ from lmcd import copyplan
 from lmcd.copyplan import BlockIdError, CopyPlan, check_blocks, plan, split
 from lmcd.protocol import ChunkStatus, KVLayout
 from lmcd.server.index import ChunkIndex, Entry
-from lmcd.server.leases import LeaseTable, instance_owner, session_owner
+from lmcd.server.leases import LeaseTable, holder_of
 from lmcd.server.pool import MAX_SLAB_BYTES, PAGE, Pool, slab_bytes_for
 from lmcd.server.transfer import MIN_BYTES_PER_THREAD, CopyThreads
 
@@ -467,13 +467,14 @@ def entries_for(n: int, rank: int = 0) -> list[Entry]:
     return [Entry(key(i, rank=rank), i * PAGE, PAGE) for i in range(n)]  # type: ignore[arg-type]
 
 
-A, B = session_owner(7), session_owner(8)
+A, B = (1, ""), (2, "")  # the anonymous instances of namespaces 1 and 2
+HA, HB = holder_of(A, 7), holder_of(B, 8)  # held by sessions 7 and 8
 
 
 def test_lease_take_per_rank_and_release() -> None:
     table = LeaseTable(60.0)
     r0, r1 = entries_for(2, 0), entries_for(3, 1)
-    lease = table.create(A, {0: r0, 1: r1})
+    lease = table.create(A, HA, {0: r0, 1: r1})
     assert len(table) == 1
     assert table.take(lease.lease_id, 0, A) == r0
     assert len(table) == 1  # rank 1 has not taken its part
@@ -482,7 +483,7 @@ def test_lease_take_per_rank_and_release() -> None:
     assert len(table) == 0 and table.next_expiry() is None
     assert table.take(lease.lease_id, 1, A) is None
     assert table.release(lease.lease_id, A) is None
-    other = table.create(A, {0: entries_for(1)})
+    other = table.create(A, HA, {0: entries_for(1)})
     assert other.lease_id != lease.lease_id
     assert table.release(other.lease_id, A) == other.entries()
     assert table.release(other.lease_id, A) is None
@@ -491,8 +492,8 @@ def test_lease_take_per_rank_and_release() -> None:
 
 def test_lease_expire_in_order() -> None:
     table = LeaseTable(0.5)
-    a = table.create(A, {0: entries_for(2)})
-    b = table.create(B, {0: entries_for(1)})
+    a = table.create(A, HA, {0: entries_for(2)})
+    b = table.create(B, HB, {0: entries_for(1)})
     assert table.next_expiry() == a.expires_at
     assert a.expires_at <= b.expires_at
     assert table.expire(a.expires_at - 0.01) == [] and len(table) == 2
@@ -505,29 +506,29 @@ def test_lease_expire_in_order() -> None:
     assert table.take(b.lease_id, 0, B) is None
 
 
-def test_lease_leave_of_a_sessions_owner() -> None:
+def test_lease_leave_of_the_session_that_took_them() -> None:
     table = LeaseTable(60.0)
-    mine = [table.create(A, {0: entries_for(2)}) for _ in range(3)]
-    theirs = table.create(B, {0: entries_for(4)})
+    mine = [table.create(A, HA, {0: entries_for(2)}) for _ in range(3)]
+    theirs = table.create(A, holder_of(A, 9), {0: entries_for(4)})  # same namespace, another session
     table.take(mine[0].lease_id, 0, A)  # consumed already
-    table.join(A)
-    released = table.leave(A)
+    table.join(HA)
+    released = table.leave(HA)
     assert len(released) == 4  # two open leases of 2 entries
     assert len(table) == 1 and table.next_expiry() == theirs.expires_at
-    assert table.leave(A) == []
-    assert table.leave(session_owner(999)) == []
+    assert table.leave(HA) == []
+    assert table.leave(holder_of(A, 999)) == []
     assert table.num_expired == 0
-    assert table.release(theirs.lease_id, B) == theirs.entries()
+    assert table.release(theirs.lease_id, A) == theirs.entries()
 
 
 def test_leases_answer_only_their_owner_as_if_missing() -> None:
     table = LeaseTable(60.0)
-    inst, other_inst = instance_owner(1, "engine-a"), instance_owner(1, "engine-b")
-    lease = table.create(inst, {0: entries_for(1, 0), 1: entries_for(1, 1)})
-    for stranger in (A, other_inst, instance_owner(2, "engine-a")):
+    inst = (1, "engine-a")
+    lease = table.create(inst, holder_of(inst, 7), {0: entries_for(1, 0), 1: entries_for(1, 1)})
+    for stranger in (A, (1, "engine-b"), (2, "engine-a")):
         assert table.take(lease.lease_id, 0, stranger) is None  # the same answer as a lease that is not there
         assert table.release(lease.lease_id, stranger) is None
-        assert table.leave(stranger) == []
+    assert table.leave(holder_of((1, "engine-b"), 7)) == [] and table.leave(HA) == []
     assert len(table) == 1
     assert len(table.take(lease.lease_id, 0, inst) or []) == 1  # a worker of the instance consumes
     assert len(table.release(lease.lease_id, inst) or []) == 1  # and its scheduler may release the rest
@@ -535,24 +536,26 @@ def test_leases_answer_only_their_owner_as_if_missing() -> None:
 
 def test_an_instances_leases_live_until_its_last_session_leaves() -> None:
     table = LeaseTable(60.0)
-    inst = instance_owner(3, "engine")
-    table.join(inst)  # the scheduler
-    table.join(inst)  # a worker
-    lease = table.create(inst, {0: entries_for(2)})
-    assert table.leave(inst) == []  # the scheduler went: its worker may still consume
+    inst = (3, "engine")
+    held = holder_of(inst, 11)
+    assert held == holder_of(inst, 12)  # whichever of its sessions took it
+    table.join(held)  # the scheduler
+    table.join(held)  # a worker
+    lease = table.create(inst, held, {0: entries_for(2)})
+    assert table.leave(held) == []  # the scheduler went: its worker may still consume
     assert len(table) == 1
-    assert table.leave(inst) == lease.entries()  # the last session went: released at once
+    assert table.leave(held) == lease.entries()  # the last session went: released at once
     assert len(table) == 0
 
 
 def test_lease_ids_are_random_63_bit_and_never_a_live_ones() -> None:
     table = LeaseTable(60.0)
-    ids = [table.create(A, {0: entries_for(1)}).lease_id for _ in range(2000)]
+    ids = [table.create(A, HA, {0: entries_for(1)}).lease_id for _ in range(2000)]
     assert len(set(ids)) == len(ids) and all(0 < i < 2**63 for i in ids)
     assert max(ids) > 2**60 and min(ids) < 2**62  # spread over the 63 bits, not counted from 1
-    assert sum(b - a == 1 for a, b in zip(ids, ids[1:])) == 0  # not sequential
+    assert sum(b - a == 1 for a, b in zip(ids, ids[1:], strict=False)) == 0  # not sequential
     fresh = LeaseTable(60.0)  # a restarted server: none of the old ids names its leases
-    assert not {fresh.create(A, {0: entries_for(1)}).lease_id for _ in range(2000)} & set(ids)
+    assert not {fresh.create(A, HA, {0: entries_for(1)}).lease_id for _ in range(2000)} & set(ids)
 
 
 # ---------------------------------------------------------------- lmcd.copyplan
