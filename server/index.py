@@ -10,8 +10,8 @@ An entry is always in exactly one of these states::
                 when the last pin drops or the write finishes
 
 ``lru`` holds exactly the ready, indexed, unpinned entries, oldest first (``lru_by_size``
-holds the same entries split by chunk size, ``evictable_by_slab`` split by slab), so eviction
-is O(1) when the size being stored has an evictable chunk. Pinning removes an entry from
+holds the same entries split by chunk size; ``evictable_per_slab`` counts them per slab), so
+eviction is O(1) when the size being stored has an evictable chunk. Pinning removes an entry from
 ``lru``; unpinning puts it back as newest.
 
 Eviction frees what the allocation needs and no more::
@@ -20,7 +20,8 @@ Eviction frees what the allocation needs and no more::
     2. else the least recently used chunk of that size              -> ONE chunk evicted
     3. else ONE whole slab whose every slot is an evictable chunk   -> that slab's chunks
        (not pinned, not writing, not granted), the one whose newest
-       use is oldest; O(slabs holding evictable chunks)
+       use is oldest: O(slabs) to choose it, O(lru) to collect its
+       chunks, once per slab that changes size
     4. else nothing is evicted and the store is refused (REFUSED_FULL)
 
 A slab's "newest use" is a stamp raised whenever one of its chunks becomes evictable or is
@@ -50,6 +51,7 @@ class Entry:
     pins: int = 0
     ready: bool = False
     indexed: bool = True
+    slab: int = 0  # the pool slab holding ``slot`` (Pool.slab_of), kept to spare the hot path a division
 
 
 class ChunkIndex:
@@ -60,8 +62,8 @@ class ChunkIndex:
         self.entries: dict[IndexKey, Entry] = {}
         self.lru: OrderedDict[IndexKey, Entry] = OrderedDict()
         self.lru_by_size: dict[int, OrderedDict[IndexKey, Entry]] = {}
-        self.evictable_by_slab: dict[int, dict[IndexKey, Entry]] = {}  # the lru's entries, by slab
-        self._slab_use: dict[int, int] = {}  # slab -> stamp of its newest use (slabs in evictable_by_slab)
+        self.evictable_per_slab: dict[int, int] = {}  # slab -> how many of the lru's entries it holds
+        self._slab_use: dict[int, int] = {}  # slab -> stamp of its newest use (slabs in evictable_per_slab)
         self._clock = 0
         self.chunks_per_ns: dict[int, int] = {}
         self.on_namespace_empty: Callable[[int], None] = lambda ns_id: None
@@ -98,30 +100,38 @@ class ChunkIndex:
     # ------------------------------------------------------------ pins
 
     def _lru_add(self, entry: Entry) -> None:
-        self.lru[entry.key] = entry
-        self.lru_by_size.setdefault(entry.nbytes, OrderedDict())[entry.key] = entry
-        slab = self.pool.slab_of(entry.slot)
-        self.evictable_by_slab.setdefault(slab, {})[entry.key] = entry
-        self._slab_use[slab] = self._clock = self._clock + 1
+        key, slab = entry.key, entry.slab
+        self.lru[key] = entry
+        same = self.lru_by_size.get(entry.nbytes)
+        if same is None:
+            same = self.lru_by_size[entry.nbytes] = OrderedDict()
+        same[key] = entry
+        counts = self.evictable_per_slab
+        counts[slab] = counts.get(slab, 0) + 1
+        self._clock += 1
+        self._slab_use[slab] = self._clock
 
     def _lru_remove(self, entry: Entry) -> None:
-        if self.lru.pop(entry.key, None) is not None:
+        key = entry.key
+        if self.lru.pop(key, None) is not None:
             same = self.lru_by_size[entry.nbytes]
-            del same[entry.key]
+            del same[key]
             if not same:
                 del self.lru_by_size[entry.nbytes]
-            slab = self.pool.slab_of(entry.slot)
-            in_slab = self.evictable_by_slab[slab]
-            del in_slab[entry.key]
-            if not in_slab:
-                del self.evictable_by_slab[slab], self._slab_use[slab]
+            slab, counts = entry.slab, self.evictable_per_slab
+            left = counts[slab] - 1
+            if left:
+                counts[slab] = left
+            else:
+                del counts[slab], self._slab_use[slab]
 
     def touch(self, entry: Entry) -> None:
         """Mark a ready, unpinned entry as just used."""
         if entry.key in self.lru:
             self.lru.move_to_end(entry.key)
             self.lru_by_size[entry.nbytes].move_to_end(entry.key)
-            self._slab_use[self.pool.slab_of(entry.slot)] = self._clock = self._clock + 1
+            self._clock += 1
+            self._slab_use[entry.slab] = self._clock
 
     def pin(self, entry: Entry) -> None:
         if entry.pins == 0 and entry.indexed:
@@ -157,7 +167,7 @@ class ChunkIndex:
         slot = self._allocate(nbytes)
         if slot is None:
             return None, ChunkStatus.REFUSED_FULL
-        entry = Entry(key, slot, nbytes)
+        entry = Entry(key, slot, nbytes, slab=self.pool.slab_of(slot))
         self._index(entry)
         return entry, ChunkStatus.STORED
 
@@ -186,7 +196,7 @@ class ChunkIndex:
         if existing is not None:
             self.touch(existing)
             return ChunkStatus.PRESENT
-        entry = Entry(key, slot, nbytes, ready=True)
+        entry = Entry(key, slot, nbytes, ready=True, slab=self.pool.slab_of(slot))
         self._index(entry)
         self._lru_add(entry)
         return ChunkStatus.STORED
@@ -220,7 +230,7 @@ class ChunkIndex:
             slab = self._oldest_freeable_slab()
             if slab is None:
                 return None
-            for victim in list(self.evictable_by_slab[slab].values()):
+            for victim in [entry for entry in self.lru.values() if entry.slab == slab]:
                 self._evict(victim)  # the last one frees the slab for any size
         slot = self.pool.allocate(nbytes)
         assert slot is not None, "eviction freed no slot"
@@ -230,8 +240,8 @@ class ChunkIndex:
         """The slab whose every allocated slot is an evictable chunk, least recently used first."""
         best: int | None = None
         slab_used, use = self.pool.slab_used, self._slab_use
-        for slab, entries in self.evictable_by_slab.items():
-            if len(entries) == slab_used(slab) and (best is None or use[slab] < use[best]):
+        for slab, num_evictable in self.evictable_per_slab.items():
+            if num_evictable == slab_used(slab) and (best is None or use[slab] < use[best]):
                 best = slab
         return best
 
@@ -254,7 +264,7 @@ class ChunkIndex:
         self.entries.clear()
         self.lru.clear()
         self.lru_by_size.clear()
-        self.evictable_by_slab.clear()
+        self.evictable_per_slab.clear()
         self._slab_use.clear()
         emptied, self.chunks_per_ns = list(self.chunks_per_ns), {}
         for ns_id in emptied:
