@@ -93,8 +93,7 @@ def test_an_instances_leases_outlive_its_schedulers_session_while_its_workers_ar
         sched = scheduler(server.url, ns, "engine")
         first, second = sched.lookup(keys).lease_id, sched.lookup(keys).lease_id
         sched.close()  # the scheduler's session goes (a reconnect, say) while the worker is about to load
-        time.sleep(0.5)  # the disconnect has reached the server
-        assert watcher.status()["counters"]["disconnects"] >= 1
+        assert wait_until(lambda: watcher.status()["counters"]["disconnects"] >= 1, 10.0)  # the server saw it go
         assert watcher.status()["leases"] == 2
         assert worker.retrieve(worker_id, keys, [8, 9, 10, 11], lease_id=first) == 2
         assert watcher.status()["leases"] == 1
