@@ -51,6 +51,11 @@ class WorkerCopies:
         self._reclaimed: dict[int, set[int]] = {}  # session id -> its slots reclaimed, not yet named
         self.num_reclaimed = 0
 
+    @property
+    def num_granted(self) -> int:
+        """Slots granted to sessions now, not yet committed or reclaimed."""
+        return len(self._expiry)
+
     def require_shared_pool(self) -> None:
         if self.service.pool.segment is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST, "the server's pool is not shared, so workers cannot copy "

@@ -360,6 +360,8 @@ class CacheService:
             "counters": self.stats.as_dict(),
             "leases": len(self.leases),
             "namespaces": len(self.namespaces),
+            "grants": {"granted_slots": self.worker_copies.num_granted,
+                       "reclaimed_slots": self.worker_copies.num_reclaimed},
             "workers": [
                 {"worker_id": w.worker_id, "session_id": w.session_id, "pid": w.pid,
                  "device": w.device.name.lower(), "copier": w.copier.name.lower(), "rank": w.rank,

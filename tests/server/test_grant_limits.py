@@ -49,6 +49,7 @@ def test_granted_slots_not_committed_within_the_ttl_are_reclaimed(server_factory
         assert wait_until(lambda: used_bytes(watcher) == 0, 5.0)  # back to the pool, nobody committed them
         assert time.monotonic() - started > 0.5
         srv.wait_for_log(r"Reclaimed 3 granted slots not committed within 1 s")
+        assert watcher.status()["grants"] == {"granted_slots": 0, "reclaimed_slots": 3}
         fresh = grant(client, wid, 1)
         keys = chunk_keys(range(3 * 256), 256)
         reply = commit(client, wid, keys[1:], [old[1], fresh[0]])  # a late commit: the reclaimed slot is a miss
