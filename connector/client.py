@@ -98,10 +98,14 @@ class CacheClient:
     def __init__(
         self, url: str, namespace: p.Namespace, *, role: p.Role = p.Role.CLIENT, auth_token: str | None = None,
         timeout_s: float = 10.0, client_name: str = "", connect: bool = True, connect_timeout_s: float = 1.0,
+        instance_id: str = "",
     ) -> None:
+        """``instance_id``: the inference instance this client belongs to (vLLM's engine id), the same
+        for its scheduler and every worker: they share the leases it takes (``Hello.instance_id``)."""
         self.url = url
         self.namespace = namespace
         self.role = role
+        self.instance_id = instance_id
         self.auth_token = auth_token
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s  # how long a request waits for a connection at all
@@ -151,7 +155,7 @@ class CacheClient:
 
     def _hello_request(self, rid: int) -> p.Hello:
         return p.Hello(rid, p.PROTOCOL_VERSION, self.role, self.namespace, self.auth_token, self.client_name,
-                       os.getpid())
+                       os.getpid(), self.instance_id)
 
     def _say_hello(self) -> p.HelloReply:
         return self._call(self._hello_request, "hello", p.HelloReply)

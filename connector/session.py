@@ -87,7 +87,7 @@ class ServerSession:
                 client = self.client = CacheClient(
                     self.settings.url, self.namespace, role=self.role, auth_token=self.settings.auth_token,
                     timeout_s=self.settings.request_timeout_s, client_name=self.name, connect=False,
-                    connect_timeout_s=CONNECT_TIMEOUT_S)
+                    connect_timeout_s=CONNECT_TIMEOUT_S, instance_id=self.settings.instance_id)
                 client.connect()
             elif client.connected():  # ZMQ reconnected the socket by itself: say Hello again
                 client.say_hello()

@@ -108,6 +108,7 @@ class ConnectorSettings:
     request_timeout_s: float = 10.0
     autostart: bool = False
     load_failure_policy: str = "recompute"
+    instance_id: str = ""  # not a key: the vLLM connector sets vLLM's engine id (kv_transfer_config.engine_id)
 
     @property
     def url(self) -> str:

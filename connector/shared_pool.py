@@ -7,6 +7,11 @@ lookup until ``slots_valid_until`` (else a ``Pin`` first), then ``Loaded``. Comm
 out without waiting: at once on a CPU (the copy ran on this thread), once the copy's ``done``
 event has completed on a GPU (``settle``, from every connector call), with the copy's seconds.
 
+Granted slots age: the server reclaims a slot not committed within the lease time to live
+(``HelloReply.lease_ttl_s``), so this worker never starts a copy into a slot granted more than
+half of it ago (timed from when the request that brought it was sent); it drops such slots (the
+server takes them back) and asks for fresh ones.
+
 Ownership: one instance per registration, called from the vLLM worker's thread.
 """
 
@@ -78,6 +83,8 @@ class SharedPool:
         self.worker_id: int | None = None
         self.blocks_per_chunk = 0
         self.grants: list[int] = []  # free pool slots the server granted to this worker
+        self.granted_at: dict[int, float] = {}  # slot of grants -> when the request that granted it was sent
+        self.asked_at: dict[int, float] = {}  # rid of a posted Commit -> when it was sent (its reply grants)
         self.grant_target = 0
         self.in_flight: list[InFlight] = []  # GPU copies, in the order they were queued (and end)
         self.posted: list[tuple[int, int]] = []  # (rid, slots asked) of requests sent without waiting
@@ -93,6 +100,7 @@ class SharedPool:
             for copy in self.in_flight:  # ended; what they owed went with the old session
                 self.copier.seconds(*copy.copies)
         self.grants, self.in_flight, self.posted = [], [], []
+        self.granted_at, self.asked_at = {}, {}
         device = p.Device.CPU if self.device is None else p.Device.CUDA
         info = client.register_worker(self.layout, device, p.Copier.WORKER, self.segment_sizes)
         self.worker_id, self.blocks_per_chunk = info.worker_id, info.blocks_per_chunk
@@ -119,8 +127,10 @@ class SharedPool:
         blocks = self._blocks(spec.block_ids, num_chunks)
         if len(self.grants) < num_chunks:
             self.settle(client)  # replies of earlier commits may bring grants
+        self._drop_old_grants(client)
         asked = None
         if len(self.grants) < num_chunks:  # ask for the rest now; its reply is read once the first copies are queued
+            asked_at = time.monotonic()
             asked = client.post_grant(worker_id, num_chunks - len(self.grants))
         copies: list[CopyEvents] = []
         used: list[int] = []
@@ -142,7 +152,7 @@ class SharedPool:
                 asked = None
                 if not isinstance(reply, p.Granted):
                     raise LmcdError(f"no reply to Grant from the lmcd server within {client.timeout_s} s")
-                self.grants += reply.slots
+                self._add_grants(reply.slots, asked_at)
         except BaseException:
             self.grants = used + self.grants  # nothing is committed: the slots are still ours
             raise
@@ -155,7 +165,10 @@ class SharedPool:
         def commit(c: CacheClient, copy_seconds: float) -> None:  # and ask for slots up to the target
             coming = sum(want for _, want in self.posted)
             want = max(0, self.grant_target - len(self.grants) - coming)
-            self.posted.append((c.post_commit(worker_id, stored, used, want, copy_seconds), want))
+            sent_at = time.monotonic()
+            rid = c.post_commit(worker_id, stored, used, want, copy_seconds)
+            self.asked_at[rid] = sent_at
+            self.posted.append((rid, want))
 
         if copies:
             self.in_flight.append(InFlight(copies, commit, True))
@@ -232,10 +245,32 @@ class SharedPool:
             reply = client.collect(rid, timeout_s)
         except ServerError as exc:
             log.warning("LMCache server refused a request of %s after its copy: %s", self.name, exc)
+            self.asked_at.pop(rid, None)
             return True
         if isinstance(reply, p.Committed):
-            self.grants += reply.granted
+            self._add_grants(reply.granted, self.asked_at.get(rid, 0.0))
+        if reply is not None:
+            self.asked_at.pop(rid, None)
         return reply is not None
+
+    def _add_grants(self, slots: list[int], asked_at: float) -> None:
+        self.grants += slots
+        for slot in slots:
+            self.granted_at[slot] = asked_at
+
+    def _drop_old_grants(self, client: CacheClient) -> None:
+        """Forget granted slots older than half the lease time to live: the server may reclaim them
+        before a copy into them is committed (module docstring)."""
+        ttl = client.hello.lease_ttl_s if client.hello is not None else 0.0
+        if ttl <= 0:
+            return
+        fresh_after = time.monotonic() - ttl / 2
+        kept = [slot for slot in self.grants if self.granted_at.get(slot, 0.0) > fresh_after]
+        if len(kept) < len(self.grants):
+            log.debug("%s dropped %d granted slots older than %.1f s (half the lease timeout)", self.name,
+                      len(self.grants) - len(kept), ttl / 2)
+        self.grants = kept
+        self.granted_at = {slot: self.granted_at[slot] for slot in kept}
 
     def stores_done(self) -> bool:
         """Whether the stores sent so far are complete (GPU: polled; CPU: they complete in the call)."""

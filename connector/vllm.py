@@ -20,6 +20,7 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -130,6 +131,9 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         transfer = self._kv_transfer_config
         self.settings = ConnectorSettings.from_extra_config(transfer.kv_connector_extra_config,
                                                             autostart_default=self.autostart_default)
+        # the scheduler and every worker of this engine share its engine id (a uuid vLLM makes once, with
+        # "_dp<rank>" appended per data-parallel engine): they share the leases the scheduler takes
+        self.settings = dataclasses.replace(self.settings, instance_id=str(transfer.engine_id or ""))
         self.block_size = vllm_config.cache_config.block_size
         if self.settings.autostart:
             self.settings = ensure_local_server(self.settings, EmbeddedSettings.from_env())

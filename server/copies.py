@@ -7,6 +7,11 @@ server's event), and booked when the GPU has finished it.
 
 Ownership: the loop thread; a copy's ``finish`` is posted back to it from a copy or completion
 thread. A worker with copies in flight is never unmapped (``WorkerRegistry.copy_done``).
+
+Exception safety: whatever raises (the copy, the bookkeeping after it, counting, logging), every
+copy that was started ends exactly once: its chunks' stores end (``finish_store``: readable, or
+dropped if the copy failed) or its pins drop, the worker's and the server's in-flight counts go
+down, and the request gets its one reply (an ``Error`` if nothing else could be sent).
 """
 
 from __future__ import annotations
@@ -46,11 +51,16 @@ class ServerCopies:
         evictions_before = svc.index.num_evictions
         statuses: list[p.ChunkStatus] = []
         writing: list[tuple[Entry, int]] = []
-        for i, chunk_key in enumerate(req.chunk_keys):
-            entry, status = svc.index.begin_store(svc.key(worker, chunk_key), worker.chunk_bytes)
-            statuses.append(status)
-            if entry is not None:
-                writing.append((entry, i))
+        try:
+            for i, chunk_key in enumerate(req.chunk_keys):
+                entry, status = svc.index.begin_store(svc.key(worker, chunk_key), worker.chunk_bytes)
+                statuses.append(status)
+                if entry is not None:
+                    writing.append((entry, i))
+        except BaseException:  # no copy started: what began writing ends now
+            for entry, _ in writing:
+                svc.index.finish_store(entry, False)
+            raise
         svc.stats.evicted_chunks += svc.index.num_evictions - evictions_before
         svc.stats.store_present_chunks += statuses.count(p.ChunkStatus.PRESENT)
         refused = len(statuses) - len(writing) - statuses.count(p.ChunkStatus.PRESENT)
@@ -61,19 +71,20 @@ class ServerCopies:
         early = worker.gpu is not None  # GPU: answered at launch; the worker orders itself on our event
 
         def finish(error: BaseException | None, seconds: float) -> None:
-            for entry, i in writing:
+            for entry, i in writing:  # first the bookkeeping, which only asserts our own invariants
                 svc.index.finish_store(entry, error is None)
                 if error is not None:
                     statuses[i] = p.ChunkStatus.FAILED
+            line = None
             if error is None:  # counted before the reply (a scrape after it sees the store), logged after it
-                line = svc.count_store(worker, len(writing), seconds, log_line=False)
+                line = self._counted(lambda: svc.count_store(worker, len(writing), seconds, log_line=False))
             if not early:
                 text = f"copy failed: {error}" if error is not None else message
                 svc.send(session, p.StoreReply(req.rid, statuses, text), "store", started)
-            if error is None:
-                svc.log_copy("Stored", *line, seconds)
-            else:
+            if error is not None:
                 log.error("Store copy failed for worker %d: %s", worker.worker_id, error)
+            elif line is not None:
+                svc.log_copy("Stored", *line, seconds)
 
         entries = [entry for entry, _ in writing]
         self._copy(worker, entries, blocks[[i for _, i in writing]], True, 0, finish)
@@ -83,7 +94,7 @@ class ServerCopies:
         svc = self.service
         worker = svc.worker(session, req.worker_id, p.Copier.SERVER)
         blocks = self._blocks(worker, req.chunk_keys, req.block_ids, req.skip_blocks)
-        pinned = svc.pin_leading(worker, req.chunk_keys, req.lease_id)
+        pinned = svc.pin_leading(session, worker, req.chunk_keys, req.lease_id)
         if not pinned:
             return p.RetrieveReply(req.rid, 0)
         early = worker.gpu is not None
@@ -96,13 +107,25 @@ class ServerCopies:
                     svc.send(session, p.Error(req.rid, p.ErrorCode.INTERNAL, f"copy failed: {error}"), "retrieve",
                              started)
                 return
-            line = svc.count_retrieve(worker, len(pinned), req.skip_blocks, seconds, log_line=False)
+            line = self._counted(lambda: svc.count_retrieve(worker, len(pinned), req.skip_blocks, seconds,
+                                                            log_line=False))
             if not early:  # the reply before the log line, as for a store
                 svc.send(session, p.RetrieveReply(req.rid, len(pinned)), "retrieve", started)
-            svc.log_copy("Retrieved", *line, seconds)
+            if line is not None:
+                svc.log_copy("Retrieved", *line, seconds)
 
         self._copy(worker, pinned, blocks[: len(pinned)], False, req.skip_blocks, finish)
         return p.RetrieveReply(req.rid, len(pinned)) if early else None
+
+    @staticmethod
+    def _counted(count: Callable[[], tuple[int, int]]) -> tuple[int, int] | None:
+        """Count a copy that ended; a failure to count (a metrics hook) is logged, and the copy's
+        reply still goes out: the bytes were copied."""
+        try:
+            return count()
+        except Exception:
+            log.exception("Counting a copy failed")
+            return None
 
     @staticmethod
     def _blocks(worker: Worker, keys: list[bytes], block_ids: list[int], skip_blocks: int = 0) -> np.ndarray:
@@ -123,8 +146,11 @@ class ServerCopies:
 
         def done(error: BaseException | None, seconds: float) -> None:  # on a copy or completion thread
             def on_loop() -> None:
-                svc.workers.copy_done(worker)
                 self.pending -= 1
+                try:
+                    svc.workers.copy_done(worker)
+                except Exception:  # unmapping a departed worker failed: the copy still ends
+                    log.exception("Ending a copy of worker %d failed", worker.worker_id)
                 finish(error, seconds)
 
             svc.post(on_loop)

@@ -10,15 +10,31 @@ An entry is always in exactly one of these states::
                 when the last pin drops or the write finishes
 
 ``lru`` holds exactly the ready, indexed, unpinned entries, oldest first (``lru_by_size``
-holds the same entries split by chunk size), so eviction is O(1). Pinning removes an entry
-from ``lru``; unpinning puts it back as newest. The victim is the least recently used chunk
-of the size being stored, which frees a usable slot at once; only if no chunk of that size
-is evictable does the oldest chunk of any size go, until a whole slab frees up.
+holds the same entries split by chunk size; ``evictable_per_slab`` counts them per slab), so
+eviction is O(1) when the size being stored has an evictable chunk. Pinning removes an entry from
+``lru``; unpinning puts it back as newest.
+
+Eviction frees what the allocation needs and no more::
+
+    1. a free slot of the size (pool.allocate)                      -> nothing evicted
+    2. else the least recently used chunk of that size              -> ONE chunk evicted
+    3. else ONE whole slab whose every slot is an evictable chunk   -> that slab's chunks
+       (not pinned, not writing, not granted), the one whose newest
+       use is oldest: O(slabs) to choose it, O(lru) to collect its
+       chunks, once per slab that changes size
+    4. else nothing is evicted and the store is refused (REFUSED_FULL)
+
+A slab's "newest use" is a stamp raised whenever one of its chunks becomes evictable or is
+used; it never goes down (a slab whose newest chunk got pinned still counts as recently used).
+
+Namespaces: ``chunks_per_ns`` counts the indexed entries of each namespace id; when one
+drops to zero, ``on_namespace_empty`` is called (the service forgets a namespace nobody uses).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcd.protocol import ChunkStatus
@@ -35,6 +51,7 @@ class Entry:
     pins: int = 0
     ready: bool = False
     indexed: bool = True
+    slab: int = 0  # the pool slab holding ``slot`` (Pool.slab_of), kept to spare the hot path a division
 
 
 class ChunkIndex:
@@ -45,6 +62,11 @@ class ChunkIndex:
         self.entries: dict[IndexKey, Entry] = {}
         self.lru: OrderedDict[IndexKey, Entry] = OrderedDict()
         self.lru_by_size: dict[int, OrderedDict[IndexKey, Entry]] = {}
+        self.evictable_per_slab: dict[int, int] = {}  # slab -> how many of the lru's entries it holds
+        self._slab_use: dict[int, int] = {}  # slab -> stamp of its newest use (slabs in evictable_per_slab)
+        self._clock = 0
+        self.chunks_per_ns: dict[int, int] = {}
+        self.on_namespace_empty: Callable[[int], None] = lambda ns_id: None
         self.num_evictions = 0
 
     def __len__(self) -> int:
@@ -78,21 +100,38 @@ class ChunkIndex:
     # ------------------------------------------------------------ pins
 
     def _lru_add(self, entry: Entry) -> None:
-        self.lru[entry.key] = entry
-        self.lru_by_size.setdefault(entry.nbytes, OrderedDict())[entry.key] = entry
+        key, slab = entry.key, entry.slab
+        self.lru[key] = entry
+        same = self.lru_by_size.get(entry.nbytes)
+        if same is None:
+            same = self.lru_by_size[entry.nbytes] = OrderedDict()
+        same[key] = entry
+        counts = self.evictable_per_slab
+        counts[slab] = counts.get(slab, 0) + 1
+        self._clock += 1
+        self._slab_use[slab] = self._clock
 
     def _lru_remove(self, entry: Entry) -> None:
-        if self.lru.pop(entry.key, None) is not None:
+        key = entry.key
+        if self.lru.pop(key, None) is not None:
             same = self.lru_by_size[entry.nbytes]
-            del same[entry.key]
+            del same[key]
             if not same:
                 del self.lru_by_size[entry.nbytes]
+            slab, counts = entry.slab, self.evictable_per_slab
+            left = counts[slab] - 1
+            if left:
+                counts[slab] = left
+            else:
+                del counts[slab], self._slab_use[slab]
 
     def touch(self, entry: Entry) -> None:
         """Mark a ready, unpinned entry as just used."""
         if entry.key in self.lru:
             self.lru.move_to_end(entry.key)
             self.lru_by_size[entry.nbytes].move_to_end(entry.key)
+            self._clock += 1
+            self._slab_use[entry.slab] = self._clock
 
     def pin(self, entry: Entry) -> None:
         if entry.pins == 0 and entry.indexed:
@@ -128,8 +167,8 @@ class ChunkIndex:
         slot = self._allocate(nbytes)
         if slot is None:
             return None, ChunkStatus.REFUSED_FULL
-        entry = Entry(key, slot, nbytes)
-        self.entries[key] = entry
+        entry = Entry(key, slot, nbytes, slab=self.pool.slab_of(slot))
+        self._index(entry)
         return entry, ChunkStatus.STORED
 
     def finish_store(self, entry: Entry, ok: bool) -> None:
@@ -139,8 +178,7 @@ class ChunkIndex:
                 self.pool.free(entry.slot)
             return
         if not ok:
-            del self.entries[entry.key]
-            entry.indexed = False
+            self._unindex(entry)
             self.pool.free(entry.slot)
             return
         entry.ready = True
@@ -158,28 +196,60 @@ class ChunkIndex:
         if existing is not None:
             self.touch(existing)
             return ChunkStatus.PRESENT
-        entry = Entry(key, slot, nbytes, ready=True)
-        self.entries[key] = entry
+        entry = Entry(key, slot, nbytes, ready=True, slab=self.pool.slab_of(slot))
+        self._index(entry)
         self._lru_add(entry)
         return ChunkStatus.STORED
 
+    def _index(self, entry: Entry) -> None:
+        self.entries[entry.key] = entry
+        ns_id = entry.key[0]
+        self.chunks_per_ns[ns_id] = self.chunks_per_ns.get(ns_id, 0) + 1
+
+    def _unindex(self, entry: Entry) -> None:
+        """Drop an entry from the index (its slot is the caller's to free, now or at its last pin)."""
+        del self.entries[entry.key]
+        entry.indexed = False
+        ns_id = entry.key[0]
+        left = self.chunks_per_ns[ns_id] - 1
+        if left:
+            self.chunks_per_ns[ns_id] = left
+        else:
+            del self.chunks_per_ns[ns_id]
+            self.on_namespace_empty(ns_id)
+
     def _allocate(self, nbytes: int) -> SlotId | None:
-        while True:
-            slot = self.pool.allocate(nbytes)
-            if slot is not None:
-                return slot
-            same = self.lru_by_size.get(nbytes)
-            if same:
-                victim = next(iter(same.values()))
-            elif self.lru:
-                victim = next(iter(self.lru.values()))
-            else:
+        """A slot of ``nbytes``, evicting what that needs and no more (module docstring)."""
+        slot = self.pool.allocate(nbytes)
+        if slot is not None:
+            return slot
+        same = self.lru_by_size.get(nbytes)
+        if same:
+            self._evict(next(iter(same.values())))  # its slab now has a free slot of this size
+        else:
+            slab = self._oldest_freeable_slab()
+            if slab is None:
                 return None
-            self._lru_remove(victim)
-            del self.entries[victim.key]
-            victim.indexed = False
-            self.pool.free(victim.slot)
-            self.num_evictions += 1
+            for victim in [entry for entry in self.lru.values() if entry.slab == slab]:
+                self._evict(victim)  # the last one frees the slab for any size
+        slot = self.pool.allocate(nbytes)
+        assert slot is not None, "eviction freed no slot"
+        return slot
+
+    def _oldest_freeable_slab(self) -> int | None:
+        """The slab whose every allocated slot is an evictable chunk, least recently used first."""
+        best: int | None = None
+        slab_used, use = self.pool.slab_used, self._slab_use
+        for slab, num_evictable in self.evictable_per_slab.items():
+            if num_evictable == slab_used(slab) and (best is None or use[slab] < use[best]):
+                best = slab
+        return best
+
+    def _evict(self, victim: Entry) -> None:
+        self._lru_remove(victim)
+        self._unindex(victim)
+        self.pool.free(victim.slot)
+        self.num_evictions += 1
 
     # ------------------------------------------------------------ clear
 
@@ -194,4 +264,9 @@ class ChunkIndex:
         self.entries.clear()
         self.lru.clear()
         self.lru_by_size.clear()
+        self.evictable_per_slab.clear()
+        self._slab_use.clear()
+        emptied, self.chunks_per_ns = list(self.chunks_per_ns), {}
+        for ns_id in emptied:
+            self.on_namespace_empty(ns_id)
         return num_chunks

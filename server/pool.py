@@ -159,6 +159,14 @@ class Pool:
         elif was_full:
             cls.partial[slab.index] = slab
 
+    def slab_of(self, slot: SlotId) -> int:
+        """The index of the slab that holds ``slot``."""
+        return slot // self.slab_bytes
+
+    def slab_used(self, slab: int) -> int:
+        """How many slots of slab ``slab`` are allocated (0: the slab is free)."""
+        return self._slabs[slab].used
+
     def can_ever_fit(self, nbytes: int) -> bool:
         return 0 < nbytes <= self.slab_bytes
 

@@ -26,8 +26,9 @@ from lmcd.server.copies import ServerCopies
 from lmcd.server.gpu import CudaSupport
 from lmcd.server.grants import WorkerCopies
 from lmcd.server.index import ChunkIndex, Entry, IndexKey
-from lmcd.server.leases import LeaseTable
+from lmcd.server.leases import LeaseHolder, LeaseOwner, LeaseTable, holder_of
 from lmcd.server.metrics import Stats
+from lmcd.server.namespaces import NamespaceTable
 from lmcd.server.pool import Pool
 from lmcd.server.session import Post, RequestError, Send, Session
 from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
@@ -50,8 +51,7 @@ class CacheService:
         self.stats = Stats()
         self.send = send
         self.post = post
-        self._namespaces: dict[tuple[str, str, str, int], int] = {}
-        self._namespace_chunk_bytes: dict[int, int] = {}
+        self.namespaces = NamespaceTable(self.index)
         self.server_copies = ServerCopies(self)
         self.worker_copies = WorkerCopies(self)
         self.full_status: Callable[[], dict[str, object]] = self.status  # the server adds sessions etc.
@@ -79,7 +79,7 @@ class CacheService:
             case p.Retrieve():
                 return self.server_copies.retrieve(session, request, started)
             case p.Release(rid=rid, lease_id=lease_id):
-                return p.Released(rid, self.release(lease_id))
+                return p.Released(rid, self.release(session, lease_id))
             case p.Grant():
                 return self.worker_copies.grant(session, request)
             case p.Commit():
@@ -117,9 +117,7 @@ class CacheService:
             raise RequestError(p.ErrorCode.BAD_REQUEST, f"rank {ns.rank} is not below world size {ns.world_size}")
         if req.role == p.Role.WORKER and ns.rank is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST, "a worker session must give its rank in the namespace")
-        key = (ns.model, ns.kv_dtype, ns.geometry, ns.world_size)
-        session.ns_id = self._namespaces.setdefault(key, len(self._namespaces) + 1)
-        session.hello = req
+        self._join(session, req)
         log.debug("Session %d hello: role=%s pid=%d namespace=%s", session.session_id, req.role.name, req.pid, ns)
         capabilities = (CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
                         + (["cuda-ipc"] if self.workers.cuda is not None else []))
@@ -127,11 +125,50 @@ class CacheService:
                             p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name,
                             self.config.lease_timeout_s)
 
-    def disconnect(self, session: Session) -> None:
-        """The session's peer is gone: release its leases, grants and workers at once."""
-        self.stats.disconnects += 1
-        released = self.leases.release_session(session.session_id)
+    def _join(self, session: Session, req: p.Hello) -> None:
+        """The session takes its namespace and lease owner (leases.py) from ``req``; a second Hello
+        takes the new ones before it leaves the old ones, so that the same ones are kept."""
+        ns = req.namespace
+        old_ns_id = session.ns_id
+        old_holder = self.lease_holder(session) if old_ns_id is not None else None
+        ns_id = self.namespaces.acquire((ns.model, ns.kv_dtype, ns.geometry, ns.world_size))
+        if old_ns_id not in (None, ns_id) and self.workers.for_session(session.session_id):
+            self.namespaces.release(ns_id)
+            raise RequestError(p.ErrorCode.BAD_REQUEST, "this session has workers registered in its namespace; "
+                               "unregister them before a Hello with another namespace")
+        session.ns_id, session.hello = ns_id, req
+        self.leases.join(self.lease_holder(session))
+        if old_ns_id is not None and old_holder is not None:
+            self._leave(old_ns_id, old_holder)
+
+    def _leave(self, ns_id: int, holder: LeaseHolder) -> list[Entry]:
+        """A session leaves its namespace and lease holder; returns the lease entries it unpinned."""
+        released = self.leases.leave(holder)
         self.unpin(released)
+        self.namespaces.release(ns_id)
+        return released
+
+    @staticmethod
+    def lease_owner(session: Session) -> LeaseOwner:
+        """Whose leases this session may take, release and consume: its instance's (leases.py)."""
+        assert session.hello is not None and session.ns_id is not None
+        return (session.ns_id, session.hello.instance_id)
+
+    def lease_holder(self, session: Session) -> LeaseHolder:
+        """Whose sessions keep the leases this session takes (leases.py)."""
+        return holder_of(self.lease_owner(session), session.session_id)
+
+    def create_lease(self, session: Session, by_rank: dict[int, list[Entry]]) -> int:
+        owner = self.lease_owner(session)
+        return self.leases.create(owner, holder_of(owner, session.session_id), by_rank).lease_id
+
+    def disconnect(self, session: Session) -> None:
+        """The session's peer is gone: release its leases (an instance's, when it was the instance's last
+        session), grants and workers at once."""
+        self.stats.disconnects += 1
+        released: list[Entry] = []
+        if session.hello is not None and session.ns_id is not None:
+            released = self._leave(session.ns_id, self.lease_holder(session))
         self.worker_copies.drop_grants(session)
         workers = self.workers.for_session(session.session_id)
         for worker in workers:
@@ -160,7 +197,7 @@ class CacheService:
         if problem:
             self.workers.remove(worker)
             raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, problem)
-        self._namespace_chunk_bytes.setdefault(session.ns_id, worker.chunk_bytes)
+        self.namespaces.chunk_bytes.setdefault(session.ns_id, worker.chunk_bytes)
         layout = req.layout
         if req.copier == p.Copier.WORKER:
             where = "the worker's own memory; it copies through the shared pool"
@@ -182,7 +219,7 @@ class CacheService:
         if not self.pool.can_ever_fit(chunk_bytes):
             return (f"one chunk of this layout takes {chunk_bytes / 2**20:.1f} MiB, more than the pool's slab of "
                     f"{self.pool.slab_bytes / 2**20:.1f} MiB: lower --chunk-size or raise --l1-size-gb")
-        known = self._namespace_chunk_bytes.get(ns_id)
+        known = self.namespaces.chunk_bytes.get(ns_id)
         if known is not None and known != chunk_bytes:
             return (f"this namespace already holds chunks of {known} bytes, this layout makes {chunk_bytes}: "
                     "put the page geometry into the namespace so that different layouts never share chunks")
@@ -219,29 +256,30 @@ class CacheService:
             return p.LookupReply(req.rid, num_hits, None)
         for part in parts:
             self.index.pin_many(part)
-        lease_id = self.leases.create(session.session_id, dict(zip(ranks, parts, strict=True))).lease_id
+        lease_id = self.create_lease(session, dict(zip(ranks, parts, strict=True)))
         if req.slots and self.pool.segment is not None:  # workers that copy themselves read these
             return p.LookupReply(req.rid, num_hits, lease_id, [[e.slot for e in part] for part in parts])
         return p.LookupReply(req.rid, num_hits, lease_id)
 
-    def release(self, lease_id: int) -> int:
-        entries = self.leases.release(lease_id)
+    def release(self, session: Session, lease_id: int) -> int:
+        entries = self.leases.release(lease_id, self.lease_owner(session))
         if entries is None:
             raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or already over")
         self.unpin(entries)
         return len(entries)
 
-    def take_lease(self, lease_id: int, rank: int) -> list[Entry]:
-        """Rank ``rank``'s pinned entries of a lease (now owned by the caller)."""
-        part = self.leases.take(lease_id, rank)
+    def take_lease(self, session: Session, lease_id: int, rank: int) -> list[Entry]:
+        """Rank ``rank``'s pinned entries of a lease of the session's owner (now owned by the caller)."""
+        part = self.leases.take(lease_id, rank, self.lease_owner(session))
         if part is None:
             raise RequestError(p.ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is unknown or expired; look up again")
         return part
 
-    def pin_leading(self, worker: Worker, keys: list[bytes], lease_id: int | None) -> list[Entry]:
+    def pin_leading(self, session: Session, worker: Worker, keys: list[bytes], lease_id: int | None) -> list[Entry]:
         """Pin the leading cached chunks of ``keys`` (taking this rank's part of a lease); every
         returned entry holds one pin owned by the caller."""
-        leased = {entry.key: entry for entry in self.take_lease(lease_id, worker.rank)} if lease_id is not None else {}
+        leased = ({entry.key: entry for entry in self.take_lease(session, lease_id, worker.rank)}
+                  if lease_id is not None else {})
         pinned: list[Entry] = []
         for chunk_key in keys:
             key = self.key(worker, chunk_key)
@@ -262,6 +300,7 @@ class CacheService:
         before = self.leases.num_expired
         self.unpin(self.leases.expire(now))
         self.stats.expired_leases += self.leases.num_expired - before
+        self.worker_copies.expire_grants(now)
 
     # ------------------------------------------------------------ helpers
 
@@ -320,6 +359,9 @@ class CacheService:
             },
             "counters": self.stats.as_dict(),
             "leases": len(self.leases),
+            "namespaces": len(self.namespaces),
+            "grants": {"granted_slots": self.worker_copies.num_granted,
+                       "reclaimed_slots": self.worker_copies.num_reclaimed},
             "workers": [
                 {"worker_id": w.worker_id, "session_id": w.session_id, "pid": w.pid,
                  "device": w.device.name.lower(), "copier": w.copier.name.lower(), "rank": w.rank,

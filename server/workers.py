@@ -130,8 +130,13 @@ class Worker:
         self.mmaps.clear()
 
 
+MAX_LAYOUT_BYTES = 1 << 48  # any size, offset or span of a layout: int64 address arithmetic never nears 2**63
+
+
 def validate_layout(layout: p.KVLayout, segment_sizes: list[int], chunk_size: int) -> int:
-    """Check the page geometry against the segments; returns blocks per chunk."""
+    """Check every field of the page geometry against the segments, whatever ``num_blocks`` is, so
+    that every page of every plane lies inside its segment and no address computed from it can
+    overflow int64; returns blocks per chunk. RegistrationError names the field and its bound."""
     if chunk_size % layout.block_size:
         raise RegistrationError(
             f"the server's chunk size ({chunk_size} tokens) is not a multiple of the engine's block size "
@@ -142,16 +147,23 @@ def validate_layout(layout: p.KVLayout, segment_sizes: list[int], chunk_size: in
                                 "plane segments; they must match")
     if layout.num_layers > layout.num_planes:
         raise RegistrationError(f"{layout.num_layers} layers cannot fit in {layout.num_planes} planes")
-    if layout.page_bytes > layout.block_stride and layout.num_blocks > 1:
-        raise RegistrationError(f"page_bytes {layout.page_bytes} exceeds block_stride {layout.block_stride}")
+    for name, value in (("page_bytes", layout.page_bytes), ("block_stride", layout.block_stride),
+                        ("num_blocks", layout.num_blocks), ("the largest segment size", max(segment_sizes)),
+                        ("the largest plane offset", max(layout.plane_offsets))):
+        if value > MAX_LAYOUT_BYTES:
+            raise RegistrationError(f"layout {name} {value} exceeds {MAX_LAYOUT_BYTES} (2**48); describe the KV "
+                                    "memory with the sizes it really has")
+    if layout.page_bytes > layout.block_stride:
+        raise RegistrationError(f"page_bytes {layout.page_bytes} exceeds block_stride {layout.block_stride}: pages "
+                                "of one plane would overlap")
     span = (layout.num_blocks - 1) * layout.block_stride + layout.page_bytes
     for plane, (offset, seg) in enumerate(zip(layout.plane_offsets, layout.plane_segments, strict=True)):
         if seg >= len(segment_sizes):
             raise RegistrationError(f"plane {plane} names segment {seg}, but only {len(segment_sizes)} were sent")
         if offset + span > segment_sizes[seg]:
             raise RegistrationError(
-                f"plane {plane} needs bytes up to {offset + span} of segment {seg}, "
-                f"which holds {segment_sizes[seg]} bytes"
+                f"plane {plane} needs bytes up to {offset + span} of segment {seg} ({layout.num_blocks} blocks "
+                f"{layout.block_stride} bytes apart from offset {offset}), which holds {segment_sizes[seg]} bytes"
             )
     return chunk_size // layout.block_size
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from lmcd import copyplan
 from lmcd.copyplan import BlockIdError, CopyPlan, check_blocks, plan, split
 from lmcd.protocol import ChunkStatus, KVLayout
 from lmcd.server.index import ChunkIndex, Entry
-from lmcd.server.leases import LeaseTable
+from lmcd.server.leases import LeaseTable, holder_of
 from lmcd.server.pool import MAX_SLAB_BYTES, PAGE, Pool, slab_bytes_for
 from lmcd.server.transfer import MIN_BYTES_PER_THREAD, CopyThreads
 
@@ -455,6 +456,8 @@ def test_index_random_operations_keep_accounting(pools, seed: int) -> None:
         assert index.pool.used_bytes == PAGE * len(live)
         assert all(e.ready and e.pins == 0 and e.indexed for e in index.lru.values())
         assert set(index.lru) == {k for k, e in index.entries.items() if e.ready and e.pins == 0}
+        assert index.evictable_per_slab == dict(Counter(e.slab for e in index.lru.values()))
+        assert sum(index.chunks_per_ns.values()) == len(index)
         assert index.pool.used_bytes <= index.pool.capacity_bytes
 
 
@@ -465,53 +468,95 @@ def entries_for(n: int, rank: int = 0) -> list[Entry]:
     return [Entry(key(i, rank=rank), i * PAGE, PAGE) for i in range(n)]  # type: ignore[arg-type]
 
 
+A, B = (1, ""), (2, "")  # the anonymous instances of namespaces 1 and 2
+HA, HB = holder_of(A, 7), holder_of(B, 8)  # held by sessions 7 and 8
+
+
 def test_lease_take_per_rank_and_release() -> None:
     table = LeaseTable(60.0)
     r0, r1 = entries_for(2, 0), entries_for(3, 1)
-    lease = table.create(7, {0: r0, 1: r1})
+    lease = table.create(A, HA, {0: r0, 1: r1})
     assert len(table) == 1
-    assert table.take(lease.lease_id, 0) == r0
+    assert table.take(lease.lease_id, 0, A) == r0
     assert len(table) == 1  # rank 1 has not taken its part
-    assert table.take(lease.lease_id, 0) == []  # taken already
-    assert table.take(lease.lease_id, 1) == r1
+    assert table.take(lease.lease_id, 0, A) == []  # taken already
+    assert table.take(lease.lease_id, 1, A) == r1
     assert len(table) == 0 and table.next_expiry() is None
-    assert table.take(lease.lease_id, 1) is None
-    assert table.release(lease.lease_id) is None
-    other = table.create(7, {0: entries_for(1)})
+    assert table.take(lease.lease_id, 1, A) is None
+    assert table.release(lease.lease_id, A) is None
+    other = table.create(A, HA, {0: entries_for(1)})
     assert other.lease_id != lease.lease_id
-    assert table.release(other.lease_id) == other.entries()
-    assert table.release(other.lease_id) is None
+    assert table.release(other.lease_id, A) == other.entries()
+    assert table.release(other.lease_id, A) is None
     assert len(table) == 0
 
 
 def test_lease_expire_in_order() -> None:
     table = LeaseTable(0.5)
-    a = table.create(1, {0: entries_for(2)})
-    b = table.create(2, {0: entries_for(1)})
+    a = table.create(A, HA, {0: entries_for(2)})
+    b = table.create(B, HB, {0: entries_for(1)})
     assert table.next_expiry() == a.expires_at
     assert a.expires_at <= b.expires_at
     assert table.expire(a.expires_at - 0.01) == [] and len(table) == 2
     assert table.expire(a.expires_at) == a.entries()
     assert table.num_expired == 1 and len(table) == 1
-    assert table.take(a.lease_id, 0) is None  # a is gone, b is not
+    assert table.take(a.lease_id, 0, A) is None  # a is gone, b is not
     assert table.next_expiry() == b.expires_at
     assert len(table.expire(b.expires_at + 100)) == 1
     assert table.num_expired == 2 and table.next_expiry() is None
-    assert table.take(b.lease_id, 0) is None
+    assert table.take(b.lease_id, 0, B) is None
 
 
-def test_lease_release_session() -> None:
+def test_lease_leave_of_the_session_that_took_them() -> None:
     table = LeaseTable(60.0)
-    mine = [table.create(5, {0: entries_for(2)}) for _ in range(3)]
-    theirs = table.create(6, {0: entries_for(4)})
-    table.take(mine[0].lease_id, 0)  # consumed already
-    released = table.release_session(5)
+    mine = [table.create(A, HA, {0: entries_for(2)}) for _ in range(3)]
+    theirs = table.create(A, holder_of(A, 9), {0: entries_for(4)})  # same namespace, another session
+    table.take(mine[0].lease_id, 0, A)  # consumed already
+    table.join(HA)
+    released = table.leave(HA)
     assert len(released) == 4  # two open leases of 2 entries
     assert len(table) == 1 and table.next_expiry() == theirs.expires_at
-    assert table.release_session(5) == []
-    assert table.release_session(999) == []
+    assert table.leave(HA) == []
+    assert table.leave(holder_of(A, 999)) == []
     assert table.num_expired == 0
-    assert table.release(theirs.lease_id) == theirs.entries()
+    assert table.release(theirs.lease_id, A) == theirs.entries()
+
+
+def test_leases_answer_only_their_owner_as_if_missing() -> None:
+    table = LeaseTable(60.0)
+    inst = (1, "engine-a")
+    lease = table.create(inst, holder_of(inst, 7), {0: entries_for(1, 0), 1: entries_for(1, 1)})
+    for stranger in (A, (1, "engine-b"), (2, "engine-a")):
+        assert table.take(lease.lease_id, 0, stranger) is None  # the same answer as a lease that is not there
+        assert table.release(lease.lease_id, stranger) is None
+    assert table.leave(holder_of((1, "engine-b"), 7)) == [] and table.leave(HA) == []
+    assert len(table) == 1
+    assert len(table.take(lease.lease_id, 0, inst) or []) == 1  # a worker of the instance consumes
+    assert len(table.release(lease.lease_id, inst) or []) == 1  # and its scheduler may release the rest
+
+
+def test_an_instances_leases_live_until_its_last_session_leaves() -> None:
+    table = LeaseTable(60.0)
+    inst = (3, "engine")
+    held = holder_of(inst, 11)
+    assert held == holder_of(inst, 12)  # whichever of its sessions took it
+    table.join(held)  # the scheduler
+    table.join(held)  # a worker
+    lease = table.create(inst, held, {0: entries_for(2)})
+    assert table.leave(held) == []  # the scheduler went: its worker may still consume
+    assert len(table) == 1
+    assert table.leave(held) == lease.entries()  # the last session went: released at once
+    assert len(table) == 0
+
+
+def test_lease_ids_are_random_63_bit_and_never_a_live_ones() -> None:
+    table = LeaseTable(60.0)
+    ids = [table.create(A, HA, {0: entries_for(1)}).lease_id for _ in range(2000)]
+    assert len(set(ids)) == len(ids) and all(0 < i < 2**63 for i in ids)
+    assert max(ids) > 2**60 and min(ids) < 2**62  # spread over the 63 bits, not counted from 1
+    assert sum(b - a == 1 for a, b in zip(ids, ids[1:], strict=False)) == 0  # not sequential
+    fresh = LeaseTable(60.0)  # a restarted server: none of the old ids names its leases
+    assert not {fresh.create(A, HA, {0: entries_for(1)}).lease_id for _ in range(2000)} & set(ids)
 
 
 # ---------------------------------------------------------------- lmcd.copyplan
@@ -826,3 +871,75 @@ def test_eviction_prefers_the_size_being_stored(pools) -> None:
     # the oldest 128 MiB chunk goes (one eviction), not the four older 64 MiB ones
     assert index.num_evictions == 1
     assert {k[2][0] for k in index.entries} == {0, 1, 2, 3, 5, 100}
+
+
+# ---------------------------------------------------------------- eviction across chunk sizes (issue 13, item 5)
+
+KiB = 1 << 10
+
+
+def gigabyte_of_512k_chunks(pools) -> tuple[ChunkIndex, int]:
+    """A 1 GiB pool (4 slabs of 256 MiB) holding 2,048 chunks of 512 KiB, used round robin over the slabs
+    (as lookups leave them), so that every slab holds old and new chunks."""
+    index = ChunkIndex(pools(4 * MAX_SLAB_BYTES))
+    num = 4 * MAX_SLAB_BYTES // (512 * KiB)
+    entries = [stored(index, i, 512 * KiB) for i in range(num)]
+    per_slab = num // 4
+    for k in range(per_slab):
+        for slab in range(4):
+            index.touch(entries[slab * per_slab + k])
+    return index, num
+
+
+def test_a_second_chunk_size_evicts_one_slab_not_the_cache(pools) -> None:
+    index, num = gigabyte_of_512k_chunks(pools)
+    entry, status = index.begin_store(key(10**6), 256 * KiB)
+    assert status == ChunkStatus.STORED and entry is not None
+    assert index.num_evictions == num // 4  # one slab's 512 chunks (the whole cache before the fix)
+    assert index.pool.slab_of(entry.slot) == 0  # the slab whose newest chunk is the oldest
+    assert {k[2] for k in index.entries} == {key(i)[2] for i in range(num // 4, num)} | {key(10**6)[2]}
+    index.finish_store(entry, True)
+    for i in range(1, 1024):  # the rest of that slab takes the new size without another eviction
+        assert index.begin_store(key(10**6 + i), 256 * KiB)[1] == ChunkStatus.STORED
+    assert index.num_evictions == num // 4
+
+
+def test_nothing_is_evicted_when_no_slab_can_be_freed(pools) -> None:
+    index, num = gigabyte_of_512k_chunks(pools)
+    per_slab = num // 4
+    for slab in range(4):  # one pinned chunk per slab: no slab can change size
+        index.pin(index.entries[key(slab * per_slab + 7)])
+    assert index.begin_store(key(10**6), 256 * KiB) == (None, ChunkStatus.REFUSED_FULL)
+    assert index.allocate_free(256 * KiB) is None  # a worker's grant takes the same path
+    assert index.num_evictions == 0 and len(index) == num
+    index.unpin(index.entries[key(2 * per_slab + 7)])  # slab 2 is freeable now, and only slab 2
+    slot = index.allocate_free(256 * KiB)
+    assert slot is not None and index.pool.slab_of(slot) == 2
+    assert index.num_evictions == per_slab and len(index) == num - per_slab
+
+
+def test_a_slab_with_a_chunk_being_written_or_granted_is_not_freed(pools) -> None:
+    index = ChunkIndex(pools(3 * MAX_SLAB_BYTES))  # 3 slabs of 64 MiB chunks, 4 per slab, slab 0 oldest
+    for i in range(11):
+        stored(index, i, 64 * MiB)
+    writing, _ = index.begin_store(key(11), 64 * MiB)  # slab 2: one chunk still being written
+    granted = index.allocate_free(64 * MiB)  # no free slot: evicts chunk 0 (its size); slab 0 holds a grant
+    assert writing is not None and granted is not None and index.pool.slab_of(granted) == 0
+    assert index.num_evictions == 1
+    entry, status = index.begin_store(key(100), 128 * MiB)
+    assert status == ChunkStatus.STORED and entry is not None
+    assert index.pool.slab_of(entry.slot) == 1  # slab 0 (granted) and slab 2 (writing) are kept whole
+    assert index.num_evictions == 1 + 4
+    assert {k[2][0] for k in index.entries} == {1, 2, 3, 8, 9, 10, 11, 100}
+
+
+def test_eviction_of_the_same_size_scans_no_slabs(pools, monkeypatch) -> None:
+    index, num = gigabyte_of_512k_chunks(pools)
+    asked: list[int] = []
+    slab_used = index.pool.slab_used
+    monkeypatch.setattr(index.pool, "slab_used", lambda slab: asked.append(slab) or slab_used(slab))
+    for i in range(100):
+        stored(index, 10**6 + i, 512 * KiB)
+    assert index.num_evictions == 100 and asked == []  # one LRU chunk each: O(1), no slab consulted
+    assert index.begin_store(key(2 * 10**6), 256 * KiB)[1] == ChunkStatus.STORED
+    assert 0 < len(asked) <= 4  # another size: the slabs holding evictable chunks, once each
