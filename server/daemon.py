@@ -7,9 +7,24 @@ piece of cache state. Copy threads and the HTTP thread never touch that state: t
 callables to the loop with ``post`` (a queue plus a wake-up pipe the loop polls), and the
 HTTP thread waits for the answer with ``call`` and a deadline.
 
-Sessions: one per client DEALER socket (ZMQ routing id). A socket monitor reports every
-disconnect with the connection's file descriptor; the first frame of a session tells its
-descriptor (ZMQ_SRCFD), so a disconnect releases that session's leases and workers at once.
+Sessions and connections (the table is ``server/connections.py``, whose docstring has the why):
+  - one session per client DEALER socket (ZMQ routing id), made by its first frame, on the
+    connection that frame came on (ZMQ_SRCFD); the socket monitor (read with no queue limit)
+    reports every accept and disconnect with the connection's descriptor;
+  - a disconnect ends every session of that descriptor at once: leases, grants and workers go;
+  - the first frame of a new routing id is read with the monitor drained first: if its connection
+    is gone already, no session is made and nothing is answered (``late_frames``);
+  - a reply that cannot be sent (ROUTER_MANDATORY) ends its session on the next loop turn;
+  - at most ``max_connections`` connections are open (the soft open-file limit is raised to the
+    hard one at start); a connection over the cap, or with no session through Hello within the
+    handshake timeout, is cut (shut down; ZMQ then reports its disconnect).
+
+Frames: a frame before Hello may take at most ``MAX_FRAME_BYTES_BEFORE_HELLO`` (64 KiB) and is
+refused unread if larger; no frame is copied out of ZMQ; an undecodable frame's rid comes from its
+msgpack header alone (``peek_rid``), so no frame costs more than its own bytes.
+
+Signals (``_install_signal_handlers``, the one place): INT, TERM, QUIT and HUP stop the loop and
+``shutdown()`` runs (exit code 0); USR1 and USR2 log one status line and keep serving.
 """
 
 from __future__ import annotations
@@ -439,7 +454,7 @@ class CacheServer:
             {"session_id": s.session_id, "role": s.hello.role.name.lower() if s.hello else None,
              "pid": s.hello.pid if s.hello else None, "client_name": s.hello.client_name if s.hello else None,
              "namespace": msgspec.structs.asdict(s.hello.namespace) if s.hello else None,
-             "connected_s": round(now - s.connected_at, 3)}
+             "connected_s": round(now - s.connected_at, 3), "fd": s.fd}
             for s in self.connections.sessions.values()
         ]
         out["connections"] = self.connections.status()
