@@ -94,9 +94,13 @@ class Connections:
     def __init__(self, endpoint: str, open_file_limit: int) -> None:
         wanted = int(_env_number("LMCD_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS))
         self.max_connections = max(MIN_CONNECTIONS, min(wanted, open_file_limit - FD_RESERVE))
-        self.cap_reason = (f"LMCD_MAX_CONNECTIONS {wanted}" if self.max_connections == wanted else
-                           f"the open-file limit {open_file_limit} less {FD_RESERVE} kept for the sidecar, pool, "
-                           "copies and handoff")
+        if self.max_connections < wanted:
+            self.cap_reason = (f"the open-file limit {open_file_limit} less {FD_RESERVE} kept for the sidecar, pool, "
+                               "copies and handoff")
+        elif "LMCD_MAX_CONNECTIONS" in os.environ:
+            self.cap_reason = "LMCD_MAX_CONNECTIONS"
+        else:
+            self.cap_reason = "the default; LMCD_MAX_CONNECTIONS sets it"
         self.handshake_timeout_s = _env_number("LMCD_HANDSHAKE_TIMEOUT_S", DEFAULT_HANDSHAKE_TIMEOUT_S)
         self._endpoint = endpoint
         self.sessions: dict[bytes, Session] = {}
@@ -113,9 +117,8 @@ class Connections:
         self._logged_at = {"over_cap": -WARNING_INTERVAL_S, "idle": -WARNING_INTERVAL_S}
 
     def describe(self) -> str:
-        return (f"at most {self.max_connections} open ZMQ connections ({self.cap_reason}; LMCD_MAX_CONNECTIONS "
-                f"sets it); peers that have not said Hello within {self.handshake_timeout_s:g} s are cut "
-                "(LMCD_HANDSHAKE_TIMEOUT_S)")
+        return (f"at most {self.max_connections} open ZMQ connections ({self.cap_reason}); peers that have not "
+                f"said Hello within {self.handshake_timeout_s:g} s are cut (LMCD_HANDSHAKE_TIMEOUT_S)")
 
     # ------------------------------------------------------------ monitor events
 
@@ -196,6 +199,8 @@ class Connections:
 
     def expire(self, now: float) -> None:
         """Cut the connections past their handshake deadline with no session through Hello."""
+        for kind in self._unlogged:
+            self._flush(kind, now)
         by_age, deadline = self._by_age, now - self.handshake_timeout_s
         while by_age and by_age[0].accepted_at <= deadline:
             conn = by_age.popleft()
@@ -223,25 +228,36 @@ class Connections:
     def _is_ours(self, sock: socket.socket) -> bool:
         """The descriptor is still a stream socket of our endpoint (not one the kernel reused for
         something else since the event)."""
-        if sock.type != socket.SOCK_STREAM:
-            return False
+        if sock.type != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False  # not a connection (a listener has our address too)
         if self._endpoint.startswith("ipc://"):
-            return sock.family == socket.AF_UNIX and sock.getsockname() == self._endpoint[len("ipc://"):]
+            path = self._endpoint[len("ipc://"):]
+            if path.startswith("@"):  # the abstract namespace
+                path = "\0" + path[1:]
+            name = sock.getsockname()
+            if isinstance(name, bytes):
+                name = name.decode(errors="replace")
+            return sock.family == socket.AF_UNIX and name == path
         port = int(self._endpoint.rsplit(":", 1)[1])
         return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getsockname()[1] == port
 
     def _note(self, kind: str, now: float) -> None:
-        """A rate-limited log line per kind of cut: at once, then at most one per WARNING_INTERVAL_S."""
         self._unlogged[kind] += 1
-        if now - self._logged_at[kind] < WARNING_INTERVAL_S:
+        self._flush(kind, now)
+
+    def _flush(self, kind: str, now: float) -> None:
+        """A rate-limited log line per kind of cut: at once, then at most one per WARNING_INTERVAL_S
+        with the count since (``expire`` flushes what a quiet spell left unlogged)."""
+        count = self._unlogged[kind]
+        if not count or now - self._logged_at[kind] < WARNING_INTERVAL_S:
             return
-        count, self._unlogged[kind], self._logged_at[kind] = self._unlogged[kind], 0, now
+        self._unlogged[kind], self._logged_at[kind] = 0, now
         if kind == "over_cap":
-            log.warning("Cut %d new connections over the cap of %d open ZMQ connections (%s): raise the open-file "
+            log.warning("Cut %d new connection(s) over the cap of %d open ZMQ connections (%s): raise the open-file "
                         "limit (ulimit -n, systemd LimitNOFILE, the container's nofile) or LMCD_MAX_CONNECTIONS",
                         count, self.max_connections, self.cap_reason)
         else:
-            log.info("Cut %d connections that had not said Hello within %g s (LMCD_HANDSHAKE_TIMEOUT_S)",
+            log.info("Cut %d connection(s) that had not said Hello within %g s (LMCD_HANDSHAKE_TIMEOUT_S)",
                      count, self.handshake_timeout_s)
 
     @property

@@ -219,20 +219,22 @@ def test_idle_connections_are_capped_and_the_sidecar_keeps_answering(limited_ser
             probe_started = time.monotonic()
             try:
                 r = httpx.get(f"{server.http_url}/healthcheck", timeout=HTTP_TIMEOUT_S)
-            except httpx.TimeoutException:
-                pytest.fail(f"/healthcheck did not answer within {HTTP_TIMEOUT_S} s with {len(idle)} idle connections")
+            except httpx.HTTPError as exc:
+                pytest.fail(f"/healthcheck failed ({type(exc).__name__}: {exc}) after "
+                            f"{time.monotonic() - probe_started:.1f} s with {len(idle)} idle connections; "
+                            f"log:\n{server.log()[-3000:]}")
             probes.append(time.monotonic() - probe_started)
             assert r.status_code == 200, r.text
             time.sleep(0.1)
         opener.join()
         assert len(idle) >= 300, f"only {len(idle)} of 400 TCP connections were accepted"
-        assert max(probes) < HTTP_TIMEOUT_S
+        assert max(probes) < HTTP_TIMEOUT_S, probes
         cap = int(server.wait_for_log(r"at most (\d+) open ZMQ connections", timeout=1).group(1))
         assert cap <= 256 - 32, server.log()
         server.wait_for_log(r"over the cap of \d+ open ZMQ connections", timeout=5)
         # a well-behaved client gets in once the idle ones' handshake time is up (a connection cut over
         # the cap loses its Hello: the client sees a timeout, and tries again)
-        server.wait_for_log(r"Cut \d+ connections that had not said Hello within 3 s", timeout=10)
+        server.wait_for_log(r"Cut \d+ connection\(s\) that had not said Hello within 3 s", timeout=10)
         attempts = 0
         while True:
             attempts += 1
