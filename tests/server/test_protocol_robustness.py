@@ -245,7 +245,9 @@ def hostile_frames(rng: np.random.Generator) -> Iterator[tuple[bytes | list[byte
             yield [enc(["ping", 1000 + i])] * int(rng.integers(2, 4)), 0
 
 
-def test_barrage_of_bad_frames_is_answered_counted_and_survived(server, raw_factory):
+def test_barrage_of_bad_frames_is_answered_counted_and_survived(server_factory, raw_factory):
+    # the barrage comes before Hello and may take longer than the handshake timeout on a slow host
+    server = server_factory("--l1-size-gb", "0.25", env={"LMCD_HANDSHAKE_TIMEOUT_S": "120"})
     rng = np.random.default_rng(20240601)
     raw = raw_factory(server.url)
     sent_bad = 0
