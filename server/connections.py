@@ -129,15 +129,17 @@ class Connections:
         over_cap: list[Connection] = []
         for accepted, fd in events:
             if accepted:
+                if self._fds.get(fd) is not None:  # its disconnect never came (ZMQ says it always does)
+                    ended.extend(self._closed(fd))
                 conn = Connection(fd, now)
                 self._fds[fd] = conn
                 self.accepted += 1
-                self._by_age.append(conn)
                 if self._num_live >= self.max_connections:
                     conn.cut = True
                     over_cap.append(conn)
                 else:
                     self._num_live += 1
+                    self._by_age.append(conn)
             else:
                 ended.extend(self._closed(fd))
         for conn in over_cap:  # cut only what is still open after the whole batch
