@@ -28,7 +28,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import ServerTimeout
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import RUNNING, RunningServer, connect, namespace, server_command
+from tests.conftest import RUNNING, RunningServer, connect, namespace, server_command, shm_names
 
 HTTP_TIMEOUT_S = 2.0
 
@@ -152,6 +152,9 @@ def test_killed_workers_are_freed_at_once_even_when_their_descriptor_is_reused(s
             waits.append(time.monotonic() - killed_at)
             assert not status["sessions"] and not status["leases"] and not status["workers"], (
                 f"round {round_}: 2 s after the worker was killed: {describe(status)}")
+            while shm_names(proc.pid) and time.monotonic() - killed_at < 2.0:
+                time.sleep(0.02)
+            assert shm_names(proc.pid) == set(), f"round {round_}: the killed worker's segments are still there"
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -159,6 +162,7 @@ def test_killed_workers_are_freed_at_once_even_when_their_descriptor_is_reused(s
             proc.stdout.close()  # type: ignore[union-attr]
     assert max(waits) < 2.0
     assert len(set(fds)) < len(fds), f"no descriptor was reused: {fds}"  # the case this test is about
+    print(f"killed workers freed after {min(waits) * 1e3:.0f} to {max(waits) * 1e3:.0f} ms; descriptors {fds}")
     assert "Traceback" not in server.log(), server.log()
 
 
@@ -248,6 +252,8 @@ def test_idle_connections_are_capped_and_the_sidecar_keeps_answering(limited_ser
         assert conns["refused_over_cap"] >= 1 and conns["cut_idle"] >= 1, conns
         assert conns["refused_over_cap"] + conns["cut_idle"] >= 400 - cap - 16, conns
         assert conns["open"] <= cap, conns
+        print(f"{len(idle)} idle connections, cap {cap}: {len(probes)} health probes, the slowest "
+              f"{max(probes) * 1e3:.0f} ms; the client got in on attempt {attempts}; {conns}")
         r = httpx.get(f"{server.http_url}/healthcheck", timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 200, r.text
     finally:
