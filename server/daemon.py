@@ -132,7 +132,7 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stack.callback(os.close, self._wake_r)
         self._stack.callback(os.close, self._wake_w)
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context()  # one io thread: the monitor events of a descriptor come in order
         self._stack.callback(self.ctx.term)
         try:
             self.router = make_zmq_socket(self.ctx, zmq.ROUTER, cfg.zmq_url, bind=True)
