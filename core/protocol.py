@@ -42,6 +42,8 @@ HASH_BYTES = 32
 
 # Bounds that make a hostile or broken frame fail to decode instead of costing memory.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# Before Hello a peer is unauthenticated: a bigger frame is refused unread (a Hello takes < 20 KiB).
+MAX_FRAME_BYTES_BEFORE_HELLO = 64 * 1024
 MAX_CHUNKS_PER_REQUEST = 65536
 MAX_BLOCKS_PER_REQUEST = 1 << 20
 MAX_SEGMENTS = 4096
@@ -420,12 +422,49 @@ request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Requ
 reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
 
 
-def peek_rid(frame: bytes) -> int:
-    """Best-effort request id of an undecodable frame, so its Error reply can be matched (else 0)."""
-    try:
-        raw = msgspec.msgpack.decode(frame)
-    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):  # deep nesting: RecursionError
+def peek_rid(frame: bytes | memoryview) -> int:
+    """Request id of an undecodable frame, so its Error reply can be matched (else 0).
+
+    Read from the msgpack header alone: an array of two or more items whose first is a string (the
+    tag) and whose second is an integer (the rid). Nothing after the rid is parsed, so a frame of
+    millions of items or of deep nesting costs no memory and no time; a frame cut short or with
+    trailing bytes still names its rid."""
+    view = memoryview(frame).cast("B")
+    head = bytes(view[:5])
+    if not head:
         return 0
-    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
-        return raw[1]
-    return 0
+    if 0x92 <= head[0] <= 0x9F:  # fixarray of 2..15
+        pos = 1
+    elif head[0] == 0xDC and len(head) >= 3 and int.from_bytes(head[1:3], "big") >= 2:
+        pos = 3
+    elif head[0] == 0xDD and len(head) >= 5 and int.from_bytes(head[1:5], "big") >= 2:
+        pos = 5
+    else:
+        return 0
+    tag = bytes(view[pos : pos + 5])
+    if not tag:
+        return 0
+    if 0xA0 <= tag[0] <= 0xBF:  # fixstr
+        pos += 1 + (tag[0] & 0x1F)
+    elif tag[0] in _STR_LENGTH_BYTES and len(tag) > _STR_LENGTH_BYTES[tag[0]]:
+        n = _STR_LENGTH_BYTES[tag[0]]
+        pos += 1 + n + int.from_bytes(tag[1 : 1 + n], "big")
+    else:
+        return 0
+    rid = bytes(view[pos : pos + 9])
+    if not rid:
+        return 0
+    first = rid[0]
+    if first <= 0x7F:  # positive fixint
+        return first
+    if first >= 0xE0:  # negative fixint
+        return first - 0x100
+    size, signed = _INT_FORMATS.get(first, (0, False))
+    if not size or len(rid) < 1 + size:
+        return 0
+    return int.from_bytes(rid[1 : 1 + size], "big", signed=signed)
+
+
+_STR_LENGTH_BYTES = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # str 8/16/32: bytes of the length
+_INT_FORMATS = {0xCC: (1, False), 0xCD: (2, False), 0xCE: (4, False), 0xCF: (8, False),
+                0xD0: (1, True), 0xD1: (2, True), 0xD2: (4, True), 0xD3: (8, True)}

@@ -7,15 +7,29 @@ piece of cache state. Copy threads and the HTTP thread never touch that state: t
 callables to the loop with ``post`` (a queue plus a wake-up pipe the loop polls), and the
 HTTP thread waits for the answer with ``call`` and a deadline.
 
-Sessions: one per client DEALER socket (ZMQ routing id). A socket monitor reports every
-disconnect with the connection's file descriptor; the first frame of a session tells its
-descriptor (ZMQ_SRCFD), so a disconnect releases that session's leases and workers at once.
+Sessions and connections (the table is ``server/connections.py``, whose docstring has the why):
+  - one session per client DEALER socket (ZMQ routing id), made by its first frame, on the
+    connection that frame came on (ZMQ_SRCFD); the socket monitor (read with no queue limit)
+    reports every accept and disconnect with the connection's descriptor;
+  - a disconnect ends every session of that descriptor at once: leases, grants and workers go;
+  - the first frame of a new routing id is read with the monitor drained first: if its connection
+    is gone already, no session is made and nothing is answered (``late_frames``);
+  - a reply that cannot be sent (ROUTER_MANDATORY) ends its session on the next loop turn;
+  - at most ``max_connections`` connections are open (the soft open-file limit is raised to the
+    hard one at start); a connection over the cap, or with no session through Hello within the
+    handshake timeout, is cut (shut down; ZMQ then reports its disconnect).
+
+Frames: a frame before Hello may take at most ``MAX_FRAME_BYTES_BEFORE_HELLO`` (64 KiB) and is
+refused unread if larger; no frame is copied out of ZMQ; an undecodable frame's rid comes from its
+msgpack header alone (``peek_rid``), so no frame costs more than its own bytes.
+
+Signals (``_install_signal_handlers``, the one place): INT, TERM, QUIT and HUP stop the loop and
+``shutdown()`` runs (exit code 0); USR1 and USR2 log one status line and keep serving.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import queue
@@ -33,6 +47,7 @@ from zmq.utils.monitor import parse_monitor_message
 from lmcd import __version__
 from lmcd import protocol as p
 from lmcd.server.config import ConfigError, ServerConfig, proc_kib_field
+from lmcd.server.connections import Connections, raise_open_file_limit
 from lmcd.server.gpu import CudaSupport
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
@@ -48,6 +63,8 @@ MAX_FRAMES_PER_TURN = 256
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
 POLLIN = int(zmq.POLLIN)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP)
+STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq.Socket:
@@ -58,6 +75,8 @@ def make_zmq_socket(ctx: zmq.Context, kind: int, url: str, *, bind: bool) -> zmq
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
+        # a reply to a peer that is gone fails (EHOSTUNREACH) instead of vanishing: its session ends
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # detect dead peers (host gone, cable cut) as well as closed connections
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
@@ -79,10 +98,6 @@ class CacheServer:
         self._stack = contextlib.ExitStack()
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = False
-        self._sessions: dict[bytes, Session] = {}
-        self._fd_to_routing_id: dict[int, bytes] = {}
-        self._stale_fds: set[int] = set()
-        self._session_ids = itertools.count(1)
         self.loop_thread: threading.Thread | None = None
         self.url = ""
         self.http_url = ""
@@ -92,6 +107,7 @@ class CacheServer:
     def startup(self) -> None:
         cfg = self.config
         log.info("Starting lmcd %s (LMCache-compatible cache server), pid %d", __version__, os.getpid())
+        open_file_limit = raise_open_file_limit()
         log.info("L1 pool: allocating %.2f GiB%s (%s)", cfg.l1_size_gb or 0,
                  " (default: the smaller of 4 GiB and a quarter of available memory; set --l1-size-gb)"
                  if cfg.l1_size_is_default else "",
@@ -116,17 +132,17 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stack.callback(os.close, self._wake_r)
         self._stack.callback(os.close, self._wake_w)
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context()  # one io thread: the monitor events of a descriptor come in order
         self._stack.callback(self.ctx.term)
         try:
             self.router = make_zmq_socket(self.ctx, zmq.ROUTER, cfg.zmq_url, bind=True)
         except zmq.ZMQError as exc:
             raise OSError(f"cannot bind the ZMQ socket {cfg.zmq_url}: {exc}; pick another --port or --host") from None
         self._stack.callback(self.router.close, 0)
-        self.monitor = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._stack.callback(self.monitor.close, 0)
-        self._stack.callback(self.router.disable_monitor)
+        self.monitor = self._monitor_socket()
         self.url = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.connections = Connections(self.url, open_file_limit)
+        log.info("Connections: %s", self.connections.describe())
         log.info("ZMQ server bound to %s (chunk size %d tokens, eviction %s, %d copy threads, lease timeout %.0f s)",
                  self.url, cfg.chunk_size, cfg.eviction_policy, cfg.max_workers, cfg.lease_timeout_s)
         from lmcd.server.http import HttpSidecar  # fastapi/uvicorn load only where a server runs
@@ -160,6 +176,7 @@ class CacheServer:
             now = time.monotonic()
             self.service.expire_leases(now)
             self.service.workers.recheck(now)
+            self.connections.expire(now)
 
     def _start_cuda(self) -> CudaSupport:
         """Find GPUs and pin the pool for them (``--cuda``); CPU-only hosts skip this quietly."""
@@ -223,12 +240,26 @@ class CacheServer:
         self._wake()
 
     def _install_signal_handlers(self) -> None:
-        def on_signal(signum: int, _frame: object) -> None:
+        """Every signal the server answers, in one place: INT, TERM, QUIT and HUP stop it cleanly
+        (copies finish, the pool and segments are unlinked); USR1 and USR2 log one status line."""
+        def on_stop(signum: int, _frame: object) -> None:
             log.info("Received %s: shutting down", signal.Signals(signum).name)
             self.stop()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
+        def on_status(signum: int, _frame: object) -> None:
+            self.post(lambda: self._log_status(signal.Signals(signum).name))  # read state on the loop
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_stop)
+        for sig in STATUS_SIGNALS:
+            signal.signal(sig, on_status)
+
+    def _log_status(self, why: str) -> None:
+        pool, service = self.pool, self.service
+        log.info("Status (%s): pool %.2f of %.2f GiB used, %d chunks, %d sessions on %d connections, %d workers, "
+                 "%d leases", why, pool.used_bytes / 2**30, pool.capacity_bytes / 2**30, len(service.index),
+                 len(self.connections.sessions), self.connections.num_open, len(service.workers.workers),
+                 len(service.leases))
 
     # ------------------------------------------------------------ cross-thread calls
 
@@ -298,16 +329,23 @@ class CacheServer:
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         started = time.perf_counter()
         routing_id = frames[0].bytes
-        session = self._sessions.get(routing_id)
+        session = self.connections.sessions.get(routing_id)
         if session is None:
             session = self._new_session(routing_id, frames[-1])
+            if session is None:  # its connection is gone already: nobody to answer
+                return
         if len(frames) != 2:
             self._bad_frame(session, 0, f"expected exactly one frame per request, got {len(frames) - 1}", started)
             return
-        payload = frames[1].bytes
+        payload = frames[1].buffer  # no copy of the frame (a peer's frame may be 64 MiB)
+        if session.hello is None and len(payload) > p.MAX_FRAME_BYTES_BEFORE_HELLO:
+            self._bad_frame(session, p.peek_rid(payload), f"a frame before Hello may take at most "
+                            f"{p.MAX_FRAME_BYTES_BEFORE_HELLO} bytes, this one takes {len(payload)}: say Hello first",
+                            started)
+            return
         try:
             request = p.request_decoder.decode(payload)
-        except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. UnicodeDecodeError in a tag
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # ValueError: e.g. a bad tag's UTF-8
             self._bad_frame(session, p.peek_rid(payload), f"cannot decode request: {exc}", started)
             return
         op = type(request).__name__.lower()
@@ -319,6 +357,8 @@ class CacheServer:
         except Exception as exc:
             log.exception("Internal error handling %s", op)
             reply = p.Error(request.rid, p.ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        if session.hello is not None and type(request) is p.Hello:
+            self.connections.greeted(session)
         if reply is not None:
             self._send_reply(session, reply, op, started)
 
@@ -332,8 +372,10 @@ class CacheServer:
         try:
             self.router.send(session.routing_id, SNDMORE_NOBLOCK)
             self.router.send(p.encoder.encode(reply), NOBLOCK)
-        except zmq.ZMQError as exc:  # the peer is gone; its disconnect cleans up
-            log.debug("Reply to session %d dropped: %s", session.session_id, exc)
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer's pipe is gone, and so is the peer
+            self.connections.undeliverable_replies += 1
+            log.debug("Reply to session %d undeliverable (%s): ending the session", session.session_id, exc)
+            self.post(lambda: self._end_session(session))  # not now: the caller may still be using it
         elapsed = time.perf_counter() - started
         self.metrics.latency.observe(op, elapsed)
         if log.isEnabledFor(logging.DEBUG):
@@ -341,45 +383,46 @@ class CacheServer:
 
     # ------------------------------------------------------------ sessions
 
-    def _new_session(self, routing_id: bytes, frame: zmq.Frame) -> Session:
+    def _new_session(self, routing_id: bytes, frame: zmq.Frame) -> Session | None:
+        """The session of a new routing id, or None if its connection is gone already (see
+        ``server/connections.py``)."""
         fd: int | None
         try:
             fd = int(frame.get(zmq.SRCFD))
         except (zmq.ZMQError, TypeError, ValueError):
             fd = None
-        if fd is not None:
-            previous = self._fd_to_routing_id.get(fd)
-            if previous is not None and previous in self._sessions:
-                # fd reused: the old connection closed before its monitor event reached us
-                self._stale_fds.add(fd)
-                self._end_session(self._sessions[previous])
-            self._fd_to_routing_id[fd] = routing_id
-        session = Session(next(self._session_ids), routing_id, fd)
-        self._sessions[routing_id] = session
-        return session
+        self._drain_monitor()  # what happened to that descriptor before this frame was read
+        self.router.getsockopt(zmq.EVENTS)  # let ZMQ process pipe ends, so a reply to a gone peer fails
+        return self.connections.open_session(routing_id, fd, time.monotonic())
+
+    def _monitor_socket(self) -> zmq.Socket:
+        """The router's monitor, read through a PAIR with no receive limit: an event dropped at a full
+        queue would be a session never ended."""
+        address = f"inproc://lmcd-monitor-{id(self):x}"
+        self.router.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = self.ctx.socket(zmq.PAIR)
+        self._stack.callback(monitor.close, 0)
+        self._stack.callback(self.router.disable_monitor)  # runs first: no event after the close
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.setsockopt(zmq.RCVHWM, 0)
+        monitor.connect(address)
+        return monitor
 
     def _drain_monitor(self) -> None:
+        events = []
         while True:
             try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+                event = parse_monitor_message(self.monitor.recv_multipart(NOBLOCK))
             except zmq.Again:
-                return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            fd = int(event["value"])
-            if fd in self._stale_fds:
-                self._stale_fds.discard(fd)
-                continue
-            routing_id = self._fd_to_routing_id.pop(fd, None)
-            session = self._sessions.get(routing_id) if routing_id is not None else None
-            if session is not None:
-                self._end_session(session)
+                break
+            events.append((event["event"] == zmq.EVENT_ACCEPTED, int(event["value"])))
+        if events:
+            for session in self.connections.on_events(events, time.monotonic()):
+                self.service.disconnect(session)
 
     def _end_session(self, session: Session) -> None:
-        self._sessions.pop(session.routing_id, None)
-        if session.fd is not None and self._fd_to_routing_id.get(session.fd) == session.routing_id:
-            del self._fd_to_routing_id[session.fd]
-        self.service.disconnect(session)
+        if self.connections.end(session):
+            self.service.disconnect(session)
 
     # ------------------------------------------------------------ read by the HTTP thread
 
@@ -391,7 +434,8 @@ class CacheServer:
             "pool_chunks": ("Chunks in the index", len(self.service.index)),
             "pool_usage_ratio": ("Used over capacity", pool.used_bytes / pool.capacity_bytes),
             "workers": ("Registered workers", len(self.service.workers.workers)),
-            "sessions": ("Connected client sessions", len(self._sessions)),
+            "sessions": ("Connected client sessions", len(self.connections.sessions)),
+            "connections": ("Open ZMQ connections", self.connections.num_open),
             "leases": ("Open leases", len(self.service.leases)),
             "uptime_seconds": ("Seconds since start", time.monotonic() - self.started_at),
         }
@@ -410,7 +454,8 @@ class CacheServer:
             {"session_id": s.session_id, "role": s.hello.role.name.lower() if s.hello else None,
              "pid": s.hello.pid if s.hello else None, "client_name": s.hello.client_name if s.hello else None,
              "namespace": msgspec.structs.asdict(s.hello.namespace) if s.hello else None,
-             "connected_s": round(now - s.connected_at, 3)}
-            for s in self._sessions.values()
+             "connected_s": round(now - s.connected_at, 3), "fd": s.fd}
+            for s in self.connections.sessions.values()
         ]
+        out["connections"] = self.connections.status()
         return out

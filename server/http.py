@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmcd.http")
 HEALTH_DEADLINE_S = 2.0
 CALL_DEADLINE_S = 10.0
+START_DEADLINE_S = 30.0
 
 
 def build_app(server: CacheServer) -> FastAPI:
@@ -148,6 +149,14 @@ class HttpSidecar:
                                         name="lmcd-http", daemon=True)
         self._thread.start()
         self._sock = sock
+        # serving before start returns: uvicorn imports and opens files as it starts, which a burst of
+        # connections taking every descriptor right after the server says it runs would make fail
+        deadline = time.monotonic() + START_DEADLINE_S
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP sidecar on {cfg.http_host}:{port} did not start within "
+                              f"{START_DEADLINE_S:.0f} s (see the error above)")
+            time.sleep(0.005)
         shown = f"[{host}]" if family == socket.AF_INET6 else host
         return f"http://{shown}:{port}"
 

@@ -1,14 +1,24 @@
-"""The shortest end-to-end path: start, hello, store, lookup, retrieve, exact bytes, clean stop."""
+"""The shortest end-to-end path: start, hello, store, lookup, retrieve, exact bytes, clean stop; and
+the signals a daemon answers (stop cleanly, or log its status and keep serving)."""
 
 import os
+import re
+import signal
+import time
 
 import httpx
 import numpy as np
+import pytest
 
 from lmcd import protocol as p
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import connect, fill_random, namespace, shm_names
+
+
+def pool_names(pid: int) -> set[str]:
+    """The lmcache_* segments of process ``pid`` in /dev/shm (a server's: its shared pool)."""
+    return {n for n in os.listdir("/dev/shm") if re.match(rf"lmcache_[a-z]+_{pid}_", n)}
 
 
 def test_store_lookup_retrieve_roundtrip(server):
@@ -50,3 +60,37 @@ def test_the_server_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signals_shut_down_cleanly(server_factory, sig):
+    server = server_factory("--l1-size-gb", "0.05", "--share-pool", "true")
+    pid = server.proc.pid
+    with connect(server.url) as client:
+        assert client.hello is not None and client.hello.pool_segment
+    assert pool_names(pid), "the shared pool is not in /dev/shm"
+    assert server.stop(sig) == 0, server.log()
+    assert f"Received {sig.name}: shutting down" in server.log()
+    assert "LMCache cache server stopped" in server.log()
+    assert pool_names(pid) == set(), f"left in /dev/shm after {sig.name}"
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2], ids=lambda s: s.name)
+def test_status_signals_log_one_line_and_keep_serving(server_factory, sig):
+    server = server_factory("--l1-size-gb", "0.05", "--share-pool", "true")
+    with connect(server.url) as client:
+        server.proc.send_signal(sig)
+        line = server.wait_for_log(rf"Status \({sig.name}\): pool .* used, \d+ chunks, 1 sessions on 1 connections, "
+                                   r"0 workers, 0 leases")
+        assert "INFO" in line.string
+        assert client.ping() >= 0
+        server.proc.send_signal(sig)
+        deadline = time.monotonic() + 10
+        while sum(f"Status ({sig.name})" in line for line in server.lines) < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
+        assert client.ping() >= 0
+    assert server.proc.poll() is None
+    assert server.stop() == 0
+    assert pool_names(server.proc.pid) == set()
