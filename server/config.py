@@ -158,6 +158,10 @@ SETTINGS: tuple[Setting, ...] = (
             "threads that run copies (default: min(4, CPU cores))"),
     Setting("lease_timeout_s", "--lease-timeout", "LMCACHE_LEASE_TIMEOUT", float,
             "seconds a lookup's pins are held if no retrieve or release comes"),
+    Setting("max_connections", "--max-connections", "LMCD_MAX_CONNECTIONS", int,
+            "open ZMQ connections served at once; more are cut at once (also capped by the open-file limit)"),
+    Setting("handshake_timeout_s", "--handshake-timeout", "LMCD_HANDSHAKE_TIMEOUT_S", float,
+            "seconds a new connection has to say Hello before it is cut"),
     Setting("auth_token", "--auth-token", "LMCD_AUTH_TOKEN", str,
             "shared secret required in Hello and on every HTTP endpoint but /healthcheck (at least "
             f"{MIN_TOKEN_LENGTH} characters; on the command line every local user sees it: prefer --auth-token-file "
@@ -191,6 +195,8 @@ class ServerConfig:
     chunk_size: int = 256
     max_workers: int | None = None  # None: default_max_workers()
     lease_timeout_s: float = 60.0
+    max_connections: int = 4096
+    handshake_timeout_s: float = 10.0
     auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     auth_token_file: str | None = None  # where auth_token was read from, when from a file
     insecure_no_auth: bool = False
@@ -241,6 +247,10 @@ class ServerConfig:
             fail("max_workers", "copy threads must be between 1 and 256")
         if not self.lease_timeout_s > 0:
             fail("lease_timeout_s", "must be a positive number of seconds")
+        if not 1 <= self.max_connections <= 1 << 20:
+            fail("max_connections", "must be between 1 and 1048576")
+        if not self.handshake_timeout_s > 0:
+            fail("handshake_timeout_s", "must be a positive number of seconds")
         if self.log_level not in LOG_LEVELS:
             fail("log_level", f"valid values: {', '.join(LOG_LEVELS)}")
         if not self.host:

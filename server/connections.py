@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import resource
 import socket
 from collections import deque
@@ -41,25 +40,9 @@ from lmcd.server.session import Session
 
 log = logging.getLogger("lmcd.server")
 
-# Until the CLI has flags for them (--max-connections, --handshake-timeout), the environment sets them.
-DEFAULT_MAX_CONNECTIONS = 4096
-DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 FD_RESERVE = 64  # descriptors kept for the HTTP sidecar, the pool, copies, the handoff socket and logs
 MIN_CONNECTIONS = 16
 WARNING_INTERVAL_S = 10.0
-
-
-def _env_number(name: str, default: float) -> float:
-    text = os.environ.get(name, "")
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a number; unset it or give a positive number") from None
-    if value <= 0:
-        raise ValueError(f"{name}={text!r} must be positive")
-    return value
 
 
 def raise_open_file_limit() -> int:
@@ -91,17 +74,14 @@ class Connection:
 
 
 class Connections:
-    def __init__(self, endpoint: str, open_file_limit: int) -> None:
-        wanted = int(_env_number("LMCD_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS))
-        self.max_connections = max(MIN_CONNECTIONS, min(wanted, open_file_limit - FD_RESERVE))
-        if self.max_connections < wanted:
+    def __init__(self, endpoint: str, open_file_limit: int, max_connections: int, handshake_timeout_s: float) -> None:
+        self.max_connections = max(MIN_CONNECTIONS, min(max_connections, open_file_limit - FD_RESERVE))
+        if self.max_connections < max_connections:
             self.cap_reason = (f"the open-file limit {open_file_limit} less {FD_RESERVE} kept for the sidecar, pool, "
                                "copies and handoff")
-        elif "LMCD_MAX_CONNECTIONS" in os.environ:
-            self.cap_reason = "LMCD_MAX_CONNECTIONS"
         else:
-            self.cap_reason = "the default; LMCD_MAX_CONNECTIONS sets it"
-        self.handshake_timeout_s = _env_number("LMCD_HANDSHAKE_TIMEOUT_S", DEFAULT_HANDSHAKE_TIMEOUT_S)
+            self.cap_reason = "--max-connections"
+        self.handshake_timeout_s = handshake_timeout_s
         self._endpoint = endpoint
         self.sessions: dict[bytes, Session] = {}
         self._fds: dict[int, Connection | None] = {}  # None: closed (disconnect seen, no accept since)
@@ -118,7 +98,7 @@ class Connections:
 
     def describe(self) -> str:
         return (f"at most {self.max_connections} open ZMQ connections ({self.cap_reason}); peers that have not "
-                f"said Hello within {self.handshake_timeout_s:g} s are cut (LMCD_HANDSHAKE_TIMEOUT_S)")
+                f"said Hello within {self.handshake_timeout_s:g} s are cut (--handshake-timeout)")
 
     # ------------------------------------------------------------ monitor events
 
@@ -256,10 +236,10 @@ class Connections:
         self._unlogged[kind], self._logged_at[kind] = 0, now
         if kind == "over_cap":
             log.warning("Cut %d new connection(s) over the cap of %d open ZMQ connections (%s): raise the open-file "
-                        "limit (ulimit -n, systemd LimitNOFILE, the container's nofile) or LMCD_MAX_CONNECTIONS",
+                        "limit (ulimit -n, systemd LimitNOFILE, the container's nofile) or --max-connections",
                         count, self.max_connections, self.cap_reason)
         else:
-            log.info("Cut %d connection(s) that had not said Hello within %g s (LMCD_HANDSHAKE_TIMEOUT_S)",
+            log.info("Cut %d connection(s) that had not said Hello within %g s (--handshake-timeout)",
                      count, self.handshake_timeout_s)
 
     @property

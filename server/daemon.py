@@ -141,7 +141,7 @@ class CacheServer:
         self._stack.callback(self.router.close, 0)
         self.monitor = self._monitor_socket()
         self.url = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.connections = Connections(self.url, open_file_limit)
+        self.connections = Connections(self.url, open_file_limit, cfg.max_connections, cfg.handshake_timeout_s)
         log.info("Connections: %s", self.connections.describe())
         log.info("ZMQ server bound to %s (chunk size %d tokens, eviction %s, %d copy threads, lease timeout %.0f s)",
                  self.url, cfg.chunk_size, cfg.eviction_policy, cfg.max_workers, cfg.lease_timeout_s)

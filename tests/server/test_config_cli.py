@@ -346,7 +346,8 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
     entries = help_entries(result.stdout)
     assert "--config" in entries and "YAML" in entries["--config"]
     literal_defaults = {"--port": "5555", "--http-port": "8080", "--chunk-size": "256", "--host": "localhost",
-                        "--eviction-policy": "LRU", "--lease-timeout": "60.0", "--log-level": "INFO",
+                        "--eviction-policy": "LRU", "--lease-timeout": "60.0", "--max-connections": "4096",
+                        "--handshake-timeout": "10.0", "--log-level": "INFO",
                         "--l1-size-gb": "auto", "--max-workers": "auto", "--auth-token": "none",
                         "--auth-token-file": "none", "--insecure-no-auth": "False",
                         "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",

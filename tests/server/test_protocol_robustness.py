@@ -527,9 +527,9 @@ def test_semantic_errors_on_valid_frames(server, raw_factory):
 
 
 def test_auth_token_is_required_when_configured(server_factory, raw_factory):
-    server = server_factory("--l1-size-gb", "0.25", "--auth-token", "s3cret")
+    server = server_factory("--l1-size-gb", "0.25", "--auth-token", "s3cret-s3cret-s3cret")
     ns = namespace()
-    for token in (None, "", "wrong", "s3cret ", "S3CRET", "s3cre"):
+    for token in (None, "", "wrong", "s3cret-s3cret-s3cret ", "S3CRET-S3CRET-S3CRET", "s3cret-s3cret-s3cre"):
         with pytest.raises(ServerError) as info:
             connect(server.url, ns, auth_token=token)
         assert info.value.code == p.ErrorCode.AUTH_FAILED
@@ -537,14 +537,14 @@ def test_auth_token_is_required_when_configured(server_factory, raw_factory):
     raw = raw_factory(server.url)
     assert raw.expect_error(hello(1, ns, token="nope"), p.ErrorCode.AUTH_FAILED).rid == 1
     assert raw.expect_error(p.Ping(2), p.ErrorCode.NOT_HELLO).rid == 2  # a failed Hello opens nothing
-    assert isinstance(raw.call(hello(3, ns, token="s3cret")), p.HelloReply)
+    assert isinstance(raw.call(hello(3, ns, token="s3cret-s3cret-s3cret")), p.HelloReply)
     assert isinstance(raw.call(p.Ping(4)), p.Pong)
-    with connect(server.url, ns, auth_token="s3cret") as client:
+    with connect(server.url, ns, auth_token="s3cret-s3cret-s3cret") as client:
         assert client.ping() >= 0
         counters = client.status()["counters"]
     assert counters["errors"] == {"AUTH_FAILED": 7, "NOT_HELLO": 1}
     assert httpx.get(f"{server.http_url}/metrics", timeout=10).status_code == 401
-    samples = metric_samples(server, "s3cret")
+    samples = metric_samples(server, "s3cret-s3cret-s3cret")
     assert error_metric(samples, "AUTH_FAILED") == 7
     assert error_metric(samples, "NOT_HELLO") == 1
     assert samples[("lmcd_bad_frames_total", ())] == 0
