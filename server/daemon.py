@@ -34,11 +34,12 @@ from lmcd import __version__
 from lmcd import protocol as p
 from lmcd.server.config import ConfigError, ServerConfig, proc_kib_field
 from lmcd.server.gpu import CudaSupport
+from lmcd.server.handoff import HandoffServer
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService
 from lmcd.server.session import RequestError, Session
-from lmcd.server.workers import sweep_orphans
+from lmcd.server.workers import SHM_DIR, sweep_leftovers
 
 log = logging.getLogger("lmcd.server")
 T = TypeVar("T")
@@ -92,18 +93,19 @@ class CacheServer:
     def startup(self) -> None:
         cfg = self.config
         log.info("Starting lmcd %s (LMCache-compatible cache server), pid %d", __version__, os.getpid())
+        removed = sweep_leftovers()  # before the pool: what a crashed server left must never stop this one
+        if removed:
+            log.info("Removed %d leftovers of earlier lmcd processes from %s: %s", len(removed), SHM_DIR,
+                     ", ".join(removed[:8]))
         log.info("L1 pool: allocating %.2f GiB%s (%s)", cfg.l1_size_gb or 0,
                  " (default: the smaller of 4 GiB and a quarter of available memory; set --l1-size-gb)"
                  if cfg.l1_size_is_default else "",
                  "touching every page" if cfg.touch_pool else "pages faulted on first use")
         self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool, shared=cfg.share_pool)
         if cfg.share_pool:
-            log.info("L1 pool shared as POSIX SHM %s (workers in lmcache_driven mode map it)", self.pool.shm_name)
+            log.info("L1 pool shared as sealed memfd %s (workers in lmcache_driven mode get its fd through the "
+                     "handoff socket)", self.pool.name)
         self._stack.callback(self.pool.close)
-        removed = sweep_orphans()
-        if removed:
-            log.info("Removed %d stale SHM segments of workers that died earlier: %s", len(removed),
-                     ", ".join(removed[:8]))
         self.cuda = self._start_cuda()
         self.service = CacheService(cfg, self.pool, self._send_reply, self.post, self.cuda)
         self._stack.callback(self.service.workers.close_all)
@@ -116,6 +118,10 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stack.callback(os.close, self._wake_r)
         self._stack.callback(os.close, self._wake_w)
+        self.handoff = HandoffServer(self.service.attach_handoff, self.post, self.pool.fd)
+        self._stack.callback(self.handoff.close)
+        self.service.handoff_path = self.handoff.path
+        log.info("Handoff socket %s (workers hand over their KV memory as file descriptors)", self.handoff.path)
         self.ctx = zmq.Context()
         self._stack.callback(self.ctx.term)
         try:
@@ -159,7 +165,6 @@ class CacheServer:
                 self._drain_router()
             now = time.monotonic()
             self.service.expire_leases(now)
-            self.service.workers.recheck(now)
 
     def _start_cuda(self) -> CudaSupport:
         """Find GPUs and pin the pool for them (``--cuda``); CPU-only hosts skip this quietly."""
@@ -269,8 +274,6 @@ class CacheServer:
                 log.exception("Internal error in a loop callback")
 
     def _poll_timeout_ms(self) -> int:
-        if self.service.workers.has_rechecks:
-            return 50
         expiry = self.service.leases.next_expiry()
         if expiry is None:
             return 1000

@@ -7,6 +7,7 @@ stopped with SIGTERM at teardown (SIGKILL if it does not exit in time).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -153,9 +154,25 @@ def connect(url: str, ns: p.Namespace | None = None, role: p.Role = p.Role.WORKE
 
 
 def shm_names(pid: int | None = None) -> set[str]:
-    """lmcd segment names in /dev/shm (of one process, if ``pid`` is given)."""
+    """lmcd KV segment names: those in /dev/shm (older versions named segments there), and, of
+    process ``pid``, the memfds it holds open (``/proc/<pid>/fd``: ``memfd:lmcache_kv_<pid>_<idx>``)."""
     prefix = "lmcache_kv_" if pid is None else f"lmcache_kv_{pid}_"
-    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+    names = {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+    if pid is not None:
+        names |= memfd_names(pid, prefix)
+    return names
+
+
+def memfd_names(pid: int, prefix: str = "lmcache_") -> set[str]:
+    """Names of the memfds process ``pid`` holds open whose name starts with ``prefix``."""
+    names = set()
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/memfd:" + prefix):
+                    names.add(target.removeprefix("/memfd:").removesuffix(" (deleted)"))
+    return names
 
 
 def fill_random(kv: CpuKVCache, seed: int) -> None:
@@ -171,12 +188,13 @@ def counters(client: CacheClient) -> dict[str, object]:
 
 
 class PoolView:
-    """The server's shared pool (``--share-pool``), mapped here by the name its HelloReply gives,
-    so a test writes and reads the pool's bytes itself, as a worker that copies itself does."""
+    """The server's shared pool (``--share-pool``), mapped here from the fd the server's handoff socket
+    sends (as to a worker that copies itself), so a test writes and reads the pool's bytes itself."""
 
-    def __init__(self, shm_name: str) -> None:
-        assert shm_name, "the server does not share its pool (start it with --share-pool true)"
-        fd = os.open(os.path.join("/dev/shm", shm_name.lstrip("/")), os.O_RDWR)
+    def __init__(self, client: CacheClient) -> None:
+        assert client.hello is not None and client.hello.pool_segment, \
+            "the server does not share its pool (start it with --share-pool true)"
+        fd = client.shared_pool_fd()
         try:
             self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
         finally:

@@ -44,12 +44,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 def own_shm_names(pid: int) -> set[str]:
-    return {n for n in shm_names() if n.startswith(f"lmcache_kv_{pid}_")}
+    return shm_names(pid)
 
 
 def server_shm_mappings(server: RunningServer) -> list[str]:
     with open(f"/proc/{server.proc.pid}/maps", encoding="ascii", errors="replace") as maps:
-        return [line for line in maps if "/dev/shm/" in line]
+        return [line for line in maps if "/dev/shm/" in line or "/memfd:lmcache_kv" in line]
 
 
 def scheduler(url: str, ns: p.Namespace, **kwargs: object) -> CacheClient:

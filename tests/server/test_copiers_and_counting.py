@@ -292,7 +292,7 @@ def test_worker_copies_count_when_the_worker_says_its_bytes_are_in_place(server_
     client, wid = worker_copier(server.url, namespace(model))
     sched = connect(server.url, namespace(model, rank=None), role=p.Role.SCHEDULER)
     assert client.hello is not None
-    pool = PoolView(client.hello.pool_segment)
+    pool = PoolView(client)
     keys = chunk_keys(range(2 * 256), 256)
     data = [random_chunk(i) for i in range(2)]
     try:
