@@ -154,17 +154,15 @@ def connect(url: str, ns: p.Namespace | None = None, role: p.Role = p.Role.WORKE
 
 
 def shm_names(pid: int | None = None) -> set[str]:
-    """lmcd KV segment names: those in /dev/shm (older versions named segments there), and, of
-    process ``pid``, the memfds it holds open (``/proc/<pid>/fd``: ``memfd:lmcache_kv_<pid>_<idx>``)."""
+    """lmcd segment names in /dev/shm (of one process, if ``pid`` is given): none since segments are
+    memfds; older versions named them there."""
     prefix = "lmcache_kv_" if pid is None else f"lmcache_kv_{pid}_"
-    names = {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-    if pid is not None:
-        names |= memfd_names(pid, prefix)
-    return names
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
 
 
 def memfd_names(pid: int, prefix: str = "lmcache_") -> set[str]:
-    """Names of the memfds process ``pid`` holds open whose name starts with ``prefix``."""
+    """Names of the memfds process ``pid`` holds open whose name starts with ``prefix`` (a mapping
+    holds one too: Python's mmap keeps a duplicate of the fd while it is open)."""
     names = set()
     with contextlib.suppress(FileNotFoundError, PermissionError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
