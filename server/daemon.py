@@ -118,10 +118,7 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stack.callback(os.close, self._wake_r)
         self._stack.callback(os.close, self._wake_w)
-        self.handoff = HandoffServer(self.service.attach_handoff, self.post, self.pool.fd)
-        self._stack.callback(self.handoff.close)
-        self.service.handoff_path = self.handoff.path
-        log.info("Handoff socket %s (workers hand over their KV memory as file descriptors)", self.handoff.path)
+        self._start_handoff()
         self.ctx = zmq.Context()
         self._stack.callback(self.ctx.term)
         try:
@@ -141,6 +138,18 @@ class CacheServer:
         self.http_url = self.http.start()
         self._stack.callback(self.http.stop)
         log.info("HTTP sidecar on %s (/healthcheck /status /metrics /clear-cache)", self.http_url)
+
+    def _start_handoff(self) -> None:
+        """The Unix socket through which local workers hand over their memory (``lmcd.server.handoff``)."""
+        try:
+            handoff = HandoffServer(self.service.attach_handoff, self.post, self.pool.fd)
+        except OSError as exc:  # remote and GPU workers need none of it: serve them, say what CPU workers miss
+            log.warning("No handoff socket (%s): CPU workers on this host cannot register for server copies, nor "
+                        "get the shared pool", exc)
+            return
+        self._stack.callback(handoff.close)
+        self.service.handoff_path = handoff.path
+        log.info("Handoff socket %s (workers hand over their KV memory as file descriptors)", handoff.path)
 
     def serve_forever(self) -> None:
         self.loop_thread = threading.current_thread()

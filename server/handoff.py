@@ -106,33 +106,40 @@ def read_request(conn: socket.socket, deadline: float) -> tuple[int, bytes, list
     data = b""
     fds: list[int] = []
     try:
-        expected_bytes = expected_fds = None
-        while expected_bytes is None or len(data) < expected_bytes or len(fds) < expected_fds:  # type: ignore[operator]
-            conn.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk, got, flags, _ = socket.recv_fds(conn, 4096, shm.MAX_FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
-            fds += got
-            if flags & socket.MSG_CTRUNC:
-                raise HandoffError(f"more than {shm.MAX_FDS_PER_MESSAGE} fds in one message")
-            if not chunk:
-                raise HandoffError("the connection closed before the whole request came")
-            data += chunk
-            if expected_bytes is None and len(data) >= shm.HANDOFF_HEADER.size:
-                magic, version, _, _, expected_fds, _ = shm.HANDOFF_HEADER.unpack_from(data)
-                if magic != shm.HANDOFF_MAGIC or version != shm.HANDOFF_VERSION:
-                    raise HandoffError(f"not an lmcd handoff request of version {shm.HANDOFF_VERSION}; install "
-                                       "matching lmcd versions on both sides")
-                if expected_fds > MAX_HANDOFF_FDS:
-                    raise HandoffError(f"{expected_fds} fds exceed the limit of {MAX_HANDOFF_FDS} per session; "
-                                       "put the KV into fewer segments")
-                expected_bytes = shm.HANDOFF_HEADER.size + max(0, -(-expected_fds // shm.MAX_FDS_PER_MESSAGE) - 1)
-            if expected_bytes is not None and (len(data) > expected_bytes or len(fds) > expected_fds):  # type: ignore[operator]
-                raise HandoffError("the request carries more bytes or fds than its header announces")
+        while len(data) < shm.HANDOFF_HEADER.size:
+            data += _receive(conn, deadline, fds)
+        magic, version, flags, _, num_fds, nonce = shm.HANDOFF_HEADER.unpack_from(data)
+        if magic != shm.HANDOFF_MAGIC or version != shm.HANDOFF_VERSION:
+            raise HandoffError(f"not an lmcd handoff request of version {shm.HANDOFF_VERSION}; install matching "
+                               "lmcd versions on both sides")
+        if num_fds > MAX_HANDOFF_FDS:
+            raise HandoffError(f"{num_fds} fds exceed the limit of {MAX_HANDOFF_FDS} per session; put the KV into "
+                               "fewer segments")
+        num_bytes = shm.HANDOFF_HEADER.size + max(0, -(-num_fds // shm.MAX_FDS_PER_MESSAGE) - 1)
+        while len(data) < num_bytes or len(fds) < num_fds:
+            if len(data) > num_bytes or len(fds) > num_fds:
+                break
+            data += _receive(conn, deadline, fds)
+        if len(data) != num_bytes or len(fds) != num_fds:
+            raise HandoffError(f"the request carries {len(data)} bytes and {len(fds)} fds, its header announces "
+                               f"{num_bytes} and {num_fds}")
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    _, _, want, _, _, nonce = shm.HANDOFF_HEADER.unpack_from(data)
-    return want, nonce, fds
+    return flags, nonce, fds
+
+
+def _receive(conn: socket.socket, deadline: float, fds: list[int]) -> bytes:
+    """One message's bytes; its fds are appended to ``fds`` (close-on-exec)."""
+    conn.settimeout(max(0.001, deadline - time.monotonic()))
+    chunk, got, flags, _ = socket.recv_fds(conn, 4096, shm.MAX_FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
+    fds += got
+    if flags & socket.MSG_CTRUNC:
+        raise HandoffError(f"more than {shm.MAX_FDS_PER_MESSAGE} fds in one message")
+    if not chunk:
+        raise HandoffError("the connection closed before the whole request came")
+    return chunk
 
 
 def send_reply(conn: socket.socket, message: str = "", fds: list[int] | None = None) -> None:

@@ -147,6 +147,8 @@ class CacheService:
                     f"most {MAX_HELD_FDS} ({MAX_HANDOFF_FDS} per session); register, or try again later")
         session.close_handed()
         session.handed, session.handed_by = handed, peer
+        log.debug("Session %d: pid %d (uid %d) handed over %d memory fds", session.session_id, peer.pid, peer.uid,
+                  len(handed))
         return None
 
     def disconnect(self, session: Session) -> None:
