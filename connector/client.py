@@ -81,9 +81,12 @@ def hand_over(path: str, nonce: bytes, fds: Sequence[int], want_pool: bool = Fal
                                "and the server must share /dev/shm (same host; in Docker --ipc host, in "
                                "Kubernetes hostIPC)") from None
         try:
-            socket.send_fds(sock, [header], batches[0] if batches else [])
-            for batch in batches[1:]:
-                socket.send_fds(sock, [shm.HANDOFF_MORE], batch)
+            try:
+                socket.send_fds(sock, [header], batches[0] if batches else [])
+                for batch in batches[1:]:
+                    socket.send_fds(sock, [shm.HANDOFF_MORE], batch)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered early (a refusal) and closed: read why
             status, message, received = _handoff_reply(sock)
         except OSError as exc:
             raise HandoffError(f"handoff over {path} failed: {exc}") from None

@@ -9,12 +9,11 @@ its own). The private /dev/shm tests run the server and the worker inside one mo
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import traceback
@@ -27,7 +26,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, ServerError
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import connect, namespace
+from tests.conftest import PRELUDE, connect, namespace, run_in_private_shm
 
 NOBODY = 65534
 SECRET = b"TOP-SECRET-KV!"  # 14 bytes: never a divisor of a page, so it shows at any offset
@@ -211,37 +210,6 @@ def test_memory_that_could_be_truncated_is_refused_at_the_handoff(server):
 # ---------------------------------------------------------------- a /dev/shm smaller than the memory
 
 
-PRELUDE = """
-import json, os, signal, socket, subprocess, sys, threading, time, re
-import numpy as np
-from lmcd import protocol as p
-from lmcd.connector.client import CacheClient
-from lmcd.connector.keys import chunk_keys
-from lmcd.connector.shm import CpuKVCache
-RUNNING = re.compile(r"LMCache cache server is running on (\\S+) ")
-def start(*flags, timeout=60):
-    proc = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", "0",
-                             "--http-port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        for line in list(lines):
-            m = RUNNING.search(line)
-            if m:
-                return proc, m.group(1), lines
-        time.sleep(0.02)
-    proc.kill()
-    return proc, None, lines
-def stop(proc, timeout=20):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return "hung"
-"""
-
 PRIVATE_SHM = PRELUDE + """
 out = {"shm_size": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize}
 proc, url, lines = start("--l1-size-gb", "0.0625", "--share-pool", "true")  # 64 MiB pool, 8 MiB /dev/shm
@@ -265,21 +233,6 @@ if url:
 proc.kill()
 print("RESULT " + json.dumps(out), flush=True)
 """
-
-
-def run_in_private_shm(script: str) -> dict:
-    if not ROOT:
-        pytest.skip("a private /dev/shm needs root (unshare -m and mount need CAP_SYS_ADMIN)")
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=8m tmpfs /dev/shm"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a private /dev/shm with unshare -m (needs CAP_SYS_ADMIN): {probe.stderr.strip()}")
-    command = f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
-    done = subprocess.run(["unshare", "-m", "sh", "-c", command, textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=180, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"no result (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 LEFTOVERS = PRELUDE + """
@@ -370,3 +323,31 @@ def test_a_large_untouched_registration_costs_no_memory_and_never_stalls_other_c
     assert grown_mib < 64, f"the server's RSS grew by {grown_mib:.0f} MiB on registering 4 GiB it never touched"
     assert register_s < 1.0 and max(pings) < 0.5
     np.testing.assert_equal(server.proc.poll(), None)
+
+
+def test_idle_handoff_connections_are_capped_and_time_out(server):
+    with connect(server.url) as client:
+        assert client.hello is not None
+        path = client.hello.handoff_path
+        idle = []
+        try:
+            for _ in range(8):  # the most the server serves at once; they send nothing
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(path)
+                idle.append(sock)
+            time.sleep(0.3)
+            with pytest.raises(LmcdError, match="serving 8 handoffs already"):
+                client.hand_over([])
+            started = time.monotonic()
+            while time.monotonic() - started < 10:  # each idle one is dropped after 5 s
+                try:
+                    client.hand_over([])
+                    break
+                except LmcdError:
+                    time.sleep(0.2)
+            waited = time.monotonic() - started
+            assert 4 < waited < 7, waited
+        finally:
+            for sock in idle:
+                sock.close()
+        assert client.ping() < 5

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from lmcd import protocol as p
-from tests.conftest import connect, namespace, shm_names
+from tests.conftest import PRELUDE, connect, namespace, run_in_private_shm, shm_names
 
 OLD_HOLDER = """
 import fcntl, os, sys, time
@@ -37,34 +37,37 @@ time.sleep(120)
 """
 
 
+OLD_SEGMENTS = PRELUDE + """
+holders = [subprocess.Popen([sys.executable, "-c", OLD_HOLDER], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+dead, alive = holders
+names = [set(h.stdout.readline().split()) for h in holders]
+dead.kill(); dead.wait(10)
+out = {"before": sorted(os.listdir("/dev/shm"))}
+proc, url, lines = start("--l1-size-gb", "0.05")
+out["after_start"] = sorted(os.listdir("/dev/shm"))
+out["exit"] = stop(proc) if url else None
+out["after_stop"] = sorted(os.listdir("/dev/shm"))
+out["dead"], out["alive"], out["log"] = sorted(names[0]), sorted(names[1]), "".join(lines)
+alive.kill(); alive.wait(10)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
 def start(script: str, *args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline()
 
 
-def test_server_start_removes_segments_of_older_workers_that_died(server_factory):
-    dead, dead_line = start(OLD_HOLDER)
-    alive, alive_line = start(OLD_HOLDER)
-    dead_names, alive_names = set(dead_line.split()), set(alive_line.split())
-    try:
-        assert len(dead_names) == 2 and dead_names <= shm_names(dead.pid)
-        dead.send_signal(signal.SIGKILL)
-        dead.wait(10)
-        server = server_factory("--l1-size-gb", "0.05")
-        assert shm_names(dead.pid) == set()
-        assert shm_names(alive.pid) == alive_names  # the live owner's names are left alone
-        assert "leftovers of earlier lmcd processes" in server.log()
-        assert server.stop() == 0
-        assert shm_names(alive.pid) == alive_names  # shutdown leaves live owners alone too
-    finally:
-        alive.kill()
-        alive.wait(10)
-        for proc in (dead, alive):
-            assert proc.stdout is not None
-            proc.stdout.close()
-        for name in shm_names(alive.pid) | shm_names(dead.pid):  # killed with no server running: by hand
-            os.unlink(f"/dev/shm/{name}")
+def test_server_start_removes_segments_of_older_workers_that_died():
+    """In a /dev/shm of its own (nobody else's server sweeps it meanwhile)."""
+    out = run_in_private_shm(f"OLD_HOLDER = {OLD_HOLDER!r}\n" + OLD_SEGMENTS)
+    dead, alive = set(out["dead"]), set(out["alive"])
+    assert len(dead) == 2 and len(alive) == 2 and dead | alive == set(out["before"])
+    sockets = {name for name in out["after_start"] if name.endswith(".sock")}
+    assert set(out["after_start"]) - sockets == alive  # the dead owner's names went; the live owner's stay
+    assert "Removed 2 leftovers of earlier lmcd processes" in out["log"], out["log"]
+    assert out["exit"] == 0 and set(out["after_stop"]) == alive  # shutdown leaves live owners alone too
 
 
 def test_a_worker_killed_leaves_nothing_in_dev_shm(server):
