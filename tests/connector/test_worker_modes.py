@@ -400,3 +400,42 @@ def test_a_refused_registration_is_not_redone_every_second(server_factory, caplo
     finally:
         b.close()
         a.close()
+
+
+def _auto_worker_of_another_user(url: str, out) -> None:  # a forked child: results go through ``out``
+    try:
+        os.setgroups([])
+        os.setgid(4321)
+        os.setuid(4321)
+        torch.set_num_threads(1)
+        state, kv = make_worker(url, "auto", new_model())
+        try:
+            kind = type(state.plane).__name__
+            store_and_load_back(state, kv)
+        finally:
+            state.close()
+        out.send({"plane": kind})
+    except BaseException as exc:
+        out.send({"error": repr(exc)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the worker drops to another uid")
+def test_auto_falls_back_to_server_copies_when_the_pool_is_refused(server_factory):
+    """A worker of another user than the server's does not get the shared pool: auto takes server
+    copies instead (its own memory, handed over), at registration, and the bytes come back exact."""
+    import multiprocessing
+
+    srv = server_factory(*SHARED)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_auto_worker_of_another_user, args=(srv.url, there))
+    child.start()
+    try:
+        assert here.poll(90), "the worker did not report"
+        result = here.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert result == {"plane": "SharedKV"}, result
+    srv.wait_for_log(r"Registered KV cache for CPU .*1 SHM segments")
