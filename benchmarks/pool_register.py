@@ -1,12 +1,13 @@
 """What the shared pool (server ``--share-pool``) costs each GPU worker: mapping it and registering
 it with CUDA, at realistic pool sizes, from 1, 2 and 4 worker processes at once.
 
-The pool is made as the server makes it with ``--share-pool``: one SHM segment
-(``lmcd.shm.ShmSegment``, prefix ``lmcache_pool``, huge pages advised), faulted in with
-MADV_POPULATE_WRITE; where /dev/shm has too little room, a memfd of the same size (said so in the
-output). Then P processes start at once (multiprocessing spawn), each with its own CUDA context on
-GPU 0 (torch), and do what a worker that copies itself does (``lmcd.connector.shared_pool.MappedPool``
-and ``lmcd.connector.cuda.PoolCopier``): map the whole pool (MAP_SHARED | MAP_POPULATE) and
+The pool is made as the server makes it with ``--share-pool``: one sealed memfd
+(``lmcd.shm.ShmSegment``, prefix ``lmcache_pool``, huge pages advised; not in /dev/shm, so its size
+does not bound it), faulted in with MADV_POPULATE_WRITE (``--backing memfd``: an unsealed memfd).
+Workers open it as ``/proc/<pid>/fd/<fd>`` (the server hands the fd over instead). Then P
+processes start at once (multiprocessing spawn), each with its own CUDA context on GPU 0 (torch),
+and do what a worker that copies itself does (``lmcd.connector.shared_pool.MappedPool`` and
+``lmcd.connector.cuda.PoolCopier``): map the whole pool (MAP_SHARED | MAP_POPULATE) and
 register it with ``lmcd.cudadrv.host_register`` (cuMemHostRegister, portable) in one call. Each
 reports its map and register seconds, its RSS and page-table (VmPTE) growth, and the GPU memory
 it took (torch.cuda.mem_get_info before and after: device-wide, so with P > 1 it includes the
@@ -133,12 +134,12 @@ class PoolMemory:
         self.nbytes, self.backing = nbytes, backing
         self.segment: Any = None
         self.fd = -1
-        if backing == "shm":
-            from lmcd.shm import SHM_DIR, ShmSegment
+        if backing == "shm":  # the server's own: a sealed memfd
+            from lmcd.shm import ShmSegment
 
             self.segment = ShmSegment(nbytes, prefix="lmcache_pool")  # madvises huge pages itself
             self.mapping = self.segment.mapping
-            self.path = os.path.join(SHM_DIR, self.segment.name)
+            self.path = f"/proc/{os.getpid()}/fd/{self.segment.fd}"
         else:
             self.fd = os.memfd_create("lmcache_pool", 0)
             os.ftruncate(self.fd, nbytes)
@@ -312,18 +313,14 @@ LEGEND = ("per-process columns: max/mean over the processes. map s: mmap MAP_POP
 
 def plan_size(size: int, procs: list[int], backing: str) -> tuple[str | None, list[int], str]:
     """(backing to use or None to skip, process counts that fit, why)."""
-    shm_free = shm_free_bytes()
-    use = backing if backing != "auto" else ("shm" if shm_free >= size + GIB else "memfd")
-    if use == "shm" and shm_free < size:
-        return None, [], f"/dev/shm has {shm_free / GIB:.1f} GiB free"
+    use = "shm" if backing == "auto" else backing  # a memfd: /dev/shm's size does not matter
     available = available_bytes()
     per_proc = PROC_OVERHEAD + 2 * PAGE_TABLES_PER_GIB * (size // GIB)
     fits = [n for n in procs if size + n * per_proc + MARGIN <= available]
     if not fits:
         return None, [], (f"needs {(size + min(procs) * per_proc + MARGIN) / GIB:.0f} GiB with its processes, "
                           f"{available / GIB:.1f} GiB are available")
-    why = f"/dev/shm has {shm_free / GIB:.1f} GiB free" if use == "memfd" and backing == "auto" else ""
-    return use, fits, why
+    return use, fits, ""
 
 
 def main() -> int:

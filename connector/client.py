@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,10 @@ from typing import TypeVar
 import zmq
 
 from lmcd import protocol as p
+from lmcd import shm
 
 DEFAULT_PORT = 5555
+HANDOFF_TIMEOUT_S = 10.0
 
 
 class LmcdError(Exception):
@@ -53,6 +56,66 @@ def server_url(host: str = "localhost", port: int = DEFAULT_PORT) -> str:
             return f"tcp://{host}"
         host = f"[{host}]"  # bare IPv6
     return f"tcp://{host}:{port}"
+
+
+class HandoffError(LmcdError):
+    """The server's handoff socket refused this worker's memory, or cannot be reached."""
+
+
+def hand_over(path: str, nonce: bytes, fds: Sequence[int], want_pool: bool = False,
+              timeout_s: float = HANDOFF_TIMEOUT_S) -> int | None:
+    """Hand memory fds to the server's session with ``nonce`` over its handoff socket ``path``
+    (wire format in ``lmcd.shm``) and wait for its answer; with ``want_pool``, the shared pool's fd
+    (owned by the caller) comes back. HandoffError names what went wrong."""
+    if not path:
+        raise HandoffError("the server names no handoff socket: install matching lmcd versions on both sides")
+    flags = shm.HANDOFF_WANT_POOL if want_pool else 0
+    header = shm.HANDOFF_HEADER.pack(shm.HANDOFF_MAGIC, shm.HANDOFF_VERSION, flags, 0, len(fds), nonce)
+    batches = [list(fds[i : i + shm.MAX_FDS_PER_MESSAGE]) for i in range(0, len(fds), shm.MAX_FDS_PER_MESSAGE)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise HandoffError(f"cannot reach the server's handoff socket {path}: {exc.strerror or exc}; the worker "
+                               "and the server must share /dev/shm (same host; in Docker --ipc host, in "
+                               "Kubernetes hostIPC)") from None
+        try:
+            try:
+                socket.send_fds(sock, [header], batches[0] if batches else [])
+                for batch in batches[1:]:
+                    socket.send_fds(sock, [shm.HANDOFF_MORE], batch)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered early (a refusal) and closed: read why
+            status, message, received = _handoff_reply(sock)
+        except OSError as exc:
+            raise HandoffError(f"handoff over {path} failed: {exc}") from None
+    pool = received[0] if received else None
+    for extra in received[1:]:
+        os.close(extra)
+    if status != shm.HANDOFF_OK:
+        if pool is not None:
+            os.close(pool)
+        raise HandoffError(f"the server refused the handoff: {message}")
+    if want_pool and pool is None:
+        raise HandoffError("the server sent no shared pool")
+    return pool
+
+
+def _handoff_reply(sock: socket.socket) -> tuple[int, str, list[int]]:
+    """(status, message, fds received) of the server's one reply."""
+    data, fds = b"", []
+    head = shm.HANDOFF_REPLY.size
+    while len(data) < head or len(data) < head + shm.HANDOFF_REPLY.unpack_from(data)[1]:
+        chunk, got, _, _ = socket.recv_fds(sock, 65536, 1, socket.MSG_CMSG_CLOEXEC)
+        fds += got
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            raise OSError("the server closed the handoff connection without an answer")
+        data += chunk
+    status, length = shm.HANDOFF_REPLY.unpack_from(data)
+    return status, data[head : head + length].decode(errors="replace"), fds
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +250,30 @@ class CacheClient:
         return time.perf_counter() - started
 
     def register_worker(self, layout: p.KVLayout, device: p.Device, copier: p.Copier, segment_sizes: Sequence[int],
-                        segment_names: Sequence[str] = (), ipc_handles: Sequence[bytes] = (), device_pci: str = "",
+                        segment_fds: Sequence[int] = (), ipc_handles: Sequence[bytes] = (), device_pci: str = "",
                         event_handle: bytes = b"") -> WorkerInfo:
-        reply = self._call(lambda rid: p.RegisterWorker(rid, layout, device, copier, list(segment_sizes),
-                                                        list(segment_names), list(ipc_handles), device_pci,
-                                                        event_handle), "register", p.Registered)
+        """``segment_fds`` (CPU, server copies): the memory of each segment, sealed memfds
+        (``lmcd.shm.ShmSegment.fd``), handed over first; the server maps them, never anything by name."""
+        if segment_fds:
+            self.hand_over(segment_fds)
+        reply = self._call(lambda rid: p.RegisterWorker(rid, layout, device, copier, list(segment_sizes), [],
+                                                        list(ipc_handles), device_pci, event_handle), "register",
+                           p.Registered)
         return WorkerInfo(reply.worker_id, reply.chunk_bytes, reply.blocks_per_chunk, reply.event_handle)
+
+    def hand_over(self, fds: Sequence[int], want_pool: bool = False) -> int | None:
+        """Hand memory fds to this session on the server (``hand_over``); with ``want_pool`` the
+        shared pool's fd comes back. The next ``RegisterWorker`` of this session maps them."""
+        hello = self.hello
+        if hello is None:
+            raise LmcdError(f"not connected to the lmcd server at {self.url}; call connect() first")
+        return hand_over(hello.handoff_path, hello.handoff_nonce, fds, want_pool, self.timeout_s)
+
+    def shared_pool_fd(self) -> int:
+        """The server's shared pool (``--share-pool``) as an fd owned by the caller, to map."""
+        fd = self.hand_over([], want_pool=True)
+        assert fd is not None
+        return fd
 
     def unregister_worker(self, worker_id: int) -> None:
         self._call(lambda rid: p.UnregisterWorker(rid, worker_id), "unregister", p.Unregistered)

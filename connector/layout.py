@@ -11,10 +11,10 @@ must be contiguous (one page)::
 Offsets count from the start of the memory segment that holds the plane: an SHM segment, a
 CUDA allocation, or (a worker that copies itself) the tensor's own storage.
 
-``migrate_to_shm`` gives every backing storage of the KV tensors a POSIX SHM twin (copying what
-is there) and re-points each tensor at it in place (``Tensor.set_``), so that every reference
-vLLM holds reads and writes shared pages. It runs at registration only, before vLLM has run a
-step, never later in a run.
+``migrate_to_shm`` gives every backing storage of the KV tensors a shared memory twin (a sealed
+memfd, ``lmcd.shm.ShmSegment``; copying what is there) and re-points each tensor at it in place
+(``Tensor.set_``), so that every reference vLLM holds reads and writes shared pages. It runs at
+registration only, before vLLM has run a step, never later in a run.
 
 Torch is imported here; this module runs inside vLLM, never in the server.
 """
@@ -93,7 +93,7 @@ def migrate_to_shm(kv_caches: Mapping[str, torch.Tensor]) -> list[ShmSegment]:
             shared = torch.frombuffer(seg.mapping, dtype=torch.uint8)
             shared.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
             segments[key] = (seg, shared.untyped_storage())
-            log.info("Migrated CPU KV cache tensor (nbytes=%d) to SHM %s", storage.nbytes(), seg.shm_name)
+            log.info("Migrated CPU KV cache tensor (nbytes=%d) to SHM %s", storage.nbytes(), seg.name)
         _, shared_storage = segments[key]
         with torch.no_grad():
             tensor.set_(shared_storage, tensor.storage_offset(), tensor.size(), tensor.stride())

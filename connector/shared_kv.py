@@ -1,8 +1,8 @@
 """Server copies (``engine_driven``), the worker's side: its KV memory is shared with the server,
 which copies between those pages and its pool on ``Store`` and ``Retrieve``.
 
-CPU: vLLM's KV tensors live in POSIX SHM segments (moved there at registration,
-``lmcd.connector.layout.migrate_to_shm``) that the server maps by name; a store or load is one
+CPU: vLLM's KV tensors live in shared memory segments, sealed memfds (moved there at registration,
+``lmcd.connector.layout.migrate_to_shm``), whose fds the server gets through its handoff socket; a store or load is one
 request, answered once the server's copy has ended. CUDA: the KV allocations are shared over
 CUDA IPC (``CudaShare``); the server answers at launch, and interprocess events order its copies
 with the engine's stream (a load makes the forward wait on the GPU; a store is done when
@@ -38,7 +38,7 @@ class SharedKV:
         if cuda is None:
             info = client.register_worker(self.layout, p.Device.CPU, p.Copier.SERVER,
                                           [seg.nbytes for seg in self.segments],
-                                          segment_names=[seg.shm_name for seg in self.segments])
+                                          segment_fds=[seg.fd for seg in self.segments])
         else:
             cuda.export()
             log.info("Sharing %d CUDA allocations (%.1f MiB) of GPU %d (PCI %s) over CUDA IPC",

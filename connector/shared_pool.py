@@ -32,18 +32,17 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, ServerError, WorkerInfo
 from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.kernels.staged import CopyEvents, stages_for
-from lmcd.shm import SHM_DIR
 
 log = logging.getLogger("lmcd.connector")
 Then = Callable[[CacheClient, float], None]  # sends the Commit or Loaded of a finished copy, with its seconds
 
 
 class MappedPool:
-    """The server's pool, mapped into this worker."""
+    """The server's pool, mapped into this worker from the fd its handoff socket sent (a sealed memfd:
+    nobody can truncate it under the mapping). ``name`` is the server's name for it (HelloReply)."""
 
-    def __init__(self, shm_name: str) -> None:
-        self.name = shm_name
-        fd = os.open(os.path.join(SHM_DIR, shm_name.lstrip("/")), os.O_RDWR)
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name
         try:
             self.nbytes = os.fstat(fd).st_size
             self._mmap = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
@@ -68,14 +67,16 @@ class InFlight:
 
 
 class SharedPool:
-    def __init__(self, pool_name: str, layout: p.KVLayout, segment_addresses: list[int], segment_sizes: list[int],
-                 device: int | None, name: str) -> None:
+    def __init__(self, client: CacheClient, layout: p.KVLayout, segment_addresses: list[int],
+                 segment_sizes: list[int], device: int | None, name: str) -> None:
         self.layout = layout
         self.planes = copyplan.plane_addresses(layout, segment_addresses)
         self.segment_sizes = segment_sizes
         self.device = device  # the CUDA device of the KV, or None (CPU)
         self.name = name
-        self.pool = MappedPool(pool_name)
+        assert client.hello is not None
+        pool_name = client.hello.pool_segment
+        self.pool = MappedPool(pool_name, client.shared_pool_fd())
         log.info("Mapped the server's shared pool %s (lmcache_driven: this worker copies)", pool_name)
         from lmcd.connector.cuda import PoolCopier  # torch's CUDA side only where the KV is on a GPU
 

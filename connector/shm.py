@@ -1,9 +1,9 @@
-"""A worker's KV in POSIX shared memory, laid out as vLLM's CPU backend lays it out, for tools and tests.
+"""A worker's KV in shared memory (sealed memfds), laid out as vLLM's CPU backend lays it out, for tools and tests.
 
 ``CpuKVCache`` holds per layer ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (layout
-LBHNC) in SHM segments (``lmcd.shm.ShmSegment``), so page (layer, block) is one contiguous run of
-``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` bytes, and registers them for server
-copies. ``lmcache bench`` and the tests are its users; vLLM's own KV is described from its
+LBHNC) in shared memory segments (``lmcd.shm.ShmSegment``: sealed memfds), so page (layer, block)
+is one contiguous run of ``num_kv_heads * block_size * 2 * head_size * dtype_bytes`` bytes, and
+registers them for server copies. ``lmcache bench`` and the tests are its users; vLLM's own KV is described from its
 tensors (``lmcd.connector.layout``).
 """
 
@@ -39,9 +39,9 @@ class CpuKVCache:
         return seg.array[start : start + self.layout.num_blocks * self.page_bytes].reshape(-1, self.page_bytes)
 
     def register(self, client: CacheClient) -> WorkerInfo:
-        """Register for server copies: the server maps the segments by name."""
+        """Register for server copies: the segments' fds are handed over, and the server maps them."""
         return client.register_worker(self.layout, p.Device.CPU, p.Copier.SERVER, [s.nbytes for s in self.segments],
-                                      segment_names=[s.shm_name for s in self.segments])
+                                      segment_fds=[s.fd for s in self.segments])
 
     def close(self) -> None:
         for seg in self.segments:

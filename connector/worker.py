@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, LmcdError, WorkerInfo
+from lmcd.connector.client import CacheClient, HandoffError, LmcdError, WorkerInfo
 from lmcd.connector.layout import LayoutError, describe_pages, migrate_to_shm, storages
 from lmcd.connector.scheduler import LoadSpec, StoreSpec
 from lmcd.connector.session import ServerSession
@@ -43,7 +43,7 @@ class WorkerState:
         self.num_blocks = self.block_size = 0
         self.device: int | None = None  # the CUDA device of the KV, None on a CPU
         self.cuda: CudaShare | None = None  # GPU: the KV allocations (exported for server copies)
-        self.segments: list[ShmSegment] | None = None  # CPU: the KV's SHM segments, once it moved there
+        self.segments: list[ShmSegment] | None = None  # CPU: the KV's shared memfds, once it moved there
         self.plane: SharedKV | SharedPool | None = None  # who copies, for the current registration
         self.worker_id: int | None = None
         self.blocks_per_chunk = 0  # the server's chunk size over vLLM's block size (Registered)
@@ -148,7 +148,16 @@ class WorkerState:
         if isinstance(previous, SharedPool) and previous.pool.name == pool_name and not previous.closed:
             return previous
         starts, sizes = storages(self.kv_caches)  # no memory is shared: pages count from their tensors
-        return SharedPool(pool_name, self._describe(starts, sizes), starts, sizes, self.device, self.session.name)
+        try:
+            return SharedPool(client, self._describe(starts, sizes), starts, sizes, self.device, self.session.name)
+        except HandoffError as exc:  # e.g. another user than the server's: the pool is not for it
+            if self.mode != "auto" or (self.device is None and not self._registering):
+                raise
+            log.warning("%s cannot map the server's shared pool (%s); the server copies instead (engine_driven)",
+                        self.session.name, exc)
+            if self.device is None:
+                self._move_to_shm()
+            return self._shared_kv()
 
     def _describe(self, starts: list[int], sizes: list[int]) -> p.KVLayout:
         return describe_pages(self.kv_caches, starts, sizes, self.num_blocks, self.block_size)

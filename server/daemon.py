@@ -49,11 +49,12 @@ from lmcd import protocol as p
 from lmcd.server.config import ConfigError, ServerConfig, proc_kib_field
 from lmcd.server.connections import Connections, raise_open_file_limit
 from lmcd.server.gpu import CudaSupport
+from lmcd.server.handoff import HandoffServer
 from lmcd.server.metrics import Metrics
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService
 from lmcd.server.session import RequestError, Session
-from lmcd.server.workers import sweep_orphans
+from lmcd.server.workers import SHM_DIR, sweep_leftovers
 
 log = logging.getLogger("lmcd.server")
 T = TypeVar("T")
@@ -108,18 +109,19 @@ class CacheServer:
         cfg = self.config
         log.info("Starting lmcd %s (LMCache-compatible cache server), pid %d", __version__, os.getpid())
         open_file_limit = raise_open_file_limit()
+        removed = sweep_leftovers()  # before the pool: what a crashed server left must never stop this one
+        if removed:
+            log.info("Removed %d leftovers of earlier lmcd processes from %s: %s", len(removed), SHM_DIR,
+                     ", ".join(removed[:8]))
         log.info("L1 pool: allocating %.2f GiB%s (%s)", cfg.l1_size_gb or 0,
                  " (default: the smaller of 4 GiB and a quarter of available memory; set --l1-size-gb)"
                  if cfg.l1_size_is_default else "",
                  "touching every page" if cfg.touch_pool else "pages faulted on first use")
         self.pool = Pool(cfg.l1_size_bytes, touch=cfg.touch_pool, shared=cfg.share_pool)
         if cfg.share_pool:
-            log.info("L1 pool shared as POSIX SHM %s (workers in lmcache_driven mode map it)", self.pool.shm_name)
+            log.info("L1 pool shared as sealed memfd %s (workers in lmcache_driven mode get its fd through the "
+                     "handoff socket)", self.pool.name)
         self._stack.callback(self.pool.close)
-        removed = sweep_orphans()
-        if removed:
-            log.info("Removed %d stale SHM segments of workers that died earlier: %s", len(removed),
-                     ", ".join(removed[:8]))
         self.cuda = self._start_cuda()
         self.service = CacheService(cfg, self.pool, self._send_reply, self.post, self.cuda)
         self._stack.callback(self.service.workers.close_all)
@@ -132,6 +134,7 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stack.callback(os.close, self._wake_r)
         self._stack.callback(os.close, self._wake_w)
+        self._start_handoff()
         self.ctx = zmq.Context()  # one io thread: the monitor events of a descriptor come in order
         self._stack.callback(self.ctx.term)
         try:
@@ -151,6 +154,18 @@ class CacheServer:
         self.http_url = self.http.start()
         self._stack.callback(self.http.stop)
         log.info("HTTP sidecar on %s (/healthcheck /status /metrics /clear-cache)", self.http_url)
+
+    def _start_handoff(self) -> None:
+        """The Unix socket through which local workers hand over their memory (``lmcd.server.handoff``)."""
+        try:
+            handoff = HandoffServer(self.service.attach_handoff, self.post, self.pool.fd)
+        except OSError as exc:  # remote and GPU workers need none of it: serve them, say what CPU workers miss
+            log.warning("No handoff socket (%s): CPU workers on this host cannot register for server copies, nor "
+                        "get the shared pool", exc)
+            return
+        self._stack.callback(handoff.close)
+        self.service.handoff_path = handoff.path
+        log.info("Handoff socket %s (workers hand over their KV memory as file descriptors)", handoff.path)
 
     def serve_forever(self) -> None:
         self.loop_thread = threading.current_thread()
@@ -175,7 +190,6 @@ class CacheServer:
                 self._drain_router()
             now = time.monotonic()
             self.service.expire_leases(now)
-            self.service.workers.recheck(now)
             self.connections.expire(now)
 
     def _start_cuda(self) -> CudaSupport:
@@ -300,8 +314,6 @@ class CacheServer:
                 log.exception("Internal error in a loop callback")
 
     def _poll_timeout_ms(self) -> int:
-        if self.service.workers.has_rechecks:
-            return 50
         expiry = self.service.leases.next_expiry()
         if expiry is None:
             return 1000

@@ -57,7 +57,7 @@ class WorkerCopies:
         return len(self._expiry)
 
     def require_shared_pool(self) -> None:
-        if self.service.pool.segment is None:
+        if not self.service.pool.shared:
             raise RequestError(p.ErrorCode.BAD_REQUEST, "the server's pool is not shared, so workers cannot copy "
                                "themselves: start the server with --share-pool (lmcache.mp.mp_transfer_mode "
                                "lmcache_driven), or register for server copies (engine_driven)")

@@ -20,15 +20,18 @@ slab's free list or allocated, never both.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
+import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import NewType
 
 import numpy as np
 
-from lmcd.shm import ShmSegment
+from lmcd.shm import map_shared, sealed_memfd
 
 SlotId = NewType("SlotId", int)
 
@@ -74,10 +77,17 @@ class Pool:
         self.slab_bytes = slab_bytes_for(capacity_bytes)
         self.num_slabs = capacity_bytes // self.slab_bytes
         self.capacity_bytes = self.num_slabs * self.slab_bytes
-        self.segment: ShmSegment | None = None  # named SHM when workers copy themselves (lmcache_driven)
+        # shared (workers copy themselves, lmcache_driven): a sealed memfd, handed to workers as an fd
+        self.fd: int | None = None
+        self.name = ""
         if shared:
-            self.segment = ShmSegment(self.capacity_bytes, prefix="lmcache_pool")
-            self._mmap = self.segment.mapping
+            self.name = f"lmcache_pool_{os.getpid()}_{secrets.token_hex(4)}"
+            self.fd = sealed_memfd(self.name, self.capacity_bytes)
+            try:
+                self._mmap = map_shared(self.fd, self.capacity_bytes)
+            except BaseException:
+                os.close(self.fd)
+                raise
         else:
             self._mmap = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -85,7 +95,11 @@ class Pool:
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
         self.base_address = self.array.ctypes.data
         if touch:
-            self._touch()
+            try:
+                self._touch()
+            except BaseException:
+                self.close()
+                raise
         self._slabs = [_Slab(i) for i in range(self.num_slabs)]
         self._free_slabs: list[int] = list(range(self.num_slabs - 1, -1, -1))
         self._classes: dict[int, _SizeClass] = {}
@@ -100,9 +114,12 @@ class Pool:
         for offset in range(0, total, TOUCH_STEP):
             length = min(total, offset + TOUCH_STEP) - offset
             if populate:
-                try:  # one syscall per step instead of one page fault per page
+                try:  # one syscall per step instead of one page fault per page; fails instead of SIGBUS
                     self._mmap.madvise(MADV_POPULATE_WRITE, offset, length)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, without it
+                        raise OSError(exc.errno, f"cannot back the L1 pool's {total / 2**30:.2f} GiB with memory "
+                                      f"(at {offset / 2**30:.2f} GiB: {exc.strerror}); lower --l1-size-gb") from None
                     populate = False
             if not populate:
                 self.array[offset : offset + length : PAGE] = 0
@@ -175,12 +192,14 @@ class Pool:
         return len(self._free_slabs)
 
     @property
-    def shm_name(self) -> str:
-        return self.segment.shm_name if self.segment is not None else ""
+    def shared(self) -> bool:
+        return self.fd is not None
 
     def close(self) -> None:
+        if not hasattr(self, "array"):
+            return
         del self.array
-        if self.segment is not None:
-            self.segment.close()
-        else:
-            self._mmap.close()
+        self._mmap.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 from collections.abc import Callable
 
 from lmcd import __version__
@@ -25,6 +26,7 @@ from lmcd.server.config import ServerConfig
 from lmcd.server.copies import ServerCopies
 from lmcd.server.gpu import CudaSupport
 from lmcd.server.grants import WorkerCopies
+from lmcd.server.handoff import MAX_HANDOFF_FDS, HandedFd, Peer
 from lmcd.server.index import ChunkIndex, Entry, IndexKey
 from lmcd.server.leases import LeaseHolder, LeaseOwner, LeaseTable, holder_of
 from lmcd.server.metrics import Stats
@@ -35,8 +37,9 @@ from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 
 log = logging.getLogger("lmcd.server")
 
-CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk"]
+CAPABILITIES = ["cpu-shm", "leases", "lookup-all-ranks", "store-status-per-chunk", "fd-handoff"]
 MAX_WORLD_SIZE = 4096
+MAX_HELD_FDS = 8192  # handed-over fds all sessions hold between handoff and registration
 
 
 class CacheService:
@@ -47,11 +50,13 @@ class CacheService:
         self.index = ChunkIndex(pool)
         self.leases = LeaseTable(config.lease_timeout_s)
         cuda = cuda or CudaSupport(None, "CUDA was not probed")
-        self.workers = WorkerRegistry(cuda.host, cuda.problem, pool_shared=pool.segment is not None)
+        self.workers = WorkerRegistry(cuda.host, cuda.problem, pool_shared=pool.shared)
         self.stats = Stats()
         self.send = send
         self.post = post
         self.namespaces = NamespaceTable(self.index)
+        self.handoff_path = ""  # the server's handoff socket (lmcd.server.handoff), set at startup
+        self._handoffs: dict[bytes, Session] = {}  # handoff nonce -> its session
         self.server_copies = ServerCopies(self)
         self.worker_copies = WorkerCopies(self)
         self.full_status: Callable[[], dict[str, object]] = self.status  # the server adds sessions etc.
@@ -118,12 +123,31 @@ class CacheService:
         if req.role == p.Role.WORKER and ns.rank is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST, "a worker session must give its rank in the namespace")
         self._join(session, req)
+        if not session.handoff_nonce:
+            session.handoff_nonce = secrets.token_bytes(32)
+            self._handoffs[session.handoff_nonce] = session
         log.debug("Session %d hello: role=%s pid=%d namespace=%s", session.session_id, req.role.name, req.pid, ns)
-        capabilities = (CAPABILITIES + (["shared-pool"] if self.pool.segment is not None else [])
+        capabilities = (CAPABILITIES + (["shared-pool"] if self.pool.shared else [])
                         + (["cuda-ipc"] if self.workers.cuda is not None else []))
         return p.HelloReply(req.rid, __version__, p.PROTOCOL_VERSION, self.config.chunk_size,
-                            p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.shm_name,
-                            self.config.lease_timeout_s)
+                            p.HASH_ALGORITHM, capabilities, session.session_id, self.pool.name,
+                            self.config.lease_timeout_s, self.handoff_path, session.handoff_nonce)
+
+    def attach_handoff(self, nonce: bytes, handed: list[HandedFd], peer: Peer) -> str | None:
+        """A handoff's checked fds, for the session whose nonce came with them (replacing any it still
+        holds); None, or why they were refused (then the caller keeps and closes them)."""
+        session = self._handoffs.get(nonce)
+        if session is None or not hmac.compare_digest(nonce, session.handoff_nonce):
+            return "unknown handoff nonce: say Hello first and hand over with the nonce its reply carries"
+        held = sum(len(s.handed) for s in self._handoffs.values() if s is not session)
+        if len(handed) > MAX_HANDOFF_FDS or held + len(handed) > MAX_HELD_FDS:
+            return (f"the server holds {held} handed-over fds of sessions that have not registered yet and takes at "
+                    f"most {MAX_HELD_FDS} ({MAX_HANDOFF_FDS} per session); register, or try again later")
+        session.close_handed()
+        session.handed, session.handed_by = handed, peer
+        log.debug("Session %d: pid %d (uid %d) handed over %d memory fds", session.session_id, peer.pid, peer.uid,
+                  len(handed))
+        return None
 
     def _join(self, session: Session, req: p.Hello) -> None:
         """The session takes its namespace and lease owner (leases.py) from ``req``; a second Hello
@@ -173,6 +197,8 @@ class CacheService:
         workers = self.workers.for_session(session.session_id)
         for worker in workers:
             self.workers.remove(worker)
+        self._handoffs.pop(session.handoff_nonce, None)
+        session.close_handed()
         if session.hello is not None:
             log.info("Session %d (%s, pid %d) disconnected: released %d pinned chunks, %d workers",
                      session.session_id, session.hello.role.name.lower(), session.hello.pid,
@@ -186,13 +212,12 @@ class CacheService:
         if rank is None:
             raise RequestError(p.ErrorCode.BAD_REQUEST,
                                "register needs a session whose namespace names its rank (role worker)")
-        if req.copier == p.Copier.WORKER:
-            self.worker_copies.require_shared_pool()
+        handed = session.take_handed()
         try:
-            worker = self.workers.register(session.session_id, session.hello.pid, session.ns_id, rank, req,
-                                           self.config.chunk_size)
-        except RegistrationError as exc:
-            raise RequestError(p.ErrorCode.SEGMENT_ERROR, str(exc)) from None
+            worker = self._register(session, rank, req, handed)
+        finally:
+            for item in handed:  # mapped or refused: the fds have done their job
+                os.close(item.fd)
         problem = self._chunk_bytes_problem(session.ns_id, worker.chunk_bytes)
         if problem:
             self.workers.remove(worker)
@@ -204,12 +229,26 @@ class CacheService:
         elif worker.gpu is not None:
             where = f"{len(req.ipc_handles)} CUDA IPC allocations on GPU {worker.gpu.device} ({req.device_pci})"
         else:
-            where = f"{len(req.segment_names)} SHM segments"
+            where = f"{len(req.segment_sizes)} SHM segments"
         log.info("Registered KV cache for %s ID %d with %d layers (%d blocks of %d tokens, %.1f MiB in %s, "
                  "rank %d)", "GPU" if req.device == p.Device.CUDA else "CPU", session.hello.pid, layout.num_layers,
                  layout.num_blocks, layout.block_size, sum(req.segment_sizes) / 2**20, where, rank)
         return p.Registered(req.rid, worker.worker_id, worker.chunk_bytes, worker.blocks_per_chunk,
                             worker.gpu.event_handle if worker.gpu is not None else b"")
+
+    def _register(self, session: Session, rank: int, req: p.RegisterWorker, handed: list[HandedFd]) -> Worker:
+        assert session.hello is not None and session.ns_id is not None
+        registered = self.workers.for_session(session.session_id)
+        if registered:
+            raise RequestError(p.ErrorCode.LIMIT, f"this session already registered worker {registered[0].worker_id}; "
+                                                  "a session registers one worker: unregister it first")
+        if req.copier == p.Copier.WORKER:
+            self.worker_copies.require_shared_pool()
+        try:
+            return self.workers.register(session.session_id, session.hello.pid, session.ns_id, rank, req,
+                                         self.config.chunk_size, handed)
+        except RegistrationError as exc:
+            raise RequestError(p.ErrorCode.SEGMENT_ERROR, str(exc)) from None
 
     def unregister(self, session: Session, worker: Worker) -> None:
         self.worker_copies.drop_grants(session)
@@ -257,7 +296,7 @@ class CacheService:
         for part in parts:
             self.index.pin_many(part)
         lease_id = self.create_lease(session, dict(zip(ranks, parts, strict=True)))
-        if req.slots and self.pool.segment is not None:  # workers that copy themselves read these
+        if req.slots and self.pool.shared:  # workers that copy themselves read these
             return p.LookupReply(req.rid, num_hits, lease_id, [[e.slot for e in part] for part in parts])
         return p.LookupReply(req.rid, num_hits, lease_id)
 

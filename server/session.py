@@ -5,11 +5,13 @@ Ownership: the request loop thread (``CacheServer`` makes a ``Session`` per ZMQ 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmcd import protocol as p
+from lmcd.server.handoff import HandedFd, Peer
 
 
 class RequestError(Exception):
@@ -30,6 +32,18 @@ class Session:
     hello: p.Hello | None = None
     ns_id: int | None = None
     granted: dict[int, int] = field(default_factory=dict)  # worker copies: granted slot -> its bytes
+    handoff_nonce: bytes = b""  # authorises this session's handoffs (HelloReply.handoff_nonce)
+    handed: list[HandedFd] = field(default_factory=list)  # memory fds handed over, until RegisterWorker maps them
+    handed_by: Peer | None = None  # the process that handed them over (for logs)
+
+    def take_handed(self) -> list[HandedFd]:
+        """The handed-over fds, now owned by the caller (which closes them)."""
+        handed, self.handed, self.handed_by = self.handed, [], None
+        return handed
+
+    def close_handed(self) -> None:
+        for item in self.take_handed():
+            os.close(item.fd)
 
 
 Send = Callable[[Session, p.Reply, str, float], None]  # (session, reply, op, start time)

@@ -1,28 +1,32 @@
-"""Registered workers and their KV memory as the server sees it: mapped POSIX SHM segments (CPU,
-server copies), opened CUDA IPC handles (GPU, server copies), or nothing (worker copies).
+"""Registered workers and their KV memory as the server sees it: mapped memfds (CPU, server copies),
+opened CUDA IPC handles (GPU, server copies), or nothing (worker copies).
 
 Ownership: the registry is touched only by the request loop thread. Copy threads read a
 worker's ``planes`` and the mapped bytes while ``inflight > 0``; the loop never unmaps a
 worker with copies in flight (it marks it ``closing`` and unmaps when the last copy ends).
 
-Segment names: a worker's segment is named ``/dev/shm/lmcache_kv_<pid>_<idx>`` for the
-worker's lifetime, and the worker holds a shared ``flock`` on it. The server maps it by
-name. When a worker goes (unregister, disconnect, server shutdown), the server unlinks
-each of its segments whose lock it can take exclusively: the owner is dead, so nothing is
-left in /dev/shm after a crash; a live owner keeps its names (and unlinks them itself).
-Process exit releases the lock a moment after the socket closes, so a segment still locked
-at disconnect is checked again a few times (``recheck``).
+A CPU worker's memory comes only as file descriptors its session handed over
+(``lmcd.server.handoff``: sealed memfds, so it holds that memory and nobody can truncate it);
+the server maps them without faulting anything in (a registration is O(1) on the loop thread)
+and closes the fds; a thread then maps in the pages the worker has already touched
+(``prefault_resident``), so copies take no page faults on them, and allocates none it never did.
+Nothing of it has a name in /dev/shm, so nothing is left there when a worker dies.
+``sweep_leftovers`` removes what older versions and crashed servers left there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import itertools
 import logging
 import mmap
 import os
 import re
+import socket
+import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,6 +35,7 @@ import numpy as np
 
 from lmcd import protocol as p
 from lmcd.copyplan import plane_addresses
+from lmcd.server.handoff import HandedFd
 
 if TYPE_CHECKING:
     from lmcd.server.gpu import CudaHost, GpuWorker
@@ -38,63 +43,75 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmcd.workers")
 
 SHM_DIR = "/dev/shm"
-RECHECK_DELAYS_S = (0.05, 0.25, 1.0, 3.0)
-SEGMENT_NAME = re.compile(r"^/?(lmcache_kv_[A-Za-z0-9_.-]{1,200})$")
+LEFTOVER_FILE = re.compile(r"^(lmcache_kv|lmcache_pool)_[A-Za-z0-9_.-]{1,200}$")
+LEFTOVER_SOCKET = re.compile(r"^lmcd_[0-9]+_[0-9a-f]{1,64}\.sock$")
+PREFAULT_WINDOW = 64 << 20
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentFile:
-    path: str
-    dev: int
-    ino: int
-
-    def unlink_if_orphaned(self) -> bool | None:
-        """Unlink the name if its owner is dead: True if unlinked, False if the owner lives,
-        None if the name is gone or now names another file."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return True
-        finally:
-            os.close(fd)
-
-
-ORPHAN_NAME = re.compile(r"^(lmcache_kv|lmcache_pool)_[A-Za-z0-9_.-]{1,200}$")
-
-
-def sweep_orphans() -> list[str]:
-    """Unlink every /dev/shm/lmcache_kv_* (worker) or lmcache_pool_* (shared pool) segment whose
-    owner is dead (no process holds its lock).
-
-    Catches workers that crashed while no server was running. Returns the names removed.
-    """
+def sweep_leftovers() -> list[str]:
+    """Remove from /dev/shm what lmcd left there and nobody uses: SHM segments of older versions
+    (``lmcache_kv_*``, ``lmcache_pool_*``) that no process holds locked, and handoff sockets of
+    servers that died (``lmcd_*.sock``, connect refused). Only regular files and sockets of this
+    process's user are touched; nothing else is opened or followed (a FIFO or a directory of that
+    name is left alone). Returns the names removed."""
     removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return removed
     for name in names:
-        if ORPHAN_NAME.match(name) is None:
+        is_file, is_socket = LEFTOVER_FILE.match(name) is not None, LEFTOVER_SOCKET.match(name) is not None
+        if not (is_file or is_socket):
             continue
         path = os.path.join(SHM_DIR, name)
         try:
-            st = os.stat(path, follow_symlinks=False)
+            st = os.lstat(path)
+            if st.st_uid != os.geteuid():
+                continue
+            unused = ((stat.S_ISREG(st.st_mode) and is_file and _unlocked(path, st))
+                      or (stat.S_ISSOCK(st.st_mode) and is_socket and _refused(path)))
+            if unused and _same_file(path, st):
+                os.unlink(path)
+                removed.append(name)
         except OSError:
             continue
-        if SegmentFile(path, st.st_dev, st.st_ino).unlink_if_orphaned():
-            removed.append(name)
     return removed
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    now = os.lstat(path)
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _unlocked(path: str, st: os.stat_result) -> bool:
+    """Whether nobody holds the regular file ``path`` (still the file ``st`` describes) locked."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _refused(path: str) -> bool:
+    """Whether nobody listens on the Unix socket ``path`` any more."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 class RegistrationError(ValueError):
@@ -114,14 +131,15 @@ class Worker:
     blocks_per_chunk: int
     chunk_bytes: int
     planes: np.ndarray | None = None  # server copies on CPU: int64 address of page (plane, block 0), mapped here
-    files: list[SegmentFile] = field(default_factory=list)
     mmaps: list[mmap.mmap] = field(default_factory=list)
     gpu: GpuWorker | None = None  # server copies on CUDA: IPC mappings, events, the staged copy
     inflight: int = 0
     closing: bool = False
+    unmapping: threading.Event = field(default_factory=threading.Event)  # stops the prefault thread
 
     def unmap(self) -> None:
         assert self.inflight == 0, "unmap with copies in flight"
+        self.unmapping.set()
         if self.gpu is not None:
             self.gpu.close()
         self.planes = None
@@ -168,41 +186,62 @@ def validate_layout(layout: p.KVLayout, segment_sizes: list[int], chunk_size: in
     return chunk_size // layout.block_size
 
 
-def map_segment(name: str, declared_size: int) -> tuple[mmap.mmap, SegmentFile]:
-    """Open and map one worker segment by name."""
-    match = SEGMENT_NAME.match(name)
-    if match is None:
-        raise RegistrationError(
-            f"segment name {name!r} is not allowed: names must look like /lmcache_kv_<pid>_<idx>"
-        )
-    path = os.path.join(SHM_DIR, match.group(1))
+def map_handed(handed: list[HandedFd], sizes: list[int]) -> list[mmap.mmap]:
+    """Map each handed-over memfd for its declared size, without faulting anything in."""
+    mmaps: list[mmap.mmap] = []
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    except PermissionError as exc:  # a 0600 segment of another user (e.g. a root vLLM beside a non-root server)
-        try:
-            owner = f"uid {os.stat(path, follow_symlinks=False).st_uid}"
-        except OSError:
-            owner = "another user"
-        raise RegistrationError(
-            f"cannot open SHM segment {name}: it belongs to {owner} and this server runs as uid {os.geteuid()}; "
-            "run the worker and the server as the same user (in Docker: docker run --user)"
-        ) from exc
-    except OSError as exc:
-        raise RegistrationError(
-            f"cannot open SHM segment {name}: {exc.strerror}; the worker and the server must share "
-            "/dev/shm (same host; in Docker run both with --ipc host)"
-        ) from exc
-    try:
-        st = os.fstat(fd)
-        if st.st_size < declared_size:
-            raise RegistrationError(f"segment {name} holds {st.st_size} bytes, {declared_size} were declared")
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, declared_size, flags=flags)
-        with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        return mapping, SegmentFile(path, st.st_dev, st.st_ino)
-    finally:
-        os.close(fd)
+        for index, (item, size) in enumerate(zip(handed, sizes, strict=True)):
+            if item.nbytes < size:
+                raise RegistrationError(f"memory fd {index} holds {item.nbytes} bytes, {size} were declared")
+            try:
+                mapping = mmap.mmap(item.fd, size, flags=mmap.MAP_SHARED)
+            except OSError as exc:
+                raise RegistrationError(f"cannot map memory fd {index}: {exc.strerror}; hand over a memfd opened "
+                                        "read-write and not sealed against writes") from None
+            with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            mmaps.append(mapping)
+    except BaseException:
+        for mapping in mmaps:
+            mapping.close()
+        raise
+    return mmaps
+
+
+def prefault_resident(address: int, nbytes: int, stop: threading.Event) -> int:
+    """Map in this process the pages of ``[address, address + nbytes)`` (a shared mapping) that are
+    already in memory (``mincore``), so that copies take no page faults on them; pages never touched
+    stay unallocated. Returns the bytes mapped. The libc calls release the GIL."""
+    page = mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * (PREFAULT_WINDOW // page))()
+    mapped = 0
+    for start in range(0, nbytes, PREFAULT_WINDOW):
+        length = min(PREFAULT_WINDOW, nbytes - start)
+        if stop.is_set() or _libc.mincore(ctypes.c_void_p(address + start), ctypes.c_size_t(length), vec) != 0:
+            break
+        resident = np.frombuffer(memoryview(vec), dtype=np.uint8, count=-(-length // page)) & 1
+        edges = np.flatnonzero(np.diff(resident, prepend=0, append=0))
+        for first, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            if stop.is_set():
+                return mapped
+            run = min(end * page, length) - first * page
+            if _libc.madvise(ctypes.c_void_p(address + start + first * page), ctypes.c_size_t(run),
+                             MADV_POPULATE_WRITE) == 0:
+                mapped += run
+    return mapped
+
+
+def start_prefault(worker: Worker) -> None:
+    """``prefault_resident`` for each of a CPU worker's mappings, on a thread of its own."""
+    spans = [(np.frombuffer(m, dtype=np.uint8).ctypes.data, len(m)) for m in worker.mmaps]
+
+    def run() -> None:
+        started = time.monotonic()
+        mapped = sum(prefault_resident(address, nbytes, worker.unmapping) for address, nbytes in spans)
+        log.debug("Worker %d: mapped %.1f MiB the worker had touched in %.3f s", worker.worker_id, mapped / 2**20,
+                  time.monotonic() - started)
+
+    threading.Thread(target=run, name=f"lmcd-prefault-{worker.worker_id}", daemon=True).start()
 
 
 class WorkerRegistry:
@@ -213,54 +252,50 @@ class WorkerRegistry:
         self.pool_shared = pool_shared
         self.workers: dict[int, Worker] = {}
         self._ids = itertools.count(1)
-        self._rechecks: list[tuple[float, int, SegmentFile]] = []  # (when, attempt, file)
 
     def register(self, session_id: int, pid: int, ns_id: int, rank: int, req: p.RegisterWorker,
-                 chunk_size: int) -> Worker:
+                 chunk_size: int, handed: list[HandedFd]) -> Worker:
         """Check ``req`` against what its ``copier`` and ``device`` need, and map the worker's memory
-        where the server copies; RegistrationError says what is wrong."""
+        (``handed``: the session's handed-over fds, which the caller closes afterwards) where the
+        server copies; RegistrationError says what is wrong."""
+        if req.segment_names:
+            raise RegistrationError("segment names are retired (protocol 3): the server maps only memory handed over "
+                                    "as file descriptors through its handoff socket; upgrade the worker's lmcd")
         blocks_per_chunk = validate_layout(req.layout, req.segment_sizes, chunk_size)
         worker = Worker(next(self._ids), session_id, pid, ns_id, rank, req.device, req.copier, req.layout,
                         blocks_per_chunk, req.layout.num_planes * blocks_per_chunk * req.layout.page_bytes)
         if req.copier == p.Copier.WORKER:
-            if req.segment_names or req.ipc_handles:
-                raise RegistrationError("a worker that copies itself shares no KV memory: send no segment names "
-                                        "or CUDA IPC handles")
+            if handed or req.ipc_handles:
+                raise RegistrationError("a worker that copies itself shares no KV memory: hand over no memory fds "
+                                        "and send no CUDA IPC handles")
         elif req.device == p.Device.CUDA:
+            if handed:
+                raise RegistrationError("a GPU worker shares its KV over CUDA IPC: hand over no memory fds")
             worker.gpu = self._open_cuda(req, blocks_per_chunk)
         else:
-            worker.mmaps, worker.files, worker.planes = self._map_cpu(req)
+            worker.mmaps, worker.planes = self._map_cpu(req, handed)
+            start_prefault(worker)
         self.workers[worker.worker_id] = worker
         return worker
 
     @staticmethod
-    def _map_cpu(req: p.RegisterWorker) -> tuple[list[mmap.mmap], list[SegmentFile], np.ndarray]:
-        names, sizes = req.segment_names, req.segment_sizes
-        if not names or req.ipc_handles or len(names) != len(sizes):
-            raise RegistrationError(f"server copies of a CPU worker need one SHM segment name per segment size "
-                                    f"and no CUDA IPC handles: got {len(names)} names for {len(sizes)} sizes")
-        mmaps: list[mmap.mmap] = []
-        files: list[SegmentFile] = []
-        try:
-            for name, size in zip(names, sizes, strict=True):
-                mapping, segment_file = map_segment(name, size)
-                mmaps.append(mapping)
-                files.append(segment_file)
-        except BaseException:
-            for mapping in mmaps:
-                mapping.close()
-            raise
+    def _map_cpu(req: p.RegisterWorker, handed: list[HandedFd]) -> tuple[list[mmap.mmap], np.ndarray]:
+        sizes = req.segment_sizes
+        if not handed or req.ipc_handles or len(handed) != len(sizes):
+            raise RegistrationError(f"server copies of a CPU worker need one handed-over memory fd per segment size "
+                                    f"and no CUDA IPC handles: got {len(handed)} fds for {len(sizes)} sizes (hand "
+                                    "them over first: CacheClient.register_worker(segment_fds=...))")
+        mmaps = map_handed(handed, sizes)
         starts = [np.frombuffer(mapping, dtype=np.uint8).ctypes.data for mapping in mmaps]
-        return mmaps, files, plane_addresses(req.layout, starts)
+        return mmaps, plane_addresses(req.layout, starts)
 
     def _open_cuda(self, req: p.RegisterWorker, blocks_per_chunk: int) -> GpuWorker:
         if self.cuda is None:
             raise RegistrationError(f"this server cannot copy for GPU workers: {self.cuda_problem}; or let the "
                                     "workers copy themselves (server --share-pool, lmcache_driven)")
-        if req.segment_names or len(req.ipc_handles) != len(req.segment_sizes):
-            raise RegistrationError(f"server copies of a GPU worker need one CUDA IPC handle per segment size and "
-                                    f"no SHM names: got {len(req.ipc_handles)} handles for {len(req.segment_sizes)} "
-                                    "sizes")
+        if len(req.ipc_handles) != len(req.segment_sizes):
+            raise RegistrationError(f"server copies of a GPU worker need one CUDA IPC handle per segment size: got "
+                                    f"{len(req.ipc_handles)} handles for {len(req.segment_sizes)} sizes")
         if len(req.event_handle) != p.IPC_HANDLE_BYTES:
             raise RegistrationError("a GPU worker whose KV the server copies must send its interprocess event handle")
         from lmcd.server.gpu import GpuSetupError, GpuWorker  # CuPy is imported only where GPU workers come
@@ -281,24 +316,6 @@ class WorkerRegistry:
         worker.closing = True
         if worker.inflight == 0:
             worker.unmap()
-        now = time.monotonic()
-        for segment_file in worker.files:
-            if segment_file.unlink_if_orphaned() is False:
-                self._rechecks.append((now + RECHECK_DELAYS_S[0], 0, segment_file))
-
-    @property
-    def has_rechecks(self) -> bool:
-        return bool(self._rechecks)
-
-    def recheck(self, now: float) -> None:
-        """Unlink segments of departed workers whose owner has died since (see module docstring)."""
-        due = [item for item in self._rechecks if item[0] <= now]
-        if not due:
-            return
-        self._rechecks = [item for item in self._rechecks if item[0] > now]
-        for _, attempt, segment_file in due:
-            if segment_file.unlink_if_orphaned() is False and attempt + 1 < len(RECHECK_DELAYS_S):
-                self._rechecks.append((now + RECHECK_DELAYS_S[attempt + 1], attempt + 1, segment_file))
 
     def copy_done(self, worker: Worker) -> None:
         worker.inflight -= 1
@@ -311,7 +328,7 @@ class WorkerRegistry:
     def close_all(self) -> None:
         for worker in list(self.workers.values()):
             self.remove(worker)
-        self._rechecks.clear()
-        removed = sweep_orphans()
+        removed = sweep_leftovers()
         if removed:
-            log.info("Removed %d SHM segments of workers that died: %s", len(removed), ", ".join(removed[:8]))
+            log.info("Removed %d leftovers of earlier lmcd processes from %s: %s", len(removed), SHM_DIR,
+                     ", ".join(removed[:8]))

@@ -7,6 +7,8 @@ stopped with SIGTERM at teardown (SIGKILL if it does not exit in time).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import mmap
 import os
 import random
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -153,9 +156,23 @@ def connect(url: str, ns: p.Namespace | None = None, role: p.Role = p.Role.WORKE
 
 
 def shm_names(pid: int | None = None) -> set[str]:
-    """lmcd segment names in /dev/shm (of one process, if ``pid`` is given)."""
+    """lmcd segment names in /dev/shm (of one process, if ``pid`` is given): none since segments are
+    memfds; older versions named them there."""
     prefix = "lmcache_kv_" if pid is None else f"lmcache_kv_{pid}_"
     return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+
+
+def memfd_names(pid: int, prefix: str = "lmcache_") -> set[str]:
+    """Names of the memfds process ``pid`` holds open whose name starts with ``prefix`` (a mapping
+    holds one too: Python's mmap keeps a duplicate of the fd while it is open)."""
+    names = set()
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/memfd:" + prefix):
+                    names.add(target.removeprefix("/memfd:").removesuffix(" (deleted)"))
+    return names
 
 
 def fill_random(kv: CpuKVCache, seed: int) -> None:
@@ -171,12 +188,13 @@ def counters(client: CacheClient) -> dict[str, object]:
 
 
 class PoolView:
-    """The server's shared pool (``--share-pool``), mapped here by the name its HelloReply gives,
-    so a test writes and reads the pool's bytes itself, as a worker that copies itself does."""
+    """The server's shared pool (``--share-pool``), mapped here from the fd the server's handoff socket
+    sends (as to a worker that copies itself), so a test writes and reads the pool's bytes itself."""
 
-    def __init__(self, shm_name: str) -> None:
-        assert shm_name, "the server does not share its pool (start it with --share-pool true)"
-        fd = os.open(os.path.join("/dev/shm", shm_name.lstrip("/")), os.O_RDWR)
+    def __init__(self, client: CacheClient) -> None:
+        assert client.hello is not None and client.hello.pool_segment, \
+            "the server does not share its pool (start it with --share-pool true)"
+        fd = client.shared_pool_fd()
         try:
             self._mmap = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
         finally:
@@ -192,3 +210,58 @@ class PoolView:
     def close(self) -> None:
         del self.array
         self._mmap.close()
+
+
+# ---------------------------------------------------------------- a private /dev/shm (unshare -m)
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# for scripts run by run_in_private_shm: start(*flags) a server (its url, or None within timeout), stop(proc)
+PRELUDE = """
+import json, os, signal, socket, subprocess, sys, threading, time, re
+import numpy as np
+from lmcd import protocol as p
+from lmcd.connector.client import CacheClient
+from lmcd.connector.keys import chunk_keys
+from lmcd.connector.shm import CpuKVCache
+RUNNING = re.compile(r"LMCache cache server is running on (\\S+) ")
+def start(*flags, timeout=60):
+    proc = subprocess.Popen([sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", "0",
+                             "--http-port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in list(lines):
+            m = RUNNING.search(line)
+            if m:
+                return proc, m.group(1), lines
+        time.sleep(0.02)
+    proc.kill()
+    return proc, None, lines
+def stop(proc, timeout=20):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "hung"
+"""
+
+
+def run_in_private_shm(script: str) -> dict:
+    """Run a Python ``script`` (``PRELUDE`` + the test's part) in a mount namespace of its own with an
+    8 MiB tmpfs on /dev/shm, and return the JSON it printed after ``RESULT ``; skips where that
+    cannot be made (not root: unshare and mount need CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0:
+        pytest.skip("a private /dev/shm needs root (unshare -m and mount need CAP_SYS_ADMIN)")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=8m tmpfs /dev/shm"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private /dev/shm with unshare -m (needs CAP_SYS_ADMIN): {probe.stderr.strip()}")
+    command = f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
+    done = subprocess.run(["unshare", "-m", "sh", "-c", command, textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=180, cwd=ROOT_DIR, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))

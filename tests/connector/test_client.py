@@ -12,7 +12,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, LookupResult, ProtocolError, ServerError, server_url
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import connect, free_port, namespace, shm_names
+from tests.conftest import connect, free_port, memfd_names, namespace, shm_names
 
 
 @pytest.mark.parametrize(
@@ -60,20 +60,20 @@ def test_hello_reply_describes_the_server(server):
         assert client.ping() < 5
 
 
-def test_segments_are_named_while_their_worker_lives(server):
+def test_segments_live_as_long_as_their_worker_holds_them(server):
     me = os.getpid()
-    before = shm_names(me)
+    before = memfd_names(me)
     kv = CpuKVCache(num_layers=3, num_blocks=4, block_size=128, num_kv_heads=1, head_size=32)
     names = {seg.name for seg in kv.segments}
-    assert len(names) == 3 and shm_names(me) == before | names
+    assert len(names) == 3 and memfd_names(me) == before | names and shm_names(me) == set()
     with connect(server.url, namespace(geometry=kv.geometry)) as client:
         first = kv.register(client)
         client.unregister_worker(first.worker_id)
-        assert shm_names(me) == before | names  # the owner lives: the server leaves its names alone
+        assert memfd_names(me) == before | names  # the owner keeps its memory
         second = kv.register(client)  # the same memory can be registered again
         assert second.worker_id != first.worker_id
     kv.close()
-    assert shm_names(me) == before
+    assert memfd_names(me) == before
 
 
 
@@ -239,7 +239,7 @@ def test_registration_must_match_its_copier(server_factory):
         with pytest.raises(ServerError, match="--share-pool") as err:  # worker copies need the shared pool
             client.register_worker(layout, p.Device.CPU, p.Copier.WORKER, [4 * 16384])
         assert err.value.code == p.ErrorCode.BAD_REQUEST
-        with pytest.raises(ServerError, match="one SHM segment name per segment size") as err:
+        with pytest.raises(ServerError, match="one handed-over memory fd per segment size") as err:
             client.register_worker(layout, p.Device.CPU, p.Copier.SERVER, [4 * 16384])
         assert err.value.code == p.ErrorCode.SEGMENT_ERROR
     shared = server_factory("--l1-size-gb", "0.1", "--share-pool", "true")
@@ -248,13 +248,17 @@ def test_registration_must_match_its_copier(server_factory):
         with connect(shared.url, namespace(geometry=kv.geometry)) as client:
             with pytest.raises(ServerError, match="shares no KV memory"):
                 client.register_worker(kv.layout, p.Device.CPU, p.Copier.WORKER, [kv.segments[0].nbytes],
-                                       segment_names=[kv.segments[0].shm_name])
+                                       segment_fds=[kv.segments[0].fd])
             keys = chunk_keys(range(256), 256)
             server_copies = kv.register(client)
             with pytest.raises(ServerError, match="Grant, Commit, Pin and Loaded are for workers registered for "
                                "worker copies") as err:
                 client.pin(server_copies.worker_id, keys)
             assert err.value.code == p.ErrorCode.BAD_REQUEST
+            with pytest.raises(ServerError, match="unregister it first") as err:  # one worker per session
+                client.register_worker(kv.layout, p.Device.CPU, p.Copier.WORKER, [kv.segments[0].nbytes])
+            assert err.value.code == p.ErrorCode.LIMIT
+            client.unregister_worker(server_copies.worker_id)
             worker_copies = client.register_worker(kv.layout, p.Device.CPU, p.Copier.WORKER, [kv.segments[0].nbytes])
             assert worker_copies.blocks_per_chunk == 1 and worker_copies.chunk_bytes == kv.page_bytes
             with pytest.raises(ServerError, match="Store and Retrieve are for workers registered for server copies"):

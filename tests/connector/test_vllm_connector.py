@@ -57,7 +57,7 @@ import httpx
 import pytest
 
 from lmcd.connector.keys import chunk_keys
-from tests.conftest import RunningServer, shm_names, start_server
+from tests.conftest import RunningServer, memfd_names, shm_names, start_server
 from tests.vllm_support import (
     RESET,
     RESULT_PREFIX,
@@ -376,7 +376,7 @@ def served(tiny_model, tmp_path_factory) -> Served:
         m = REGISTERED.search(result.startup_server_log)
         assert m, result.startup_server_log
         result.worker_pid = int(m[1])
-        result.shm_while_running = shm_names(result.worker_pid)
+        result.shm_while_running = memfd_names(result.worker_pid, "lmcache_kv")  # its KV's memfds
         result.status_while_running = drive.status()
         for request in REQUESTS:
             drive.request(request)
@@ -389,8 +389,8 @@ def served(tiny_model, tmp_path_factory) -> Served:
         if result.worker_pid:
             deadline = time.monotonic() + 10
             while shm_names(result.worker_pid) and time.monotonic() < deadline:
-                time.sleep(0.1)  # the server sweeps segments whose owner died
-            result.shm_after_stop = shm_names(result.worker_pid)
+                time.sleep(0.1)  # nothing is named in /dev/shm (segments are memfds): this never waits
+            result.shm_after_stop = shm_names(result.worker_pid) | memfd_names(result.worker_pid, "lmcache_kv")
             with contextlib.suppress(httpx.HTTPError):
                 result.status_after_stop = httpx.get(f"{server.http_url}/status", timeout=10).json()
         server.stop()

@@ -20,7 +20,7 @@ from lmcd.connector.layout import LayoutError, describe_pages, migrate_to_shm, s
 from lmcd.connector.scheduler import LoadSpec, StoreSpec  # noqa: E402
 from lmcd.connector.shared_kv import SharedKV  # noqa: E402
 from lmcd.connector.shared_pool import SharedPool  # noqa: E402
-from tests.conftest import free_port, shm_names  # noqa: E402
+from tests.conftest import free_port, memfd_names, shm_names  # noqa: E402
 from tests.connector.worker_support import (  # noqa: E402
     BLOCKS,
     BPC,
@@ -101,20 +101,20 @@ def test_a_split_layout_has_two_planes_per_layer():
 def test_engine_driven_moves_the_kv_into_shm_at_registration(server_factory, caplog, monkeypatch):
     watch_connector_log(caplog, monkeypatch)
     srv = server_factory(*SMALL)
-    before = shm_names(os.getpid())
+    before = memfd_names(os.getpid())
     state, kv = make_worker(srv.url, "engine_driven", new_model())
     try:
         assert isinstance(state.plane, SharedKV) and state.worker_id is not None
         assert state.segments is not None and len(state.segments) == 1
         seg = state.segments[0]
         assert all(inside(t, seg.array.ctypes.data, seg.nbytes) for t in kv.values())
-        assert shm_names(os.getpid()) == before | {seg.name}
+        assert memfd_names(os.getpid()) == before | {seg.name} and shm_names() == set()
         assert count_lines(caplog, TRANSFER_CONTEXT.format(mode="engine_driven")) == 1
         srv.wait_for_log(rf"Registered KV cache for CPU ID {os.getpid()} with {LAYERS} layers .*1 SHM segments")
         store_and_load_back(state, kv)
     finally:
         state.close()
-    assert shm_names(os.getpid()) == before
+    assert memfd_names(os.getpid(), "lmcache_kv") <= before
 
 
 def test_lmcache_driven_keeps_the_kv_private_with_a_shared_pool(server_factory, caplog, monkeypatch):
@@ -190,7 +190,7 @@ def test_auto_asks_the_server(server_factory, caplog, monkeypatch, flags, plane,
         if plane is SharedPool:
             assert state.segments is None and data_ptrs(kv) == addresses and shm_names(os.getpid()) == set()
         else:
-            assert state.segments is not None and len(shm_names(os.getpid())) == 1
+            assert state.segments is not None and len(memfd_names(os.getpid(), "lmcache_kv")) == 1
             assert all(inside(t, state.segments[0].array.ctypes.data, state.segments[0].nbytes)
                        for t in kv.values())
         store_and_load_back(state, kv)
@@ -400,3 +400,42 @@ def test_a_refused_registration_is_not_redone_every_second(server_factory, caplo
     finally:
         b.close()
         a.close()
+
+
+def _auto_worker_of_another_user(url: str, out) -> None:  # a forked child: results go through ``out``
+    try:
+        os.setgroups([])
+        os.setgid(4321)
+        os.setuid(4321)
+        torch.set_num_threads(1)
+        state, kv = make_worker(url, "auto", new_model())
+        try:
+            kind = type(state.plane).__name__
+            store_and_load_back(state, kv)
+        finally:
+            state.close()
+        out.send({"plane": kind})
+    except BaseException as exc:
+        out.send({"error": repr(exc)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the worker drops to another uid")
+def test_auto_falls_back_to_server_copies_when_the_pool_is_refused(server_factory):
+    """A worker of another user than the server's does not get the shared pool: auto takes server
+    copies instead (its own memory, handed over), at registration, and the bytes come back exact."""
+    import multiprocessing
+
+    srv = server_factory(*SHARED)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_auto_worker_of_another_user, args=(srv.url, there))
+    child.start()
+    try:
+        assert here.poll(90), "the worker did not report"
+        result = here.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert result == {"plane": "SharedKV"}, result
+    srv.wait_for_log(r"Registered KV cache for CPU .*1 SHM segments")

@@ -19,7 +19,7 @@ import zmq
 from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, ServerError
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import RunningServer, connect, fill_random, namespace, shm_names
+from tests.conftest import RunningServer, connect, fill_random, memfd_names, namespace, shm_names
 
 SMALL_POOL = ("--l1-size-gb", "0.0625")  # 64 MiB: one slab
 
@@ -44,12 +44,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 def own_shm_names(pid: int) -> set[str]:
-    return {n for n in shm_names() if n.startswith(f"lmcache_kv_{pid}_")}
+    return shm_names(pid) | memfd_names(pid, f"lmcache_kv_{pid}_")
 
 
 def server_shm_mappings(server: RunningServer) -> list[str]:
     with open(f"/proc/{server.proc.pid}/maps", encoding="ascii", errors="replace") as maps:
-        return [line for line in maps if "/dev/shm/" in line]
+        return [line for line in maps if "/dev/shm/" in line or "/memfd:lmcache_kv" in line]
 
 
 def scheduler(url: str, ns: p.Namespace, **kwargs: object) -> CacheClient:

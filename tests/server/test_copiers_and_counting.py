@@ -163,21 +163,21 @@ def test_registrations_whose_memory_does_not_match_the_copier_are_refused(server
             with pytest.raises(ServerError) as err:  # a worker that copies itself needs the shared pool
                 client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.WORKER, [KV_SPLIT_BYTES])
             assert err.value.code == p.ErrorCode.BAD_REQUEST and "--share-pool" in err.value.message
-            for names, sizes in (([], [KV_SPLIT_BYTES]),  # no names
-                                 ([segment.shm_name, other.shm_name], [KV_SPLIT_BYTES]),  # more names than sizes
-                                 ([segment.shm_name], [KV_SPLIT_BYTES, KV_SPLIT_BYTES])):  # fewer
+            for fds, sizes in (([], [KV_SPLIT_BYTES]),  # no memory
+                               ([segment.fd, other.fd], [KV_SPLIT_BYTES]),  # more fds than sizes
+                               ([segment.fd], [KV_SPLIT_BYTES, KV_SPLIT_BYTES])):  # fewer
                 with pytest.raises(ServerError) as err:
-                    client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.SERVER, sizes, segment_names=names)
-                assert err.value.code == p.ErrorCode.SEGMENT_ERROR, names
-                assert "one SHM segment name per segment size" in err.value.message
-                assert f"got {len(names)} names for {len(sizes)} sizes" in err.value.message
+                    client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.SERVER, sizes, segment_fds=fds)
+                assert err.value.code == p.ErrorCode.SEGMENT_ERROR, fds
+                assert "one handed-over memory fd per segment size" in err.value.message
+                assert f"got {len(fds)} fds for {len(sizes)} sizes" in err.value.message
             with pytest.raises(ServerError) as err:  # CUDA IPC handles with CPU memory
                 client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.SERVER, [KV_SPLIT_BYTES],
-                                       segment_names=[segment.shm_name], ipc_handles=[b"h" * 64])
+                                       segment_fds=[segment.fd], ipc_handles=[b"h" * 64])
             assert err.value.code == p.ErrorCode.SEGMENT_ERROR and "no CUDA IPC handles" in err.value.message
             assert client.status()["workers"] == []
             info = client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.SERVER, [KV_SPLIT_BYTES],
-                                          segment_names=[segment.shm_name])  # the right one registers
+                                          segment_fds=[segment.fd])  # the right one registers
             assert info.chunk_bytes == CHUNK
     finally:
         segment.close()
@@ -187,7 +187,7 @@ def test_registrations_whose_memory_does_not_match_the_copier_are_refused(server
     try:
         with connect(shared.url) as client, pytest.raises(ServerError) as err:
             client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.WORKER, [KV_SPLIT_BYTES],
-                                   segment_names=[segment.shm_name])
+                                   segment_fds=[segment.fd])
         assert err.value.code == p.ErrorCode.SEGMENT_ERROR and "shares no KV memory" in err.value.message
     finally:
         segment.close()
@@ -205,7 +205,7 @@ def test_registered_line_counts_layers_not_planes(server_factory) -> None:
         before = segment.array.copy()
         with connect(server.url, namespace(geometry="kv-split")) as client:
             info = client.register_worker(KV_SPLIT, p.Device.CPU, p.Copier.SERVER, [KV_SPLIT_BYTES],
-                                          segment_names=[segment.shm_name])
+                                          segment_fds=[segment.fd])
             line = server.wait_for_log(r"Registered KV cache for CPU ID (\d+) with (\d+) layers \((.*)\)")
             assert (int(line.group(1)), int(line.group(2))) == (os.getpid(), 2)
             assert line.group(3) == "8 blocks of 128 tokens, 2.0 MiB in 1 SHM segments, rank 0"
@@ -292,7 +292,7 @@ def test_worker_copies_count_when_the_worker_says_its_bytes_are_in_place(server_
     client, wid = worker_copier(server.url, namespace(model))
     sched = connect(server.url, namespace(model, rank=None), role=p.Role.SCHEDULER)
     assert client.hello is not None
-    pool = PoolView(client.hello.pool_segment)
+    pool = PoolView(client)
     keys = chunk_keys(range(2 * 256), 256)
     data = [random_chunk(i) for i in range(2)]
     try:

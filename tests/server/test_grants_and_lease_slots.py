@@ -54,7 +54,7 @@ def test_granted_slots_hold_committed_chunks_byte_for_byte(server_factory):
     client, wid = self_copying_worker(srv.url, namespace())
     assert client.hello is not None and client.hello.lease_ttl_s == 60.0
     assert "shared-pool" in client.hello.capabilities
-    pool = PoolView(client.hello.pool_segment)
+    pool = PoolView(client)
     try:
         slots = grant(client, wid, 3)
         assert len(set(slots)) == 3 and all(0 <= s <= pool.array.nbytes - CHUNK for s in slots)

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import typing
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -26,7 +25,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcd import protocol as p
-from lmcd.connector.client import CacheClient, ServerError, ServerTimeout
+from lmcd.connector.client import CacheClient, ServerError, ServerTimeout, hand_over
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import RunningServer, connect, fill_random, namespace
@@ -431,7 +430,9 @@ def test_semantic_errors_on_valid_frames(server, raw_factory):
     try:
         fill_random(kv, 3)
         ns = namespace(geometry=kv.geometry)
-        assert isinstance(raw.call(hello(20, ns)), p.HelloReply)
+        welcome = raw.call(hello(20, ns))
+        assert isinstance(welcome, p.HelloReply)
+        fds = [seg.fd for seg in kv.segments]
         # unknown workers and leases
         assert "register first" in expect(raw, p.UnregisterWorker(21, 999), p.ErrorCode.UNKNOWN_WORKER).message
         expect(raw, p.Store(22, 999, [HASH], [0, 1]), p.ErrorCode.UNKNOWN_WORKER)
@@ -439,30 +440,28 @@ def test_semantic_errors_on_valid_frames(server, raw_factory):
         expect(raw, p.Release(24, 123456), p.ErrorCode.UNKNOWN_LEASE)
         expect(raw, p.Release(25, 2**64 - 1), p.ErrorCode.UNKNOWN_LEASE)
 
-        # registration failures: segment names, missing segments, layouts too large
+        # registration failures: segment names (retired), no memory handed over, layouts too large
         layout = kv.layout
         sizes = [seg.nbytes for seg in kv.segments]
         for bad_name in ("/etc/passwd", "/dev/shm/lmcache_kv_1", "/lmcache_kv_../../etc/passwd", "lmcache_kv_",
                          "/sem.lmcache_kv_1", ""):
             msg = expect(raw, p.RegisterWorker(30, layout, CPU, SERVER, sizes, [bad_name, bad_name]),
                          p.ErrorCode.SEGMENT_ERROR)
-            assert "not allowed" in msg.message
-        missing = f"/lmcache_kv_missing_{uuid.uuid4().hex}"
-        msg = expect(raw, p.RegisterWorker(31, layout, CPU, SERVER, sizes, [missing, missing + "b"]),
-                     p.ErrorCode.SEGMENT_ERROR)
-        assert "cannot open" in msg.message
+            assert "retired" in msg.message
+        msg = expect(raw, p.RegisterWorker(31, layout, CPU, SERVER, sizes), p.ErrorCode.SEGMENT_ERROR)
+        assert "got 0 fds for 2 sizes" in msg.message
         big = msgspec.structs.replace(layout, num_blocks=layout.num_blocks + 1)
-        names = [seg.shm_name for seg in kv.segments]
-        msg = expect(raw, p.RegisterWorker(32, big, CPU, SERVER, sizes, names), p.ErrorCode.SEGMENT_ERROR)
+        hand_over(welcome.handoff_path, welcome.handoff_nonce, fds)
+        msg = expect(raw, p.RegisterWorker(32, big, CPU, SERVER, sizes), p.ErrorCode.SEGMENT_ERROR)
         assert "needs bytes up to" in msg.message
-        names = [seg.shm_name for seg in kv.segments]
-        msg = expect(raw, p.RegisterWorker(33, layout, CPU, SERVER, [s * 2 for s in sizes], names),
+        hand_over(welcome.handoff_path, welcome.handoff_nonce, fds)
+        msg = expect(raw, p.RegisterWorker(33, layout, CPU, SERVER, [s * 2 for s in sizes]),
                      p.ErrorCode.SEGMENT_ERROR)
         assert "were declared" in msg.message
         expect(raw, p.Store(34, 1, [HASH], [0, 1]), p.ErrorCode.UNKNOWN_WORKER)  # nothing got registered
 
-        names = [seg.shm_name for seg in kv.segments]
-        registered = raw.call(p.RegisterWorker(40, layout, CPU, SERVER, sizes, names))
+        hand_over(welcome.handoff_path, welcome.handoff_nonce, fds)
+        registered = raw.call(p.RegisterWorker(40, layout, CPU, SERVER, sizes))
         assert isinstance(registered, p.Registered), registered
         wid = registered.worker_id
         hashes = chunk_keys(list(range(512)), 256)  # the default chunk size: 2 blocks of 128 per chunk
@@ -559,9 +558,10 @@ def test_exactly_one_reply_per_request_when_pipelined(server, raw_factory):
     raw = raw_factory(server.url)
     try:
         ns = namespace(geometry=kv.geometry)
-        assert isinstance(raw.call(hello(1, ns)), p.HelloReply)
-        names = [seg.shm_name for seg in kv.segments]
-        registered = raw.call(p.RegisterWorker(2, kv.layout, CPU, SERVER, [seg.nbytes for seg in kv.segments], names))
+        welcome = raw.call(hello(1, ns))
+        assert isinstance(welcome, p.HelloReply)
+        hand_over(welcome.handoff_path, welcome.handoff_nonce, [seg.fd for seg in kv.segments])
+        registered = raw.call(p.RegisterWorker(2, kv.layout, CPU, SERVER, [seg.nbytes for seg in kv.segments]))
         assert isinstance(registered, p.Registered)
         wid = registered.worker_id
         rng = np.random.default_rng(5)
