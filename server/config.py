@@ -175,8 +175,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("touch_pool", "--touch-pool", "LMCACHE_TOUCH_POOL", _bool,
             "fault in the whole pool at start so no request pays for it (true/false)"),
     Setting("share_pool", "--share-pool", "LMCACHE_SHARE_POOL", _bool,
-            "put the pool in named POSIX SHM so workers in lmcache_driven mode copy to and from it "
-            "themselves (needs /dev/shm as large as the pool) (true/false)"),
+            "share the pool (a sealed memfd handed to workers of the server's user) so that workers in "
+            "lmcache_driven mode copy to and from it themselves (true/false)"),
     Setting("cuda", "--cuda", "LMCACHE_CUDA", str,
             "GPU workers (CUDA IPC, pinned pool): auto (when CuPy and a GPU are present), on (refuse to start "
             "without them), off"),

@@ -11,6 +11,7 @@ made to fail; every copy must still end and be answered."""
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import time
@@ -23,6 +24,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import ServerError
 from lmcd.connector.shm import CpuKVCache
 from lmcd.server.config import ServerConfig
+from lmcd.server.handoff import HandedFd, Peer, check_memory_fd
 from lmcd.server.pool import Pool
 from lmcd.server.service import CacheService
 from lmcd.server.session import Session
@@ -39,7 +41,7 @@ def one_block_kv() -> CpuKVCache:
 def test_layouts_the_old_check_let_through_are_refused_and_the_server_stays_sound(server_factory) -> None:
     server = server_factory("--l1-size-gb", "0.0625")
     kv = one_block_kv()
-    page, size, name = kv.page_bytes, kv.segments[0].nbytes, kv.segments[0].shm_name
+    page, size, fd = kv.page_bytes, kv.segments[0].nbytes, kv.segments[0].fd
     ns = namespace(geometry=kv.geometry)
     bad = {
         "block_stride": p.KVLayout(1, 1, 256, page, 2**63, [0], [0]),  # made int64 address arithmetic overflow
@@ -49,7 +51,7 @@ def test_layouts_the_old_check_let_through_are_refused_and_the_server_stays_soun
     with connect(server.url, ns) as client:
         for field, layout in bad.items():
             with pytest.raises(ServerError) as err:
-                client.register_worker(layout, p.Device.CPU, p.Copier.SERVER, [size], segment_names=[name])
+                client.register_worker(layout, p.Device.CPU, p.Copier.SERVER, [size], segment_fds=[fd])
             assert err.value.code == p.ErrorCode.SEGMENT_ERROR
             assert field.split()[0] in err.value.message
         assert client.status()["workers"] == []
@@ -101,10 +103,13 @@ def test_a_failure_after_a_copy_still_ends_it_and_answers() -> None:
     svc = loop.service
     try:
         ns = namespace(geometry=kv.geometry)
-        assert isinstance(loop.request(p.Hello(1, p.PROTOCOL_VERSION, p.Role.WORKER, ns)), p.HelloReply)
+        hello = loop.request(p.Hello(1, p.PROTOCOL_VERSION, p.Role.WORKER, ns))
+        assert isinstance(hello, p.HelloReply)
+        # what the handoff socket does with the worker's fds: checked, then attached to the session
+        handed = [HandedFd(os.dup(s.fd), check_memory_fd(s.fd, i)) for i, s in enumerate(kv.segments)]
+        assert svc.attach_handoff(hello.handoff_nonce, handed, Peer(os.getpid(), os.getuid(), os.getgid())) is None
         registered = loop.request(p.RegisterWorker(2, kv.layout, p.Device.CPU, p.Copier.SERVER,
-                                                   [s.nbytes for s in kv.segments],
-                                                   [s.shm_name for s in kv.segments]))
+                                                   [s.nbytes for s in kv.segments]))
         assert isinstance(registered, p.Registered)
         worker_id = registered.worker_id
 

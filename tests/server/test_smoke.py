@@ -16,9 +16,10 @@ from lmcd.connector.shm import CpuKVCache
 from tests.conftest import connect, fill_random, namespace, shm_names
 
 
-def pool_names(pid: int) -> set[str]:
-    """The lmcache_* segments of process ``pid`` in /dev/shm (a server's: its shared pool)."""
-    return {n for n in os.listdir("/dev/shm") if re.match(rf"lmcache_[a-z]+_{pid}_", n)}
+def shm_left(pid: int) -> set[str]:
+    """What server ``pid`` named in /dev/shm: its handoff socket (its pool, shared or not, has no name there),
+    and any lmcache_* segment (what versions before protocol 3 left)."""
+    return {n for n in os.listdir("/dev/shm") if re.match(rf"(lmcache_[a-z]+|lmcd)_{pid}_", n)}
 
 
 def test_store_lookup_retrieve_roundtrip(server):
@@ -68,11 +69,11 @@ def test_stop_signals_shut_down_cleanly(server_factory, sig):
     pid = server.proc.pid
     with connect(server.url) as client:
         assert client.hello is not None and client.hello.pool_segment
-    assert pool_names(pid), "the shared pool is not in /dev/shm"
+    assert shm_left(pid), "the handoff socket is not in /dev/shm"
     assert server.stop(sig) == 0, server.log()
     assert f"Received {sig.name}: shutting down" in server.log()
     assert "LMCache cache server stopped" in server.log()
-    assert pool_names(pid) == set(), f"left in /dev/shm after {sig.name}"
+    assert shm_left(pid) == set(), f"left in /dev/shm after {sig.name}"
     assert "Traceback" not in server.log(), server.log()
 
 
@@ -93,4 +94,4 @@ def test_status_signals_log_one_line_and_keep_serving(server_factory, sig):
         assert client.ping() >= 0
     assert server.proc.poll() is None
     assert server.stop() == 0
-    assert pool_names(server.proc.pid) == set()
+    assert shm_left(server.proc.pid) == set()
