@@ -6,9 +6,9 @@ No request comes before a worker's copy: a store goes into slots granted ahead o
 ``Loaded`` ends its rank's part of the lease. Both are counted and logged when they arrive,
 after the worker's copy, with the seconds the worker timed as the server times its own.
 
-Grants are bounded and expire. A session holds at most ``grant_cap`` granted bytes (an eighth
-of the pool, at most 1 GiB, at least one chunk), so one session never takes the pool from the
-others. A granted slot not committed within the lease time to live (``HelloReply.lease_ttl_s``)
+Grants are bounded and expire. A session holds at most ``grant_cap`` granted bytes (a quarter
+of the pool, at least one chunk: room for one large store, e.g. 2 GiB of a 16K-token prompt on a
+12 GiB pool), so one session never takes the pool from the others. A granted slot not committed within the lease time to live (``HelloReply.lease_ttl_s``)
 is reclaimed: it goes back to the pool, and a later Commit naming it gets FAILED for that chunk
 (a miss, never a wrong chunk: the slot may hold another chunk by then). The worker never writes
 into a granted slot older than half the time to live (``connector/shared_pool.py``), so a
@@ -34,13 +34,12 @@ if TYPE_CHECKING:
     from lmcd.server.workers import Worker
 
 log = logging.getLogger("lmcd.server")
-MAX_GRANT_CAP_BYTES = 1 << 30  # a session holds at most this much granted, or an eighth of the pool if less
-POOL_FRACTION = 8
+POOL_FRACTION = 4  # a session holds at most this share of the pool granted
 
 
 def grant_cap(pool_bytes: int, chunk_bytes: int) -> int:
     """Bytes one session may hold granted: room for the others, and at least one chunk."""
-    return max(chunk_bytes, min(MAX_GRANT_CAP_BYTES, pool_bytes // POOL_FRACTION))
+    return max(chunk_bytes, pool_bytes // POOL_FRACTION)
 
 
 class WorkerCopies:
