@@ -12,6 +12,7 @@ import pytest
 from lmcd import protocol as p
 from lmcd.connector.client import ServerError
 from lmcd.connector.keys import chunk_keys
+from lmcd.server.grants import grant_cap
 from tests.conftest import connect, namespace
 from tests.server.test_cache_behaviour import wait_until
 from tests.server.test_grants_and_lease_slots import CHUNK, SHARED, commit, grant, self_copying_worker, used_bytes
@@ -92,3 +93,13 @@ def test_the_worker_never_copies_into_a_grant_older_than_half_the_ttl(server_fac
     finally:
         sched.close()
         state.close()
+
+
+def test_the_cap_leaves_room_for_one_large_store() -> None:
+    """A 16K-token prompt of a Llama-3-8B geometry stores 2 GiB in one Commit (64 chunks of 32 MiB):
+    on a 12 GiB pool a session must be granted all of it (the GPU bench's worker copies stored nothing
+    past a 1 GiB cap), while it still holds no more than a quarter of the pool."""
+    chunk = 32 << 20
+    assert grant_cap(12 << 30, chunk) >= 64 * chunk
+    assert grant_cap(12 << 30, chunk) <= (12 << 30) // 4
+    assert grant_cap(1 << 20, chunk) == chunk  # a pool smaller than a chunk's quarter still grants one
