@@ -6,14 +6,14 @@ No request comes before a worker's copy: a store goes into slots granted ahead o
 ``Loaded`` ends its rank's part of the lease. Both are counted and logged when they arrive,
 after the worker's copy, with the seconds the worker timed as the server times its own.
 
-Grants are bounded and expire. A session holds at most ``grant_cap`` granted bytes (a quarter
-of the pool, at least one chunk: room for one large store, e.g. 2 GiB of a 16K-token prompt on a
-12 GiB pool), so one session never takes the pool from the others. A granted slot not committed within the lease time to live (``HelloReply.lease_ttl_s``)
-is reclaimed: it goes back to the pool, and a later Commit naming it gets FAILED for that chunk
-(a miss, never a wrong chunk: the slot may hold another chunk by then). The worker never writes
-into a granted slot older than half the time to live (``connector/shared_pool.py``), so a
-reclaimed slot is never written by it. Every grant has the same time to live, so grant order
-is expiry order and reclaiming is O(1) per slot.
+Grants are bounded and expire. A session holds at most ``grant_cap`` granted bytes (a quarter of
+the pool, at least one chunk: room for one large store, e.g. 2 GiB of a 16K-token prompt on a 12
+GiB pool), so one session never takes the pool from the others. A granted slot not committed
+within the lease time to live (``HelloReply.lease_ttl_s``) is reclaimed: it goes back to the pool,
+and a later Commit naming it gets FAILED for that chunk (a miss, never a wrong chunk: the slot may
+hold another chunk by then). The worker never writes into a granted slot older than half the time
+to live (``connector/shared_pool.py``), so a reclaimed slot is never written by it. Every grant
+has the same time to live, so grant order is expiry order and reclaiming is O(1) per slot.
 
 Ownership: the loop thread.
 """
