@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
+import multiprocessing
 import os
 import random
 import re
@@ -20,9 +21,11 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 import numpy as np
 import pytest
@@ -93,15 +96,57 @@ def free_port() -> int:
     raise AssertionError(f"no free port below {low} on 127.0.0.1")
 
 
+def run_as_uid(uid: int, fn: Callable[..., dict], *args: object, timeout: float = 60.0) -> dict:
+    """``fn(*args)`` in a child forked from this process (its modules already imported: a dropped uid
+    may not read the venv) that first drops to ``uid`` (groups, gid and uid); returns the dict it
+    returns, or ``{"error": <traceback>}``. The child is killed if it has not ended 10 s after it reported."""
+    def child(out: Connection) -> None:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            out.send(fn(*args))
+        except BaseException:
+            out.send({"error": traceback.format_exc()})
+
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=child, args=(there,))
+    proc.start()
+    try:
+        assert here.poll(timeout), f"the child of uid {uid} did not report within {timeout} s"
+        return here.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def routed_ipv4() -> str | None:
+    """The non-loopback IPv4 address this machine would send from (a UDP connect sends nothing; it only
+    picks a route), or None where there is none."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect(("10.255.255.255", 1))
+        address = sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
 def server_command(*flags: str) -> list[str]:
     return [sys.executable, "-m", "lmcd", "server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
             *flags]
 
 
-def start_server(*flags: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> RunningServer:
+def start_server(*flags: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+                 preexec_fn: Callable[[], None] | None = None) -> RunningServer:
+    """A running server; ``preexec_fn`` runs in the server's process before it starts (e.g. a limit)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(server_command(*flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env)
+                            env=full_env, preexec_fn=preexec_fn)
     server = RunningServer(proc)
 
     def read() -> None:

@@ -20,7 +20,7 @@ from lmcd.connector.layout import LayoutError, describe_pages, migrate_to_shm, s
 from lmcd.connector.scheduler import LoadSpec, StoreSpec  # noqa: E402
 from lmcd.connector.shared_kv import SharedKV  # noqa: E402
 from lmcd.connector.shared_pool import SharedPool  # noqa: E402
-from tests.conftest import free_port, memfd_names, shm_names  # noqa: E402
+from tests.conftest import free_port, memfd_names, run_as_uid, shm_names  # noqa: E402
 from tests.connector.worker_support import (  # noqa: E402
     BLOCKS,
     BPC,
@@ -402,40 +402,22 @@ def test_a_refused_registration_is_not_redone_every_second(server_factory, caplo
         a.close()
 
 
-def _auto_worker_of_another_user(url: str, out) -> None:  # a forked child: results go through ``out``
+def _auto_worker_of_another_user(url: str) -> dict:  # run as another uid (run_as_uid)
+    torch.set_num_threads(1)
+    state, kv = make_worker(url, "auto", new_model())
     try:
-        os.setgroups([])
-        os.setgid(4321)
-        os.setuid(4321)
-        torch.set_num_threads(1)
-        state, kv = make_worker(url, "auto", new_model())
-        try:
-            kind = type(state.plane).__name__
-            store_and_load_back(state, kv)
-        finally:
-            state.close()
-        out.send({"plane": kind})
-    except BaseException as exc:
-        out.send({"error": repr(exc)})
+        kind = type(state.plane).__name__
+        store_and_load_back(state, kv)
+    finally:
+        state.close()
+    return {"plane": kind}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the worker drops to another uid")
 def test_auto_falls_back_to_server_copies_when_the_pool_is_refused(server_factory):
     """A worker of another user than the server's does not get the shared pool: auto takes server
     copies instead (its own memory, handed over), at registration, and the bytes come back exact."""
-    import multiprocessing
-
     srv = server_factory(*SHARED)
-    ctx = multiprocessing.get_context("fork")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=_auto_worker_of_another_user, args=(srv.url, there))
-    child.start()
-    try:
-        assert here.poll(90), "the worker did not report"
-        result = here.recv()
-    finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
+    result = run_as_uid(4321, _auto_worker_of_another_user, srv.url, timeout=90)
     assert result == {"plane": "SharedKV"}, result
     srv.wait_for_log(r"Registered KV cache for CPU .*1 SHM segments")

@@ -14,7 +14,6 @@ import ipaddress
 import os
 import re
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from lmcd.connector.client import ServerError
 from lmcd.connector.settings import ConnectorSettings, SettingsError
 from lmcd.server import config as cfgmod
 from lmcd.server.config import ConfigError, ServerConfig, resolve
-from tests.conftest import connect, namespace, start_server
+from tests.conftest import connect, namespace, routed_ipv4, start_server
 from tests.server.test_config_cli import CHEAP, assert_fails, clean_env, parse, run_server_cli
 
 TOKEN = secrets.token_hex(32)
@@ -49,16 +48,8 @@ def token_file(tmp_path: Path, content: str = TOKEN + "\n", mode: int = 0o600, n
 
 def private_local_ipv4() -> str | None:
     """A private (never public) non-loopback IPv4 address of this machine, or None."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks a route
-        address = sock.getsockname()[0]
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    ip = ipaddress.ip_address(address)
-    return address if ip.is_private and not ip.is_loopback and not ip.is_unspecified else None
+    address = routed_ipv4()
+    return address if address is not None and ipaddress.ip_address(address).is_private else None
 
 
 # ---------------------------------------------------------------- binding without a token

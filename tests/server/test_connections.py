@@ -28,7 +28,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import ServerTimeout
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import RUNNING, RunningServer, connect, namespace, server_command, shm_names
+from tests.conftest import RunningServer, connect, namespace, shm_names, start_server
 
 HTTP_TIMEOUT_S = 2.0
 
@@ -177,20 +177,8 @@ def limit_open_files(num_files: int) -> None:
 def limited_server() -> Iterator[RunningServer]:
     """A server whose open-file limit is 256, soft and hard (so it cannot raise it), with a short
     handshake timeout so that the test need not wait the default's 10 s."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMCD_HANDSHAKE_TIMEOUT_S": "3"}
-    proc = subprocess.Popen(server_command("--l1-size-gb", "0.05"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=lambda: limit_open_files(256))
-    server = RunningServer(proc)
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            server.lines.append(line)
-
-    server._reader = threading.Thread(target=read, daemon=True)
-    server._reader.start()
-    match = server.wait_for_log(RUNNING.pattern, timeout=60)
-    server.url, server.http_url = match.group(1), match.group(2)
+    server = start_server("--l1-size-gb", "0.05", "--handshake-timeout", "3",
+                          preexec_fn=lambda: limit_open_files(256))
     try:
         yield server
     finally:

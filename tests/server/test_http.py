@@ -4,7 +4,6 @@ bearer auth, no environment dumps, loopback bind by default."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from lmcd.connector.shm import CpuKVCache
 from lmcd.server.config import ServerConfig
 from lmcd.server.daemon import CacheServer
 from lmcd.server.http import HEALTH_DEADLINE_S
-from tests.conftest import connect, fill_random, namespace
+from tests.conftest import connect, fill_random, namespace, routed_ipv4
 
 TIMEOUT = httpx.Timeout(15.0)
 CLEAR_PATHS = ("/clear-cache", "/cache/clear")
@@ -361,18 +360,6 @@ def test_no_endpoint_dumps_the_environment(server_factory):
 # ------------------------------------------------------------ bind address
 
 
-def non_loopback_ipv4() -> str | None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks a route
-        address = sock.getsockname()[0]
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    return None if address.startswith("127.") or address == "0.0.0.0" else address
-
-
 def test_http_binds_loopback_by_default(server):
     assert server.http_url.startswith("http://127.0.0.1:")
     port = int(server.http_url.rsplit(":", 1)[1])
@@ -380,7 +367,7 @@ def test_http_binds_loopback_by_default(server):
     status = get_status(server.http_url)
     assert status["http_url"] == server.http_url
 
-    address = non_loopback_ipv4()
+    address = routed_ipv4()
     if address is not None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://{address}:{port}/healthcheck", timeout=5)

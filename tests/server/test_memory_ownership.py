@@ -9,15 +9,12 @@ its own). The private /dev/shm tests run the server and the worker inside one mo
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-import traceback
-from multiprocessing.connection import Connection
 
 import numpy as np
 import pytest
@@ -26,7 +23,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, ServerError
 from lmcd.connector.keys import chunk_keys
 from lmcd.connector.shm import CpuKVCache
-from tests.conftest import PRELUDE, connect, namespace, run_in_private_shm
+from tests.conftest import PRELUDE, connect, namespace, run_as_uid, run_in_private_shm
 
 NOBODY = 65534
 SECRET = b"TOP-SECRET-KV!"  # 14 bytes: never a divisor of a page, so it shows at any offset
@@ -54,12 +51,6 @@ print("INTACT" if intact else "CHANGED", flush=True)
 """
 
 
-def drop_to_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
 def try_exploit(url: str, model: str, attempt: CacheClient, info_wid: int, results: dict) -> None:
     """A registration of the victim's memory got through: read it out and overwrite it, as issue 13 did."""
     own = CpuKVCache(**GEOMETRY)  # type: ignore[arg-type]
@@ -76,16 +67,8 @@ def try_exploit(url: str, model: str, attempt: CacheClient, info_wid: int, resul
         attempt.retrieve(info_wid, keys[2:], [0, 1])  # would write 0xAA pages into the victim
 
 
-def attacker(url: str, model: str, victim_pid: int, names: list[str], fds: list[int], sizes: list[int],
-             out: Connection) -> None:
-    try:
-        out.send(attack(url, model, victim_pid, names, fds, sizes))
-    except BaseException:
-        out.send({"error": traceback.format_exc()})
-
-
 def attack(url: str, model: str, victim_pid: int, names: list[str], fds: list[int], sizes: list[int]) -> dict:
-    drop_to_nobody()
+    """Run as uid NOBODY (``run_as_uid``)."""
     results: dict = {"uid": os.getuid(), "proc_open": [], "refused": [], "registered": [], "leaked": False}
     for fd in fds:  # the victim's memory through /proc, opened by the attacker itself
         try:
@@ -133,13 +116,7 @@ def test_a_process_of_another_uid_can_neither_read_nor_change_a_workers_kv(serve
         assert ready and ready[0] == "READY", ready
         names, fds = ready[2:4], [int(fd) for fd in ready[4:6]]
         sizes = [8 * (1 * 256 * 2 * 32 * 2)] * 2  # per layer: 8 blocks of one page each
-        ctx = multiprocessing.get_context("fork")
-        here, there = ctx.Pipe()
-        child = ctx.Process(target=attacker, args=(server.url, model, victim.pid, names, fds, sizes, there))
-        child.start()
-        assert here.poll(60), "the attacker did not report"
-        results = here.recv()
-        child.join(10)
+        results = run_as_uid(NOBODY, attack, server.url, model, victim.pid, names, fds, sizes)
         assert "error" not in results, results["error"]
         victim.stdin.write("check\n")
         victim.stdin.flush()

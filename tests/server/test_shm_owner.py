@@ -6,11 +6,8 @@ and drops to another uid."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
-import traceback
-from multiprocessing.connection import Connection
 
 import numpy as np
 import numpy.random  # noqa: F401  (imported before the child drops to a uid that cannot read the venv)
@@ -28,24 +25,19 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is 
                                 reason="needs root (to drop to another uid) and setpriv (util-linux)")
 
 
-def worker_of_another_user(url: str, out: Connection) -> None:
-    try:
-        os.setgroups([])
-        os.setgid(OTHER_UID)
-        os.setuid(OTHER_UID)
-        kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=128, num_kv_heads=2, head_size=32)
-        conftest.fill_random(kv, 7)
-        ns = p.Namespace("other-user", "bf16", kv.geometry, 1, 0)
-        with CacheClient(url, ns, role=p.Role.WORKER) as client:
-            info = kv.register(client)
-            keys = chunk_keys(range(512), 256)
-            stored = client.store(info.worker_id, keys, [0, 1, 2, 3]).num_stored
-            got = client.retrieve(info.worker_id, keys, [4, 5, 6, 7])
-            exact = all(np.array_equal(kv.pages(layer)[:4], kv.pages(layer)[4:]) for layer in range(2))
-        kv.close()
-        out.send({"uid": os.getuid(), "stored": stored, "retrieved": got, "exact": exact})
-    except BaseException:
-        out.send({"error": traceback.format_exc()})
+def worker_of_another_user(url: str) -> dict:
+    """Run as OTHER_UID (``conftest.run_as_uid``)."""
+    kv = CpuKVCache(num_layers=2, num_blocks=8, block_size=128, num_kv_heads=2, head_size=32)
+    conftest.fill_random(kv, 7)
+    ns = p.Namespace("other-user", "bf16", kv.geometry, 1, 0)
+    with CacheClient(url, ns, role=p.Role.WORKER) as client:
+        info = kv.register(client)
+        keys = chunk_keys(range(512), 256)
+        stored = client.store(info.worker_id, keys, [0, 1, 2, 3]).num_stored
+        got = client.retrieve(info.worker_id, keys, [4, 5, 6, 7])
+        exact = all(np.array_equal(kv.pages(layer)[:4], kv.pages(layer)[4:]) for layer in range(2))
+    kv.close()
+    return {"uid": os.getuid(), "stored": stored, "retrieved": got, "exact": exact}
 
 
 def test_a_worker_of_another_user_registers_its_own_memory(server_factory, monkeypatch):
@@ -53,17 +45,7 @@ def test_a_worker_of_another_user_registers_its_own_memory(server_factory, monke
     monkeypatch.setattr(conftest, "server_command",
                         lambda *flags: ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", *plain(*flags)])
     srv = server_factory("--l1-size-gb", "0.25")
-    ctx = multiprocessing.get_context("fork")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=worker_of_another_user, args=(srv.url, there))
-    child.start()
-    try:
-        assert here.poll(60), "the worker did not report"
-        result = here.recv()
-    finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
+    result = conftest.run_as_uid(OTHER_UID, worker_of_another_user, srv.url)
     assert "error" not in result, result["error"]
     assert result == {"uid": OTHER_UID, "stored": 2, "retrieved": 2, "exact": True}
     srv.wait_for_log(r"Registered KV cache for CPU")
