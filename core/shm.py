@@ -13,6 +13,7 @@ truncate it under a mapping (a fault past the end would be SIGBUS). Used for wor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import itertools
 import mmap
@@ -22,6 +23,8 @@ import struct
 import numpy as np
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+libc = ctypes.CDLL(None, use_errno=True)  # the memory calls Python lacks (mincore, fstatfs, madvise off the GIL)
 _indices = itertools.count()
 
 

@@ -43,7 +43,6 @@ ATTACH_TIMEOUT_S = 2.0
 MAX_CONCURRENT = 8
 MAX_HANDOFF_FDS = 1024  # per session (a vLLM CPU worker hands over one per KV storage: one per layer or fewer)
 TMPFS_MAGIC = 0x01021994  # memfds live on the kernel's internal tmpfs; hugetlbfs (0x958458f6) is refused
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class HandoffError(Exception):
@@ -73,7 +72,7 @@ Post = Callable[[Callable[[], None]], None]
 
 def _fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field (a long)
-    if _libc.fstatfs(fd, buf) != 0:
+    if shm.libc.fstatfs(fd, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF

@@ -31,7 +31,7 @@ from typing import NewType
 
 import numpy as np
 
-from lmcd.shm import map_shared, sealed_memfd
+from lmcd.shm import MADV_POPULATE_WRITE, map_shared, sealed_memfd
 
 SlotId = NewType("SlotId", int)
 
@@ -40,7 +40,6 @@ log = logging.getLogger("lmcd.pool")
 MAX_SLAB_BYTES = 256 << 20
 PAGE = 4096
 TOUCH_STEP = 256 << 20
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
 
 @dataclass(slots=True)

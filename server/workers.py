@@ -16,7 +16,6 @@ Nothing of it has a name in /dev/shm, so nothing is left there when a worker die
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import itertools
@@ -36,6 +35,7 @@ import numpy as np
 from lmcd import protocol as p
 from lmcd.copyplan import plane_addresses
 from lmcd.server.handoff import HandedFd
+from lmcd.shm import MADV_POPULATE_WRITE, libc, map_shared
 
 if TYPE_CHECKING:
     from lmcd.server.gpu import CudaHost, GpuWorker
@@ -46,8 +46,6 @@ SHM_DIR = "/dev/shm"
 LEFTOVER_FILE = re.compile(r"^(lmcache_kv|lmcache_pool)_[A-Za-z0-9_.-]{1,200}$")
 LEFTOVER_SOCKET = re.compile(r"^lmcd_[0-9]+_[0-9a-f]{1,64}\.sock$")
 PREFAULT_WINDOW = 64 << 20
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def sweep_leftovers() -> list[str]:
@@ -194,13 +192,10 @@ def map_handed(handed: list[HandedFd], sizes: list[int]) -> list[mmap.mmap]:
             if item.nbytes < size:
                 raise RegistrationError(f"memory fd {index} holds {item.nbytes} bytes, {size} were declared")
             try:
-                mapping = mmap.mmap(item.fd, size, flags=mmap.MAP_SHARED)
+                mmaps.append(map_shared(item.fd, size))
             except OSError as exc:
                 raise RegistrationError(f"cannot map memory fd {index}: {exc.strerror}; hand over a memfd opened "
                                         "read-write and not sealed against writes") from None
-            with contextlib.suppress(AttributeError, OSError):  # huge pages where shmem THP is "advise"
-                mapping.madvise(mmap.MADV_HUGEPAGE)
-            mmaps.append(mapping)
     except BaseException:
         for mapping in mmaps:
             mapping.close()
@@ -217,7 +212,7 @@ def prefault_resident(address: int, nbytes: int, stop: threading.Event) -> int:
     mapped = 0
     for start in range(0, nbytes, PREFAULT_WINDOW):
         length = min(PREFAULT_WINDOW, nbytes - start)
-        if stop.is_set() or _libc.mincore(ctypes.c_void_p(address + start), ctypes.c_size_t(length), vec) != 0:
+        if stop.is_set() or libc.mincore(ctypes.c_void_p(address + start), ctypes.c_size_t(length), vec) != 0:
             break
         resident = np.frombuffer(memoryview(vec), dtype=np.uint8, count=-(-length // page)) & 1
         edges = np.flatnonzero(np.diff(resident, prepend=0, append=0))
@@ -225,7 +220,7 @@ def prefault_resident(address: int, nbytes: int, stop: threading.Event) -> int:
             if stop.is_set():
                 return mapped
             run = min(end * page, length) - first * page
-            if _libc.madvise(ctypes.c_void_p(address + start + first * page), ctypes.c_size_t(run),
+            if libc.madvise(ctypes.c_void_p(address + start + first * page), ctypes.c_size_t(run),
                              MADV_POPULATE_WRITE) == 0:
                 mapped += run
     return mapped
