@@ -78,6 +78,7 @@ class ServerCopies:
             line = None
             if error is None:  # counted before the reply (a scrape after it sees the store), logged after it
                 line = self._counted(lambda: svc.count_store(worker, len(writing), seconds, log_line=False))
+                svc.write_behind(worker.ns_id, [entry for entry, _ in writing])
             if not early:
                 text = f"copy failed: {error}" if error is not None else message
                 svc.send(session, p.StoreReply(req.rid, statuses, text), "store", started)

@@ -127,7 +127,9 @@ class CacheServer:
         self._stack.callback(self.service.workers.close_all)
         self._stack.callback(self.service.server_copies.threads.shutdown)
         self.service.full_status = self.status
-        self.metrics = Metrics(self.service.stats, self._gauges)
+        self._start_tiers()
+        self.metrics = Metrics(self.service.stats, self._gauges,
+                               lambda: self.service.tiers.status() if self.service.tiers is not None else [])
         self.service.observe_copy = self.metrics.copy_seconds.observe
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -154,6 +156,24 @@ class CacheServer:
         self.http_url = self.http.start()
         self._stack.callback(self.http.stop)
         log.info("HTTP sidecar on %s (/healthcheck /status /metrics /clear-cache)", self.http_url)
+
+    def _start_tiers(self) -> None:
+        """The L2 cascade (``server/tiers.py``) of the configured adapters, each started (disk index rebuilt,
+        Redis connected or reconnecting) before the server takes requests."""
+        cfg = self.config
+        if not cfg.l2_adapters:
+            return
+        from lmcd.server.tiers import open_tiers
+
+        tiers = open_tiers(cfg, self.service.index, self.pool, self.post)
+        self.service.tiers = tiers
+
+        def close() -> None:
+            if not tiers.close():  # a thread is still inside an adapter call and may read the pool
+                log.warning("An L2 call is still running at exit: the L1 pool stays mapped until the process ends")
+                self.pool.keep_mapped = True
+
+        self._stack.callback(close)
 
     def _start_handoff(self) -> None:
         """The Unix socket through which local workers hand over their memory (``lmcd.server.handoff``)."""
@@ -189,7 +209,7 @@ class CacheServer:
             if self.router in ready:
                 self._drain_router()
             now = time.monotonic()
-            self.service.expire_leases(now)
+            self.service.expire(now)
             self.connections.expire(now)
 
     def _start_cuda(self) -> CudaSupport:
@@ -241,6 +261,9 @@ class CacheServer:
             while copies.pending and time.monotonic() < deadline:
                 time.sleep(0.005)
                 self._run_calls()
+        tiers = service.tiers if service is not None else None
+        if tiers is not None:
+            tiers.flush(self.config.l2_flush_timeout_s, self._run_calls)
         self._stack.close()
         log.info("LMCache cache server stopped")
 
@@ -314,7 +337,7 @@ class CacheServer:
                 log.exception("Internal error in a loop callback")
 
     def _poll_timeout_ms(self) -> int:
-        expiry = self.service.leases.next_expiry()
+        expiry = self.service.next_deadline()
         if expiry is None:
             return 1000
         return max(0, min(1000, int((expiry - time.monotonic()) * 1000) + 1))

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from lmcd import protocol as p
+from lmcd.server.index import Entry
 from lmcd.server.pool import SlotId
 from lmcd.server.session import RequestError, Session
 
@@ -101,6 +102,7 @@ class WorkerCopies:
                 raise RequestError(p.ErrorCode.BAD_REQUEST, f"slot {slot} is not a slot granted to this session "
                                    f"for chunks of {worker.chunk_bytes} bytes; commit only slots from Grant")
         statuses: list[p.ChunkStatus] = []
+        ready: list[Entry] = []  # the chunks now readable, for the L2 tiers
         for chunk_key, slot in zip(req.chunk_keys, req.slots, strict=True):
             if slot not in session.granted:  # reclaimed: its bytes are not trusted, the chunk is a miss
                 reclaimed.discard(slot)
@@ -108,8 +110,11 @@ class WorkerCopies:
                 continue
             del session.granted[slot]
             del self._expiry[slot]
-            status = svc.index.insert_ready(svc.key(worker, chunk_key), SlotId(slot), worker.chunk_bytes)
-            if status != p.ChunkStatus.STORED:
+            key = svc.key(worker, chunk_key)
+            status = svc.index.insert_ready(key, SlotId(slot), worker.chunk_bytes)
+            if status == p.ChunkStatus.STORED:
+                ready.append(svc.index.entries[key])
+            else:
                 svc.pool.free(SlotId(slot))
             statuses.append(status)
         stored = statuses.count(p.ChunkStatus.STORED)
@@ -118,6 +123,7 @@ class WorkerCopies:
         svc.stats.store_refused_chunks += failed
         if stored:
             svc.count_store(worker, stored, req.copy_seconds)
+            svc.write_behind(worker.ns_id, ready)
         return p.Committed(req.rid, statuses, self._grant(session, worker, req.want_slots))
 
     def pin(self, session: Session, req: p.Pin) -> p.Pinned:

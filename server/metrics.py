@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -64,10 +65,36 @@ COUNTER_HELP = {
 }
 
 
+L2_COUNTER_HELP = {
+    "hits": "Objects an L2 tier read into L1",
+    "misses": "Objects asked of an L2 tier that it did not hold",
+    "bytes_in": "Bytes written to an L2 tier",
+    "bytes_out": "Bytes read from an L2 tier",
+    "writes": "Objects written to an L2 tier",
+    "skipped_present": "Writes not done because the L2 tier holds the object already",
+    "dropped_writes": "Writes dropped because the L2 tier's write queue was full",
+    "errors": "L2 tier calls that failed (I/O, connection, timeout, no space)",
+    "corrupt": "Corrupt, truncated or foreign L2 objects detected and dropped",
+    "timeouts": "L2 reads still running when their lookup's deadline passed",
+}
+L2_GAUGE_HELP = {
+    "capacity_bytes": "L2 tier capacity (unset: unbounded or unknown)",
+    "used_bytes": "L2 tier bytes in use",
+    "objects": "Objects in an L2 tier",
+    "available": "1 while the L2 tier is reachable",
+    "write_queued_bytes": "Bytes queued for writing to an L2 tier",
+    "write_queued_objects": "Objects queued for writing to an L2 tier",
+    "reads_in_flight": "L2 reads running now",
+    "stalled_jobs": "L2 calls past a lookup's deadline, not returned yet (the tier is skipped meanwhile)",
+}
+
+
 class _StatsCollector(Collector):
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]],
+                 tiers: Callable[[], list[dict[str, Any]]]) -> None:
         self.stats = stats
         self.gauges = gauges
+        self.tiers = tiers
 
     def collect(self) -> Iterator[Metric]:
         for name, help_text in COUNTER_HELP.items():
@@ -82,6 +109,25 @@ class _StatsCollector(Collector):
         yield errors
         for name, (help_text, value) in self.gauges().items():
             yield GaugeMetricFamily(f"lmcd_{name}", help_text, value=value)
+        yield from self._tier_metrics(self.tiers())
+
+    @staticmethod
+    def _tier_metrics(tiers: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per L2 tier (label ``tier``): its counters, usage and queues (``Tier.status``)."""
+        if not tiers:
+            return
+        for name, help_text in L2_COUNTER_HELP.items():
+            family = CounterMetricFamily(f"lmcd_l2_{name}", help_text, labels=["tier"])
+            for tier in tiers:
+                family.add_metric([tier["tier"]], tier["counters"][name])
+            yield family
+        for name, help_text in L2_GAUGE_HELP.items():
+            family = GaugeMetricFamily(f"lmcd_l2_{name}", help_text, labels=["tier"])
+            for tier in tiers:
+                value = tier["queues"].get(name, tier.get(name))
+                if value is not None:
+                    family.add_metric([tier["tier"]], float(value))
+            yield family
 
 
 class LabelledHistogram:
@@ -101,9 +147,10 @@ class LabelledHistogram:
 
 
 class Metrics:
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]],
+                 tiers: Callable[[], list[dict[str, Any]]] = list) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(stats, gauges))
+        self.registry.register(_StatsCollector(stats, gauges, tiers))
         self.latency = LabelledHistogram("lmcd_request_seconds", "Request latency from receipt to reply, by operation",
                                          "op", self.registry)
         self.copy_seconds = LabelledHistogram("lmcd_copy_seconds", "Copy time of one store or retrieve, by direction",

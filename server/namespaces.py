@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 from lmcd.server.index import ChunkIndex
+from lmcd.server.l2 import namespace_text
 
 NamespaceKey = tuple[str, str, str, int]  # (model, kv dtype, geometry, world size)
 
@@ -30,6 +31,10 @@ class NamespaceTable:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def text_of(self, ns_id: int) -> str:
+        """The namespace's canonical text (``l2.namespace_text``): its name in every L2 tier."""
+        return namespace_text(*self._keys[ns_id])
 
     def acquire(self, key: NamespaceKey) -> int:
         """The id of ``key``, held for one more session until ``release``."""

@@ -79,6 +79,7 @@ class Pool:
         # shared (workers copy themselves, lmcache_driven): a sealed memfd, handed to workers as an fd
         self.fd: int | None = None
         self.name = ""
+        self.keep_mapped = False  # close() leaves the mapping to the process's end (a thread may still read it)
         if shared:
             self.name = f"lmcache_pool_{os.getpid()}_{secrets.token_hex(4)}"
             self.fd = sealed_memfd(self.name, self.capacity_bytes)
@@ -195,7 +196,7 @@ class Pool:
         return self.fd is not None
 
     def close(self) -> None:
-        if not hasattr(self, "array"):
+        if not hasattr(self, "array") or self.keep_mapped:
             return
         del self.array
         self._mmap.close()

@@ -33,6 +33,7 @@ from lmcd.server.metrics import Stats
 from lmcd.server.namespaces import NamespaceTable
 from lmcd.server.pool import Pool
 from lmcd.server.session import Post, RequestError, Send, Session
+from lmcd.server.tiers import Tiers
 from lmcd.server.workers import RegistrationError, Worker, WorkerRegistry
 
 log = logging.getLogger("lmcd.server")
@@ -59,6 +60,7 @@ class CacheService:
         self._handoffs: dict[bytes, Session] = {}  # handoff nonce -> its session
         self.server_copies = ServerCopies(self)
         self.worker_copies = WorkerCopies(self)
+        self.tiers: Tiers | None = None  # the L2 cascade, when tiers are configured (set at startup)
         self.full_status: Callable[[], dict[str, object]] = self.status  # the server adds sessions etc.
         self.observe_copy: Callable[[str, float], None] = lambda direction, seconds: None  # thread-safe hook
 
@@ -78,7 +80,7 @@ class CacheService:
                 self.unregister(session, self.worker(session, worker_id))
                 return p.Unregistered(rid)
             case p.Lookup():
-                return self.lookup(session, request)
+                return self.lookup(session, request, started)
             case p.Store():
                 return self.server_copies.store(session, request, started)
             case p.Retrieve():
@@ -190,6 +192,7 @@ class CacheService:
         """The session's peer is gone: release its leases (an instance's, when it was the instance's last
         session), grants and workers at once."""
         self.stats.disconnects += 1
+        session.closed = True
         released: list[Entry] = []
         if session.hello is not None and session.ns_id is not None:
             released = self._leave(session.ns_id, self.lease_holder(session))
@@ -279,11 +282,33 @@ class CacheService:
 
     # ------------------------------------------------------------ lookup and leases
 
-    def lookup(self, session: Session, req: p.Lookup) -> p.LookupReply:
+    def lookup(self, session: Session, req: p.Lookup, started: float) -> p.LookupReply | None:
+        """The leading chunks L1 holds for every rank; where L2 tiers may hold more, the reply waits
+        for their prefetch into L1 (at most ``--l2-prefetch-load-timeout``, ``server/tiers.py``)."""
         assert session.hello is not None and session.ns_id is not None
         ns = session.hello.namespace
         ranks = list(range(ns.world_size)) if ns.rank is None else [ns.rank]
         parts = self.index.leading_ready(session.ns_id, ranks, req.chunk_keys)
+        num_l1 = len(parts[0])
+        chunk_bytes = self.namespaces.chunk_bytes.get(session.ns_id)
+        if self.tiers is not None and num_l1 < len(req.chunk_keys) and chunk_bytes is not None:
+            ns_id = session.ns_id
+
+            def answer() -> None:
+                if session.closed or session.ns_id != ns_id:  # gone, or another namespace now
+                    return
+                reply = self._lookup_reply(session, req, ranks, self.index.leading_ready(ns_id, ranks, req.chunk_keys))
+                self.send(session, reply, "lookup", started)
+
+            if self.tiers.start_prefetch(ns_id, self.namespaces.text_of(ns_id), chunk_bytes, ranks,
+                                         req.chunk_keys[num_l1:], answer):
+                return None
+        return self._lookup_reply(session, req, ranks, parts)
+
+    def _lookup_reply(self, session: Session, req: p.Lookup, ranks: list[int],
+                      parts: list[list[Entry]]) -> p.LookupReply:
+        """Count a lookup's leading hits ``parts`` (one list per rank of ``ranks``) and pin them under a
+        lease if it asks for one."""
         num_hits = len(parts[0])
         self.stats.lookups += 1
         self.stats.lookup_hit_chunks += num_hits
@@ -335,11 +360,25 @@ class CacheService:
             raise RequestError(p.ErrorCode.LAYOUT_MISMATCH, "cached chunk size differs from this worker's layout")
         return pinned
 
-    def expire_leases(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """What times out: leases, grants, and lookups waiting for L2 reads (loop turn)."""
         before = self.leases.num_expired
         self.unpin(self.leases.expire(now))
         self.stats.expired_leases += self.leases.num_expired - before
         self.worker_copies.expire_grants(now)
+        if self.tiers is not None:
+            self.tiers.expire(now)
+
+    def next_deadline(self) -> float | None:
+        """When ``expire`` next has something to do (None: nothing is due)."""
+        due = [t for t in (self.leases.next_expiry(), self.tiers.next_deadline() if self.tiers else None)
+               if t is not None]
+        return min(due, default=None)
+
+    def write_behind(self, ns_id: int, entries: list[Entry]) -> None:
+        """A store's chunks are readable in L1: copy them to the L2 tiers in the background."""
+        if self.tiers is not None and entries:
+            self.tiers.write_behind(self.namespaces.text_of(ns_id), entries)
 
     # ------------------------------------------------------------ helpers
 
@@ -401,6 +440,7 @@ class CacheService:
             "namespaces": len(self.namespaces),
             "grants": {"granted_slots": self.worker_copies.num_granted,
                        "reclaimed_slots": self.worker_copies.num_reclaimed},
+            "l2": self.tiers.status() if self.tiers is not None else [],
             "workers": [
                 {"worker_id": w.worker_id, "session_id": w.session_id, "pid": w.pid,
                  "device": w.device.name.lower(), "copier": w.copier.name.lower(), "rank": w.rank,

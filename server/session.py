@@ -35,6 +35,7 @@ class Session:
     handoff_nonce: bytes = b""  # authorises this session's handoffs (HelloReply.handoff_nonce)
     handed: list[HandedFd] = field(default_factory=list)  # memory fds handed over, until RegisterWorker maps them
     handed_by: Peer | None = None  # the process that handed them over (for logs)
+    closed: bool = False  # its peer is gone (a reply that is due later is not sent)
 
     def take_handed(self) -> list[HandedFd]:
         """The handed-over fds, now owned by the caller (which closes them)."""

@@ -87,11 +87,14 @@ def test_dashboard_is_grafana_json_with_queries_everywhere():
             for target in panel["targets"]:
                 assert METRIC.search(target["expr"]), f"{panel['title']!r}: {target['expr']!r} queries no lmcd metric"
     titles = " ".join(panel["title"].lower() for panel in panels(dashboard))
-    for topic in ("hit rate", "throughput", "pool usage", "evictions", "errors", "latency"):
+    for topic in ("hit rate", "throughput", "pool usage", "evictions", "errors", "latency", "l2 usage", "l2 hit rate",
+                  "l2 queues"):
         assert topic in titles, f"no panel about {topic}"
 
 
-def test_every_queried_metric_and_label_is_exported(server):
+def test_every_queried_metric_and_label_is_exported(server_factory, tmp_path):
+    tier = json.dumps({"type": "fs", "base_path": str(tmp_path / "l2"), "max_capacity_gb": 0.1})
+    server = server_factory("--l2-adapter", tier)  # the L2 panels query the tier series
     make_traffic(server.url)
     reply = httpx.get(f"{server.http_url}/metrics", timeout=15)
     assert reply.status_code == 200
@@ -116,3 +119,4 @@ def test_every_queried_metric_and_label_is_exported(server):
     assert {"op", "le"} <= series["lmcd_request_seconds_bucket"]
     assert "code" in series["lmcd_request_errors_total"]
     assert "direction" in series["lmcd_copy_seconds_bucket"]
+    assert "tier" in series["lmcd_l2_bytes_in_total"] and "tier" in series["lmcd_l2_used_bytes"]

@@ -1,0 +1,285 @@
+"""L2 tiers behind real `lmcache server` processes: a disk tier that survives restarts, Redis shared by
+two servers, and what a corrupt, full, slow or dead tier costs (a miss, never a stall or garbage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from lmcd import protocol as p
+from lmcd.connector.client import CacheClient
+from lmcd.connector.shm import CpuKVCache
+from tests.conftest import RunningServer, connect, fill_random, namespace
+from tests.server.test_cache_behaviour import hashes, scheduler, snapshot, wait_until
+
+POOL = ("--l1-size-gb", "0.0625")  # 64 MiB
+
+
+def kv_cache() -> CpuKVCache:
+    """2 layers x 2 blocks of 64 KiB per 256-token chunk = 256 KiB per chunk; 16 blocks = 8 chunks."""
+    return CpuKVCache(num_layers=2, num_blocks=16, block_size=128, num_kv_heads=2, head_size=64)
+
+
+def fs_adapter(path: os.PathLike[str] | str, capacity_gb: float = 1.0) -> str:
+    return json.dumps({"type": "fs", "base_path": str(path), "max_capacity_gb": capacity_gb})
+
+
+def tier_status(client: CacheClient, label: str | None = None) -> dict:
+    tiers = client.status()["l2"]
+    assert isinstance(tiers, list) and tiers, "no L2 tier in /status"
+    return next(t for t in tiers if label is None or t["tier"] == label)
+
+
+def wait_written(client: CacheClient, num_objects: int, label: str | None = None, timeout: float = 10.0) -> dict:
+    """The tier's status once ``num_objects`` writes ended (or the test fails)."""
+    def done() -> bool:
+        tier = tier_status(client, label)
+        return tier["counters"]["writes"] >= num_objects and tier["queues"]["write_queued_objects"] == 0
+    assert wait_until(done, timeout), tier_status(client, label)
+    return tier_status(client, label)
+
+
+def block_ids(chunks: range) -> list[int]:
+    return [b for c in chunks for b in (2 * c, 2 * c + 1)]
+
+
+def store_chunks(server: RunningServer, kv: CpuKVCache, model: str, num_chunks: int,
+                 keys: list[bytes]) -> list[np.ndarray]:
+    """Store ``num_chunks`` chunks of ``kv`` (blocks 0..) under ``keys``; the pages they came from."""
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        info = kv.register(client)
+        assert client.store(info.worker_id, keys[:num_chunks], block_ids(range(num_chunks))).num_stored == num_chunks
+    return snapshot(kv)
+
+
+def load_chunks(server: RunningServer, model: str, keys: list[bytes], *, world_size: int = 1) -> tuple[int, CpuKVCache]:
+    """A fresh worker (KV zeroed) of ``model`` looks ``keys`` up through a scheduler and retrieves the hit."""
+    kv = kv_cache()
+    ns = namespace(model, kv.geometry, world_size=world_size)
+    with connect(server.url, ns) as worker, scheduler(server.url, ns) as sched:
+        info = kv.register(worker)
+        hit = sched.lookup(keys)
+        if hit.num_hit_chunks:
+            assert worker.retrieve(info.worker_id, keys[: hit.num_hit_chunks], block_ids(range(hit.num_hit_chunks)),
+                                   hit.lease_id) == hit.num_hit_chunks
+    return hit.num_hit_chunks, kv
+
+
+def same_chunks(original: list[np.ndarray], kv: CpuKVCache, num_chunks: int) -> bool:
+    blocks = block_ids(range(num_chunks))
+    return all(np.array_equal(snapshot(kv)[layer][blocks], original[layer][blocks]) for layer in range(len(original)))
+
+
+@pytest.fixture
+def model() -> str:
+    return f"l2-{os.urandom(4).hex()}"
+
+
+# ---------------------------------------------------------------- disk
+
+
+def test_disk_tier_survives_restart_byte_exact(server_factory: Callable[..., RunningServer], tmp_path, model) -> None:
+    disk = tmp_path / "disk"
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    kv = kv_cache()
+    fill_random(kv, 7)
+    keys = hashes(8)
+    original = store_chunks(server, kv, model, 6, keys)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        tier = wait_written(client, 6)
+        assert tier["objects"] == 6 and tier["counters"]["errors"] == 0
+    assert server.stop() == 0
+
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    server.wait_for_log(r"found 6 objects")
+    hit, kv2 = load_chunks(server, model, keys)
+    assert hit == 6  # every stored chunk, from disk; the two never stored are a miss
+    assert same_chunks(original, kv2, 6)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        tier = tier_status(client)
+        assert tier["counters"]["hits"] == 6 and tier["counters"]["bytes_out"] == 6 * (256 << 10)
+        assert client.status()["pool"]["num_chunks"] == 6  # prefetched into L1
+        assert tier["counters"]["writes"] == 0  # what was read from the tier is not written back to it
+    # a second lookup is an L1 hit and reads nothing more from the disk
+    hit, _ = load_chunks(server, model, keys)
+    assert hit == 6
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        assert tier_status(client)["counters"]["hits"] == 6
+
+
+def test_sigterm_flushes_write_behind(server_factory, tmp_path, model) -> None:
+    disk = tmp_path / "disk"
+    server = server_factory("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
+    kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=8, head_size=128)  # 1 MiB chunks
+    fill_random(kv, 3)
+    keys = hashes(32)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        info = kv.register(client)
+        assert client.store(info.worker_id, keys, block_ids(range(32))).num_stored == 32
+    assert server.stop() == 0  # at once: the queue is flushed before the exit
+    server = server_factory("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
+    server.wait_for_log(r"found 32 objects")
+
+
+def test_corrupt_disk_object_is_dropped_never_loaded(server_factory, tmp_path, model) -> None:
+    disk = tmp_path / "disk"
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    kv = kv_cache()
+    fill_random(kv, 11)
+    keys = hashes(4)
+    original = store_chunks(server, kv, model, 4, keys)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        wait_written(client, 4)
+    assert server.stop() == 0
+    files = sorted((path for path in disk.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+    assert len(files) == 4
+    # flip one payload byte of the third chunk's object: find it by its header's chunk key
+    third = next(path for path in files if keys[2] in path.read_bytes()[:200])
+    data = bytearray(third.read_bytes())
+    data[-100] ^= 0xFF
+    third.write_bytes(bytes(data))
+
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    hit, kv2 = load_chunks(server, model, keys)
+    assert hit == 2  # the chunks before the corrupt one; never the corrupt one, never the ones after it
+    assert same_chunks(original, kv2, 2)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        counters = tier_status(client)["counters"]
+        assert counters["corrupt"] == 1
+    assert not third.exists()  # dropped
+    assert len(server.log().split("dropped corrupt object")) == 2  # logged once
+
+
+def test_full_write_queue_drops_l2_copies_never_blocks_a_store(server_factory, tmp_path, model) -> None:
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "disk"), "--l2-write-queue-mb", "0.5")
+    kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=2, head_size=64)
+    fill_random(kv, 5)
+    keys = hashes(32)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        info = kv.register(client)
+        result = client.store(info.worker_id, keys, block_ids(range(32)))
+        assert result.statuses == [p.ChunkStatus.STORED] * 32
+        tier = tier_status(client)
+        assert tier["queues"]["write_queue_limit_bytes"] == 512 << 10
+        assert tier["counters"]["dropped_writes"] > 0
+        wait_until(lambda: tier_status(client)["queues"]["write_queued_objects"] == 0, 10)
+        tier = tier_status(client)
+        assert tier["counters"]["writes"] + tier["counters"]["dropped_writes"] == 32
+        assert tier["objects"] == tier["counters"]["writes"]
+
+
+def test_lookup_without_tier_hit_is_unchanged(server_factory, tmp_path, model) -> None:
+    """A configured tier that holds nothing costs a lookup no wait and no hit it cannot load."""
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "disk"))
+    hit, _ = load_chunks(server, model, hashes(4))
+    assert hit == 0
+
+
+# ---------------------------------------------------------------- helpers for the redis tests
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[object]:
+    from tests.redis_support import start_redis
+
+    proc = start_redis()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def resp_adapter(port: int, **extra: object) -> str:
+    return json.dumps({"type": "resp", "host": "127.0.0.1", "port": port, "key_prefix": f"t{os.urandom(3).hex()}:",
+                       **extra})
+
+
+# ---------------------------------------------------------------- redis
+
+
+def test_two_servers_share_chunks_through_redis(server_factory, redis_proc, model) -> None:
+    adapter = resp_adapter(redis_proc.port)  # type: ignore[attr-defined]
+    a = server_factory(*POOL, "--l2-adapter", adapter)
+    b = server_factory(*POOL, "--l2-adapter", adapter)
+    kv = kv_cache()
+    fill_random(kv, 21)
+    keys = hashes(6)
+    original = store_chunks(a, kv, model, 5, keys)
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        wait_written(client, 5)
+    hit, kv2 = load_chunks(b, model, keys)
+    assert hit == 5
+    assert same_chunks(original, kv2, 5)
+    # B stored nothing of its own into Redis (the chunks came from there)
+    with connect(b.url, namespace(model, kv.geometry)) as client:
+        tier = tier_status(client)
+        assert tier["counters"]["hits"] == 5 and tier["counters"]["writes"] == 0
+
+
+def test_redis_killed_then_back(server_factory, redis_proc, model) -> None:
+    adapter = resp_adapter(redis_proc.port, timeout_s=0.5)  # type: ignore[attr-defined]
+    flags = (*POOL, "--l2-adapter", adapter, "--l2-prefetch-load-timeout", "0.5")
+    a = server_factory(*flags)
+    b = server_factory(*flags)
+    kv = kv_cache()
+    fill_random(kv, 31)
+    keys = hashes(8)
+    redis_proc.kill()  # type: ignore[attr-defined]
+    # stores answer from L1 at once; lookups on B (nothing in its L1) are misses within the deadline
+    started = time.monotonic()
+    original = store_chunks(a, kv, model, 4, keys)
+    hit, _ = load_chunks(b, model, keys)
+    assert hit == 0 and time.monotonic() - started < 5
+    for _ in range(5):
+        started = time.monotonic()
+        hit, _ = load_chunks(b, model, keys)
+        assert hit == 0 and time.monotonic() - started < 1.5
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        assert wait_until(lambda: tier_status(client)["available"] is False, 5)
+    redis_proc.restart()  # type: ignore[attr-defined]
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        assert wait_until(lambda: tier_status(client)["available"] is True, 15), tier_status(client)
+    # the tier is back: new stores reach Redis and B loads them
+    fill_random(kv, 32)
+    keys2 = hashes(4)
+    original = store_chunks(a, kv, model, 4, keys2)
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        wait_written(client, 4)
+    hit, kv2 = load_chunks(b, model, keys2)
+    assert hit == 4 and same_chunks(original, kv2, 4)
+
+
+def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_proc, model) -> None:
+    adapter = resp_adapter(redis_proc.port, timeout_s=3.0)  # type: ignore[attr-defined]
+    flags = (*POOL, "--l2-adapter", adapter, "--l2-prefetch-load-timeout", "0.3")
+    a = server_factory(*flags)
+    b = server_factory(*flags)
+    kv = kv_cache()
+    fill_random(kv, 41)
+    keys = hashes(4)
+    store_chunks(a, kv, model, 4, keys)
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        wait_written(client, 4)
+    os.kill(redis_proc.pid, signal.SIGSTOP)  # type: ignore[attr-defined]
+    try:
+        started = time.monotonic()
+        hit, _ = load_chunks(b, model, keys)
+        first = time.monotonic() - started
+        assert hit == 0 and first < 2.0  # the deadline (0.3 s), not the socket timeout (3 s)
+        started = time.monotonic()
+        hit, _ = load_chunks(b, model, keys)
+        assert hit == 0 and time.monotonic() - started < 1.0  # the stalled tier is skipped
+        with connect(b.url, namespace(model, kv.geometry)) as client:
+            tier = tier_status(client)
+            assert tier["counters"]["timeouts"] >= 1
+    finally:
+        os.kill(redis_proc.pid, signal.SIGCONT)  # type: ignore[attr-defined]
+    with connect(b.url, namespace(model, kv.geometry)) as client:
+        assert wait_until(lambda: tier_status(client)["queues"]["stalled_jobs"] == 0, 10)
+    assert wait_until(lambda: load_chunks(b, model, keys)[0] == 4, 10)
