@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 MAGIC = b"LMCDL2"
 FORMAT = 1
-_FIXED = struct.Struct("<6sHIQIi32s16sH")  # magic, format, header bytes, payload bytes, crc32, rank, key, digest, ns len
+# magic, format, header bytes, payload bytes, crc32, rank, key, digest, ns len
+_FIXED = struct.Struct("<6sHIQIi32s16sH")
 HEADER_BYTES = _FIXED.size  # without the namespace text
 MAX_NAMESPACE_BYTES = 4096
 CHUNK_KEY_BYTES = 32
