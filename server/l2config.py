@@ -187,13 +187,13 @@ class _Fields:
 
     def fail(self, key: str, why: str, show: bool = True) -> ConfigError:
         got = f", got {self.raw[key]!r}" if show and key in self.raw else ""
-        return ConfigError(f"{self.source}: {key!r} of a {self.kind!r} adapter {why}{got}")
+        return ConfigError(f"{self.source}: {key!r} of the {self.kind!r} adapter {why}{got}")
 
     def string(self, key: str, required: bool = False, show: bool = True) -> str | None:
         value = self.raw.get(key)
         if value is None:
             if required:
-                raise ConfigError(f"{self.source}: a {self.kind!r} adapter needs {key!r}; keys given: "
+                raise ConfigError(f"{self.source}: the {self.kind!r} adapter needs {key!r}; keys given: "
                                   f"{', '.join(map(str, self.raw)) or 'none'}")
             return None
         if not isinstance(value, str) or not value:
@@ -204,7 +204,7 @@ class _Fields:
         value = self.raw.get(key)
         if value is None:
             if required:
-                raise ConfigError(f"{self.source}: a {self.kind!r} adapter needs {key!r} (a number of GiB > 0)")
+                raise ConfigError(f"{self.source}: the {self.kind!r} adapter needs {key!r} (a number of GiB > 0)")
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not (value > minimum if strict else value >= minimum) or value != value or value == float("inf"):
@@ -265,7 +265,7 @@ def _fs(f: _Fields) -> FsSpec:
 def _redis(f: _Fields, environ: Mapping[str, str], visible: bool) -> RedisSpec:
     host, nodes, cluster = f.string("host"), _nodes(f), f.flag("cluster_mode")
     if (host is None) == (not nodes):
-        raise ConfigError(f"{f.source}: a {f.kind!r} adapter needs either \"host\" (and \"port\", default "
+        raise ConfigError(f"{f.source}: the {f.kind!r} adapter needs either \"host\" (and \"port\", default "
                           f"{DEFAULT_REDIS_PORT}) or \"startup_nodes\" (a cluster's [\"host:port\", ...]), "
                           f"{'not both' if host else 'got neither'}")
     if nodes and not cluster:
