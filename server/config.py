@@ -14,13 +14,17 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from lmcd.server.l2config import AdapterSpec
 
 EVICTION_POLICIES = ("LRU",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
+DEFAULT_L2_WRITE_QUEUE_MB = 1024  # capped at a quarter of the pool
 CUDA_MODES = ("auto", "on", "off")
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE_BYTES = 4096
@@ -69,10 +73,10 @@ def token_problem(token: str) -> str | None:
     return None
 
 
-def read_token_file(path: str) -> str:
-    """The token in file ``path``, read once, whitespace stripped. ValueError (naming the file and the fix)
-    where it cannot be read, is no regular file, is open to its group or others (any of the mode bits
-    0o077: a file that others can read shares the secret with them; one they can write lets them pick it),
+def read_token_file(path: str, what: str = "the token") -> str:
+    """The token (or another secret: ``what``) in file ``path``, read once, whitespace stripped. ValueError (naming
+    the file and the fix) where it cannot be read, is no regular file, is open to its group or others (any of the
+    mode bits 0o077: a file that others can read shares the secret with them; one they can write lets them pick it),
     is larger than MAX_TOKEN_FILE_BYTES, or holds no text."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
@@ -88,13 +92,14 @@ def read_token_file(path: str) -> str:
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_TOKEN_FILE_BYTES + 1)
     if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token file")
+        raise ValueError(f"{path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a secret file")
     try:
         token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     if not token:
-        raise ValueError(f"{path} is empty: write the token into it ({TOKEN_RECIPE})")
+        recipe = f" ({TOKEN_RECIPE})" if what == "the token" else ""
+        raise ValueError(f"{path} is empty: write {what} into it{recipe}")
     return token
 
 
@@ -180,6 +185,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cuda", "--cuda", "LMCACHE_CUDA", str,
             "GPU workers (CUDA IPC, pinned pool): auto (when CuPy and a GPU are present), on (refuse to start "
             "without them), off"),
+    Setting("l2_prefetch_load_timeout_s", "--l2-prefetch-load-timeout", "LMCACHE_L2_PREFETCH_LOAD_TIMEOUT", float,
+            "seconds a lookup waits for L2 reads before it reports only what is in L1"),
+    Setting("l2_write_queue_mb", "--l2-write-queue-mb", "LMCD_L2_WRITE_QUEUE_MB", int,
+            "bound of each L2 tier's write-behind queue in MiB; stores past it are not written to that tier "
+            "(default: the smaller of 1024 and a quarter of the pool)"),
+    Setting("l2_flush_timeout_s", "--l2-flush-timeout", "LMCD_L2_FLUSH_TIMEOUT", float,
+            "seconds the write-behind queues are flushed for at shutdown (SIGTERM) before the rest is dropped"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -204,6 +216,10 @@ class ServerConfig:
     touch_pool: bool = True
     share_pool: bool = False
     cuda: str = "auto"
+    l2_adapters: tuple[AdapterSpec, ...] = ()  # the cascade behind L1, nearest first (lmcd.server.l2config)
+    l2_prefetch_load_timeout_s: float = 1.0
+    l2_write_queue_mb: int | None = None  # None: default_l2_write_queue_mb()
+    l2_flush_timeout_s: float = 10.0
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -212,6 +228,9 @@ class ServerConfig:
             object.__setattr__(self, "l1_size_is_default", True)
         if self.max_workers is None:
             object.__setattr__(self, "max_workers", default_max_workers())
+        if self.l2_write_queue_mb is None:
+            quarter_mb = max(1, self.l1_size_bytes // 4 // 2**20)
+            object.__setattr__(self, "l2_write_queue_mb", min(DEFAULT_L2_WRITE_QUEUE_MB, quarter_mb))
         object.__setattr__(self, "eviction_policy", self.eviction_policy.upper())
         object.__setattr__(self, "log_level", self.log_level.upper())
         object.__setattr__(self, "cuda", self.cuda.lower())
@@ -257,6 +276,12 @@ class ServerConfig:
             fail("host", "must not be empty")
         if self.cuda not in CUDA_MODES:
             fail("cuda", f"valid values: {', '.join(CUDA_MODES)}")
+        if not self.l2_prefetch_load_timeout_s > 0:
+            fail("l2_prefetch_load_timeout_s", "must be a positive number of seconds")
+        if not 1 <= (self.l2_write_queue_mb or 0) <= 1 << 20:
+            fail("l2_write_queue_mb", "must be between 1 and 1048576 MiB")
+        if not self.l2_flush_timeout_s >= 0:
+            fail("l2_flush_timeout_s", "must be 0 (do not wait) or a positive number of seconds")
 
     def _validate_auth(self) -> None:
         """A token fit to be a secret, and none only where every address is loopback or the operator opted out."""
@@ -317,6 +342,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["type"] = s.parse
         parser.add_argument(s.flag, **kwargs)
+    parser.add_argument("--l2-adapter", dest="l2_adapter", action="append", metavar="JSON", default=None,
+                        help="an L2 tier behind the L1 pool, as JSON, e.g. '{\"type\": \"fs\", \"base_path\": "
+                        "\"/var/cache/lmcd\", \"max_capacity_gb\": 100}' or '{\"type\": \"resp\", \"host\": "
+                        "\"redis\", \"port\": 6379, \"password_file\": \"/run/secrets/redis\"}'; types: fs, "
+                        "resp, valkey; repeat for more tiers, nearest first (replaces the YAML's l2_adapter list; "
+                        "LMCache's local_disk and remote_url keys add theirs after) [default: none; env "
+                        "LMCD_L2_ADAPTERS, a JSON list]")
 
 
 def _parse(setting: Setting, raw: Any, source: str) -> Any:
@@ -332,6 +364,10 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
         raise ConfigError(f"{setting.flag} (from {source}): invalid value {raw!r}: {exc}") from None
 
 
+# YAML keys spelled like the flag where the field name differs (lease_timeout for lease_timeout_s)
+FLAG_KEYS = {s.flag[2:].replace("-", "_"): s.field for s in SETTINGS if s.flag[2:].replace("-", "_") != s.field}
+
+
 def load_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -342,11 +378,14 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    unknown = sorted(set(map(str, data)) - set(BY_FIELD) - {"lease_timeout"})
+    from lmcd.server.l2config import YAML_KEYS
+
+    unknown = sorted(set(map(str, data)) - set(BY_FIELD) - set(FLAG_KEYS) - set(YAML_KEYS))
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {unknown}; valid keys: {sorted(BY_FIELD)}")
-    if "lease_timeout" in data:
-        data["lease_timeout_s"] = data.pop("lease_timeout")
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; valid keys: {sorted([*BY_FIELD, *YAML_KEYS])}")
+    for key, name in FLAG_KEYS.items():
+        if key in data:
+            data[name] = data.pop(key)
     return data
 
 
@@ -399,5 +438,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
             values[s.field] = _parse(s, environ[s.env], f"environment {s.env}")
         elif s.field in from_file:
             values[s.field] = _parse(s, from_file[s.field], f"{config_path}")
+    from lmcd.server.l2config import resolve_adapters
+
+    values["l2_adapters"] = resolve_adapters(getattr(args, "l2_adapter", None), environ, from_file, config_path)
     known = {f.name for f in fields(ServerConfig) if f.init}
     return ServerConfig(**{k: v for k, v in values.items() if k in known})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -57,13 +58,32 @@ def log_auth(config: ServerConfig, args: argparse.Namespace, server: CacheServer
     log.info("Auth: token required (from %s) in Hello and on every HTTP endpoint but /healthcheck", source)
 
 
-def run(args: argparse.Namespace) -> int:
+def resolve_and_set_up_logging(args: argparse.Namespace) -> ServerConfig:
+    """resolve(args), then logging at the configured level; what resolving logged (which adapter LMCache's legacy
+    keys became, a password written inline) is held until then and logged at that level."""
+    held = logging.handlers.BufferingHandler(capacity=1000)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(held)
+    root.setLevel(logging.DEBUG)
     try:
         config = resolve(args)
+    finally:
+        root.removeHandler(held)
+        root.setLevel(level)
+    setup_logging(config.log_level_number)
+    for record in held.buffer:
+        if record.levelno >= config.log_level_number:
+            logging.getLogger(record.name).handle(record)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = resolve_and_set_up_logging(args)
     except ConfigError as exc:
         print(f"lmcache server: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level_number)
     from lmcd.server.daemon import CacheServer
 
     server = CacheServer(config)

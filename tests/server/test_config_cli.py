@@ -351,12 +351,14 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
                         "--l1-size-gb": "auto", "--max-workers": "auto", "--auth-token": "none",
                         "--auth-token-file": "none", "--insecure-no-auth": "False",
                         "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",
-                        "--cuda": "auto"}
+                        "--cuda": "auto", "--l2-prefetch-load-timeout": "1.0", "--l2-write-queue-mb": "auto",
+                        "--l2-flush-timeout": "10.0"}
     assert set(literal_defaults) == {s.flag for s in SETTINGS}
     for s in SETTINGS:
         assert s.flag in entries, f"{s.flag} missing from --help:\n{result.stdout}"
         assert f"[default: {literal_defaults[s.flag]}; env {s.env}]" in entries[s.flag], entries[s.flag]
-    assert set(entries) == {"-h", "--config"} | {s.flag for s in SETTINGS}
+    assert "[default: none; env LMCD_L2_ADAPTERS" in entries["--l2-adapter"], entries["--l2-adapter"]
+    assert set(entries) == {"-h", "--config", "--l2-adapter"} | {s.flag for s in SETTINGS}
 
 
 def test_lmcache_and_lmcd_scripts_run_the_same_program(tmp_path: Path) -> None:
