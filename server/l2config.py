@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from lmcd.server.config import ConfigError, read_token_file
+from lmcd.server.l2 import Adapter
 
 log = logging.getLogger("lmcd.server.config")
 
@@ -503,3 +504,14 @@ def _check_overlap(adapters: list[AdapterSpec], spec: AdapterSpec) -> None:
                    "give each a different \"key_prefix\", or keep one")
             raise ConfigError(f"{spec.source}: {spec.describe()} uses the same store as {other.source} "
                               f"({other.describe()}): {fix}")
+
+
+def make_adapter(spec: AdapterSpec) -> Adapter:
+    """The adapter a spec configures (not started)."""
+    if isinstance(spec, FsSpec):
+        from lmcd.server.disktier import FsAdapter
+
+        return FsAdapter(**spec.kwargs())
+    from lmcd.server.redistier import RedisAdapter
+
+    return RedisAdapter(spec.kind, **spec.kwargs())

@@ -122,12 +122,12 @@ class _StatsCollector(Collector):
                 family.add_metric([tier["tier"]], tier["counters"][name])
             yield family
         for name, help_text in L2_GAUGE_HELP.items():
-            family = GaugeMetricFamily(f"lmcd_l2_{name}", help_text, labels=["tier"])
+            gauge = GaugeMetricFamily(f"lmcd_l2_{name}", help_text, labels=["tier"])
             for tier in tiers:
                 value = tier["queues"].get(name, tier.get(name))
                 if value is not None:
-                    family.add_metric([tier["tier"]], float(value))
-            yield family
+                    gauge.add_metric([tier["tier"]], float(value))
+            yield gauge
 
 
 class LabelledHistogram:

@@ -140,6 +140,7 @@ class Tier:
     def status(self) -> dict[str, object]:
         with self.lock:
             counters = asdict(self.counters)
+        usage: dict[str, object]
         try:
             usage = dict(self.adapter.usage())
         except Exception as exc:
@@ -430,7 +431,7 @@ def open_tiers(config: ServerConfig, index: ChunkIndex, pool: Pool, post: Post) 
     from lmcd.server.config import ConfigError
     from lmcd.server.l2config import make_adapter
 
-    queue_bytes = max(1, min(config.l2_write_queue_bytes, pool.capacity_bytes // 4))
+    queue_bytes = max(1, min((config.l2_write_queue_mb or 0) << 20, pool.capacity_bytes // 4))
     kinds = [spec.kind for spec in config.l2_adapters]
     tiers: list[Tier] = []
     for i, spec in enumerate(config.l2_adapters):

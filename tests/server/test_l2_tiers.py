@@ -157,7 +157,7 @@ def test_corrupt_disk_object_is_dropped_never_loaded(server_factory, tmp_path, m
 
 
 def test_full_write_queue_drops_l2_copies_never_blocks_a_store(server_factory, tmp_path, model) -> None:
-    server = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "disk"), "--l2-write-queue-mb", "0.5")
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "disk"), "--l2-write-queue-mb", "1")
     kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=2, head_size=64)
     fill_random(kv, 5)
     keys = hashes(32)
@@ -166,7 +166,7 @@ def test_full_write_queue_drops_l2_copies_never_blocks_a_store(server_factory, t
         result = client.store(info.worker_id, keys, block_ids(range(32)))
         assert result.statuses == [p.ChunkStatus.STORED] * 32
         tier = tier_status(client)
-        assert tier["queues"]["write_queue_limit_bytes"] == 512 << 10
+        assert tier["queues"]["write_queue_limit_bytes"] == 1 << 20
         assert tier["counters"]["dropped_writes"] > 0
         wait_until(lambda: tier_status(client)["queues"]["write_queued_objects"] == 0, 10)
         tier = tier_status(client)
