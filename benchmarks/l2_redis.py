@@ -9,6 +9,7 @@ thread count T, four timed phases over N objects of --size-mib each (the objects
     raw write       redis-py pipelines of --pipeline SETs of prebuilt bytes values (header+payload)
     raw read        redis-py pipelines of --pipeline GETs, values dropped
 
+Both clients read with the adapter's socket_read_size (SOCKET_READ_BYTES).
 GB/s is N * size / seconds; the ratio is adapter / raw. Rounds interleave adapter and raw; the table
 shows each phase's median. The database is flushed after every write+read pair.
 
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from lmcd.server.l2 import ObjectId, encode_header, verify
-from lmcd.server.redistier import RedisAdapter
+from lmcd.server.redistier import SOCKET_READ_BYTES, RedisAdapter
 
 MIB = 1 << 20
 
@@ -95,7 +96,7 @@ def main() -> None:
     port = free_port()
     server = start_redis_server(port, workdir, maxmemory_mib=int(2.5 * n * size / MIB) + 256)
     try:
-        raw = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        raw = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30, socket_read_size=SOCKET_READ_BYTES)
         tier = RedisAdapter("resp", host="127.0.0.1", port=port, timeout_s=30.0, key_prefix="a:")
         tier.start()
 

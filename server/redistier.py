@@ -55,6 +55,9 @@ KINDS = ("resp", "valkey")
 SAMPLE_EVERY_S = 2.0  # how stale usage() may be; the watcher's only load on a healthy Redis
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+# redis-py reads replies in recvs of this size (default 64 KiB): 1 MiB reads a 6 MiB GET ~10 % faster,
+# for 1 MiB of read buffer per pooled connection
+SOCKET_READ_BYTES = 1 << 20
 
 Client = redis.Redis | RedisCluster
 T = TypeVar("T")
@@ -329,6 +332,7 @@ class RedisAdapter(Adapter):
     def _connect(self) -> Client:
         common = dict(username=self._username, password=self._password, ssl=self._tls,
                       socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
+                      socket_read_size=SOCKET_READ_BYTES,
                       retry=Retry(NoBackoff(), 0))  # no retries: the cascade owns deadlines
         if self._cluster_mode:
             nodes = [ClusterNode(h, p) for h, p in self._nodes]
