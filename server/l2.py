@@ -83,7 +83,7 @@ def encode_header(oid: ObjectId, payload: memoryview | bytes) -> bytes:
     if len(ns) > MAX_NAMESPACE_BYTES:
         raise ValueError(f"namespace text of {len(ns)} bytes exceeds {MAX_NAMESPACE_BYTES}")
     header_bytes = HEADER_BYTES + len(ns)
-    fixed = _FIXED.pack(MAGIC, FORMAT, header_bytes, len(payload), zlib.crc32(payload), oid.rank,
+    fixed = _FIXED.pack(MAGIC, FORMAT, header_bytes, memoryview(payload).nbytes, zlib.crc32(payload), oid.rank,
                         oid.chunk_key, oid.digest, len(ns))
     return fixed + ns
 
@@ -110,8 +110,9 @@ def verify(oid: ObjectId, header: bytes | memoryview, payload: memoryview | byte
     if ns_len != len(namespace) or digest != oid.digest or rank != oid.rank or chunk_key != oid.chunk_key \
             or namespace != oid.namespace.encode():
         raise CorruptObject("the object names another chunk (name digest, namespace, rank or chunk key differ)")
-    if payload_bytes != len(payload):
-        raise CorruptObject(f"payload of {len(payload)} bytes, its header says {payload_bytes} (truncated?)")
+    nbytes = memoryview(payload).nbytes
+    if payload_bytes != nbytes:
+        raise CorruptObject(f"payload of {nbytes} bytes, its header says {payload_bytes} (truncated?)")
     if zlib.crc32(payload) != crc:
         raise CorruptObject("payload checksum mismatch")
 

@@ -119,8 +119,10 @@ class Tier:
 
     def usable(self, now: float) -> bool:
         """Whether lookups may ask this tier now (not stalled, not down)."""
-        if self.stalled_jobs:
-            return False
+        return not self.stalled_jobs and self.available(now)
+
+    def available(self, now: float) -> bool:
+        """Whether the tier is up, by its adapter (read at most every AVAILABILITY_CHECK_S)."""
         if now - self._available_checked >= AVAILABILITY_CHECK_S:
             self._available_checked = now
             try:
@@ -190,7 +192,11 @@ class Tiers:
     def write_behind(self, namespace: str, entries: list[Entry]) -> None:
         """Queue ``entries`` (ready, in L1) for every tier that does not hold them (loop thread)."""
         entries = [entry for entry in entries if entry.ready and entry.indexed]  # not cleared meanwhile
+        now = time.monotonic()
         for tier in self.tiers:
+            if not tier.available(now):  # down: its copies are dropped, not queued behind a dead tier
+                tier.count(dropped_writes=len(entries))
+                continue
             for entry in entries:
                 oid = l2.ObjectId(namespace, entry.key[1], entry.key[2])
                 name = oid.name
