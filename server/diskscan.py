@@ -42,6 +42,7 @@ class ScanResult:
 
     objects: list[tuple[str, int]] = field(default_factory=list)
     temps_removed: int = 0
+    newest_mtime_ns: int = 0  # of the objects; 0 if none
     foreign: list[str] = field(default_factory=list)  # paths relative to the base, not ours: left alone
 
 
@@ -66,6 +67,7 @@ def scan(base_path: str) -> ScanResult:
             log.info("Disk tier %s: scanning, %d objects so far (directory %s of ff)", base_path, len(stamped), sub)
     stamped.sort()
     result.objects = [(name, size) for _, name, size in stamped]
+    result.newest_mtime_ns = stamped[-1][0] if stamped else 0
     total = sum(size for _, _, size in stamped)
     log.info("Disk tier %s: found %d objects (%.2f GiB) in %.2f s%s", base_path, len(stamped), total / GIB,
              time.monotonic() - started,

@@ -24,6 +24,9 @@ State (all under ``_lock``, held only for dictionary work, never across I/O)::
                (unless removed behind our back: a read that finds it gone drops it)
     _busy      names with a write or an unlink in flight; disjoint from _index
     _reserved  bytes of the writes in flight;  _used + _reserved <= capacity, always
+    _stamp     the newest mtime given (ns): every write and read sets a file's mtime to a stamp strictly
+               above it, so the LRU order survives a restart exactly (scan sorts by mtime) even with
+               coarse clocks or a clock set back
 
 A name is at most one of: indexed, busy, absent; a second write of an indexed or busy name returns
 False. Readers open files without the lock: an object evicted while it is read stays readable
@@ -40,6 +43,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 
 from lmcd.server.diskscan import TEMP_SUFFIX, object_path, scan
@@ -87,6 +91,7 @@ class FsAdapter(Adapter):
         self._reserved = 0
         self._lock_fd: int | None = None
         self._seq = itertools.count()  # temp-file names; next() is atomic under the GIL
+        self._stamp = 0
 
     def describe(self) -> str:
         return f"fs {self.base_path} ({self.capacity_bytes / GIB:.1f} GiB)"
@@ -104,6 +109,7 @@ class FsAdapter(Adapter):
         with self._lock:
             self._index = OrderedDict(found.objects)
             self._used = sum(self._index.values())
+            self._stamp = found.newest_mtime_ns
             victims = self._choose_victims(0)
         self._unlink_victims(victims)
         if victims:
@@ -223,6 +229,8 @@ class FsAdapter(Adapter):
         try:
             try:
                 _write_all(fd, [memoryview(header), data])
+                stamp = self._next_stamp()
+                os.utime(fd, ns=(stamp, stamp))
             finally:
                 os.close(fd)
             os.rename(temp, final)
@@ -253,8 +261,9 @@ class FsAdapter(Adapter):
             raise TierError(f"fs tier {self.base_path}: cannot open {name}: {e}") from e
         try:
             header = _read_object(fd, name, dest)
+            stamp = self._next_stamp()
             with contextlib.suppress(OSError):
-                os.utime(fd)  # the mtime is the LRU order the next start() rebuilds
+                os.utime(fd, ns=(stamp, stamp))  # the LRU order the next start() rebuilds
         except OSError as e:
             raise TierError(f"fs tier {self.base_path}: cannot read {name}: {e}") from e
         finally:
@@ -284,6 +293,11 @@ class FsAdapter(Adapter):
     def _check_started(self) -> None:
         if self._lock_fd is None:
             raise TierError(f"fs tier {self.base_path} is not started (call start()) or already closed")
+
+    def _next_stamp(self) -> int:
+        with self._lock:
+            self._stamp = max(time.time_ns(), self._stamp + 1)
+            return self._stamp
 
     def _free_bytes(self) -> int:
         try:
