@@ -59,7 +59,7 @@ from lmcd.server.l2 import (
 
 log = logging.getLogger("lmcd.l2")
 
-GIB = 1 << 30
+GIB, MIB = 1 << 30, 1 << 20
 LOCK_NAME = ".lmcd-fs.lock"
 DEFAULT_FLOOR_BYTES = GIB  # the free-space floor when none is given: min(1 GiB, 5 % of the filesystem)
 DEFAULT_FLOOR_FRACTION = 0.05
@@ -94,7 +94,9 @@ class FsAdapter(Adapter):
         self._stamp = 0
 
     def describe(self) -> str:
-        return f"fs {self.base_path} ({self.capacity_bytes / GIB:.1f} GiB)"
+        cap = self.capacity_bytes
+        size = f"{cap / GIB:.1f} GiB" if cap >= GIB else f"{cap / MIB:.1f} MiB"
+        return f"fs {self.base_path} ({size})"
 
     # ------------------------------------------------------------ lifecycle
 

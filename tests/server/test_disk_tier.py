@@ -238,6 +238,7 @@ def test_start_refuses_an_unusable_or_shared_directory(tmp_path: Path, adapters:
     default = started(adapters, tmp_path / "floor", MIB, min_free=None)
     st = os.statvfs(tmp_path)
     assert default.usage()["min_free_bytes"] == min(1 << 30, int(st.f_blocks * st.f_frsize * 0.05))
+    assert default.describe() == f"fs {tmp_path / 'floor'} (1.0 MiB)"
 
 
 TORN_WRITER = """
