@@ -148,6 +148,10 @@ class FsAdapter(Adapter):
     # ------------------------------------------------------------ write
 
     def write(self, name: str, header: bytes, payload: memoryview) -> bool:
+        """Store ``name`` (see Adapter.write), evicting LRU objects first. False, writing nothing, if it is
+        indexed or a write or eviction of it is in flight. TierError if it is larger than the capacity,
+        if the write would take the filesystem below ``min_free_bytes`` (nothing is evicted then), or on
+        an I/O error (ENOSPC, EDQUOT included); no temp file outlives the call."""
         self._check_started()
         data = memoryview(payload).cast("B")
         if header_bytes_of(header) != len(header) or payload_bytes_of(header) != len(data):
