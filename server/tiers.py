@@ -169,6 +169,7 @@ class Prefetch:
     deadline: float
     answer: Reply  # counts what L1 holds then, pins it, replies: called exactly once
     pending: int = 0  # jobs not ended
+    reading: bool = False  # membership is resolved: the reads are started (answered when they end)
     answered: bool = False
     jobs: dict[int, Tier] = field(default_factory=dict)  # job id -> its tier, while it runs
 
@@ -251,6 +252,7 @@ class Tiers:
         if not usable:
             return False
         job = Prefetch(ns_id, namespace, chunk_bytes, ranks, keys, now + self.timeout_s, answer)
+        self._prefetches.append(job)  # from now on its deadline holds, whatever phase it is in
         sources: list[list[Tier | None | bool]] = [[None] * len(ranks) for _ in keys]  # True: in L1
         self._resolve(job, sources, usable, 0)
         return True
@@ -292,6 +294,7 @@ class Tiers:
 
     def _read(self, job: Prefetch, sources: list[list[Tier | None | bool]]) -> None:
         """Read the leading run of chunks that every rank has somewhere into writing L1 slots."""
+        job.reading = True
         for i, row in enumerate(sources):
             if any(source is None for source in row):
                 break
@@ -311,8 +314,6 @@ class Tiers:
     def _finish_reads_at(self, job: Prefetch) -> None:
         if job.pending == 0:
             self._answer(job)
-        elif not job.answered and job not in self._prefetches:
-            self._prefetches.append(job)
 
     def _read_one(self, job: Prefetch, tier: Tier, oid: l2.ObjectId, entry: Entry) -> None:
         dest = self.pool.array[entry.slot : entry.slot + entry.nbytes].data  # writing: only this job touches it
@@ -372,13 +373,13 @@ class Tiers:
         if job.answered:  # it outlived the lookup's deadline
             tier.stalled_jobs -= 1
         done(result)
-        if job.pending == 0 and not job.answered and job in self._prefetches:
-            self._prefetches.remove(job)
+        if job.pending == 0 and not job.answered and job.reading:
             self._answer(job)
 
     def _answer(self, job: Prefetch) -> None:
         if not job.answered:
             job.answered = True
+            self._prefetches.remove(job)
             job.answer()
 
     def next_deadline(self) -> float | None:
@@ -390,7 +391,6 @@ class Tiers:
             return
         late = [job for job in self._prefetches if job.deadline <= now]
         for job in late:
-            self._prefetches.remove(job)
             self.num_timed_out += 1
             for tier in job.jobs.values():
                 tier.stalled_jobs += 1

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient
 from lmcd.connector.shm import CpuKVCache
 from tests.conftest import RunningServer, connect, fill_random, namespace
+from tests.redis_support import RedisProc
 from tests.server.test_cache_behaviour import hashes, scheduler, snapshot, wait_until
 
 POOL = ("--l1-size-gb", "0.0625")  # 64 MiB
@@ -184,17 +184,6 @@ def test_lookup_without_tier_hit_is_unchanged(server_factory, tmp_path, model) -
 # ---------------------------------------------------------------- helpers for the redis tests
 
 
-@pytest.fixture
-def redis_proc() -> Iterator[object]:
-    from tests.redis_support import start_redis
-
-    proc = start_redis()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 def resp_adapter(port: int, **extra: object) -> str:
     return json.dumps({"type": "resp", "host": "127.0.0.1", "port": port, "key_prefix": f"t{os.urandom(3).hex()}:",
                        **extra})
@@ -203,8 +192,8 @@ def resp_adapter(port: int, **extra: object) -> str:
 # ---------------------------------------------------------------- redis
 
 
-def test_two_servers_share_chunks_through_redis(server_factory, redis_proc, model) -> None:
-    adapter = resp_adapter(redis_proc.port)  # type: ignore[attr-defined]
+def test_two_servers_share_chunks_through_redis(server_factory, redis_server: RedisProc, model) -> None:
+    adapter = resp_adapter(redis_server.port)
     a = server_factory(*POOL, "--l2-adapter", adapter)
     b = server_factory(*POOL, "--l2-adapter", adapter)
     kv = kv_cache()
@@ -222,15 +211,15 @@ def test_two_servers_share_chunks_through_redis(server_factory, redis_proc, mode
         assert tier["counters"]["hits"] == 5 and tier["counters"]["writes"] == 0
 
 
-def test_redis_killed_then_back(server_factory, redis_proc, model) -> None:
-    adapter = resp_adapter(redis_proc.port, timeout_s=0.5)  # type: ignore[attr-defined]
+def test_redis_killed_then_back(server_factory, redis_server: RedisProc, model) -> None:
+    adapter = resp_adapter(redis_server.port, timeout_s=0.5)
     flags = (*POOL, "--l2-adapter", adapter, "--l2-prefetch-load-timeout", "0.5")
     a = server_factory(*flags)
     b = server_factory(*flags)
     kv = kv_cache()
     fill_random(kv, 31)
     keys = hashes(8)
-    redis_proc.kill()  # type: ignore[attr-defined]
+    redis_server.kill()
     # stores answer from L1 at once; lookups on B (nothing in its L1) are misses within the deadline
     started = time.monotonic()
     original = store_chunks(a, kv, model, 4, keys)
@@ -242,7 +231,7 @@ def test_redis_killed_then_back(server_factory, redis_proc, model) -> None:
         assert hit == 0 and time.monotonic() - started < 1.5
     with connect(a.url, namespace(model, kv.geometry)) as client:
         assert wait_until(lambda: tier_status(client)["available"] is False, 5)
-    redis_proc.restart()  # type: ignore[attr-defined]
+    redis_server.restart()
     with connect(a.url, namespace(model, kv.geometry)) as client:
         assert wait_until(lambda: tier_status(client)["available"] is True, 15), tier_status(client)
     # the tier is back: new stores reach Redis and B loads them
@@ -255,8 +244,8 @@ def test_redis_killed_then_back(server_factory, redis_proc, model) -> None:
     assert hit == 4 and same_chunks(original, kv2, 4)
 
 
-def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_proc, model) -> None:
-    adapter = resp_adapter(redis_proc.port, timeout_s=3.0)  # type: ignore[attr-defined]
+def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_server: RedisProc, model) -> None:
+    adapter = resp_adapter(redis_server.port, timeout_s=3.0)
     flags = (*POOL, "--l2-adapter", adapter, "--l2-prefetch-load-timeout", "0.3")
     a = server_factory(*flags)
     b = server_factory(*flags)
@@ -266,7 +255,7 @@ def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_proc, mode
     store_chunks(a, kv, model, 4, keys)
     with connect(a.url, namespace(model, kv.geometry)) as client:
         wait_written(client, 4)
-    os.kill(redis_proc.pid, signal.SIGSTOP)  # type: ignore[attr-defined]
+    redis_server.pause()
     try:
         started = time.monotonic()
         hit, _ = load_chunks(b, model, keys)
@@ -279,7 +268,7 @@ def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_proc, mode
             tier = tier_status(client)
             assert tier["counters"]["timeouts"] >= 1
     finally:
-        os.kill(redis_proc.pid, signal.SIGCONT)  # type: ignore[attr-defined]
+        redis_server.resume()
     with connect(b.url, namespace(model, kv.geometry)) as client:
         assert wait_until(lambda: tier_status(client)["queues"]["stalled_jobs"] == 0, 10)
     assert wait_until(lambda: load_chunks(b, model, keys)[0] == 4, 10)
