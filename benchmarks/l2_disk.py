@@ -3,9 +3,9 @@
 For N chunks of 256 tokens (default 6 MiB each, N = 200) in a directory under PATH, one run measures:
 
     raw write    one file, plain os.write of each chunk's buffer, sequential   (the filesystem's rate)
-    fs write     encode_header (CRC-32 of the payload) + FsAdapter.write, by 1 and 2 threads
+    fs write     encode_header (XXH3-64 of the payload) + FsAdapter.write, by 1 and 2 threads
     raw read     that file read back with readinto into one chunk-sized buffer
-    fs read      FsAdapter.read_into + l2.verify (CRC-32 again), by 1 and 2 threads
+    fs read      FsAdapter.read_into + l2.verify (XXH3-64 again), by 1 and 2 threads
 
 All in the same buffered I/O mode on the same filesystem; ``os.sync()`` (not timed) before every
 phase so no phase pays for an earlier one's writeback. Reads find the pages the writes left in the

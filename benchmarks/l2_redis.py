@@ -3,9 +3,9 @@
 One redis-server the script starts on 127.0.0.1 (no persistence; stopped at exit). Per round and per
 thread count T, four timed phases over N objects of --size-mib each (the objects split over T threads):
 
-    adapter write   encode_header (CRC-32) + RedisAdapter.write (EXISTS, then SET NX of header+payload,
+    adapter write   encode_header (XXH3-64) + RedisAdapter.write (EXISTS, then SET NX of header+payload,
                     the payload sent from its memoryview)
-    adapter read    RedisAdapter.read_into (GET, header checks, copy into the destination) + verify (CRC-32)
+    adapter read    RedisAdapter.read_into (GET, header checks, copy into the destination) + verify (XXH3-64)
     raw write       redis-py pipelines of --pipeline SETs of prebuilt bytes values (header+payload)
     raw read        redis-py pipelines of --pipeline GETs, values dropped
 

@@ -14,7 +14,7 @@ under ``base_path`` is foreign: never indexed, never deleted.
 Writes are crash-consistent without fsync: the object is written to a temp file in its final
 directory and renamed onto its name, so a process killed mid-write leaves only a temp file (which
 the next ``start`` deletes) and the final name only ever names a complete file. Power loss may
-still leave a renamed file whose data never reached the disk; the header's CRC-32 catches that when
+still leave a renamed file whose data never reached the disk; the header's checksum catches that when
 the cascade ``verify``-ies the read, and it ``delete``-s the object. An fsync per object would cost
 more than the chunk is worth: an L2 object is a cache entry, losing it is a miss.
 

@@ -9,7 +9,7 @@ Write-behind (``write_behind``, after a store's chunks are readable in L1)::
 
     for each tier: holds it already (in-memory index) -> skipped, counted
                    queue over its byte bound          -> dropped, counted (the store never waits)
-                   else pin the entry, queue a write; the write thread encodes the header (CRC-32)
+                   else pin the entry, queue a write; the write thread encodes the header (checksum)
                    from the slot's bytes, the adapter writes it (once: it answers False when it
                    holds the object); the entry is unpinned on the loop when the write ends
 

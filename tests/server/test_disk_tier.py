@@ -382,7 +382,7 @@ def test_threads_writing_reading_and_evicting_at_once(tmp_path: Path, adapters: 
                 oid = rng.choice(oids)
                 op = rng.random()
                 if op < 0.45:
-                    payload = rng.randbytes(size)  # every write new bytes: a mixed read would fail its CRC
+                    payload = rng.randbytes(size)  # every write new bytes: a mixed read would fail its checksum
                     done = adapter.write(oid.name, l2.encode_header(oid, payload), memoryview(payload))
                     key = "writes" if done else "skipped"
                 elif op < 0.95:
