@@ -96,7 +96,9 @@ def test_disk_tier_survives_restart_byte_exact(server_factory: Callable[..., Run
         assert tier["objects"] == 6 and tier["counters"]["errors"] == 0
     assert server.stop() == 0
 
-    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    # the restarted server takes the same directory from LMCache's legacy keys
+    server = server_factory(*POOL, env={"LMCACHE_LOCAL_DISK": f"file://{disk}/", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1"})
+    server.wait_for_log(r"LMCACHE_LOCAL_DISK=file://")
     server.wait_for_log(r"found 6 objects")
     hit, kv2 = load_chunks(server, model, keys)
     assert hit == 6  # every stored chunk, from disk; the two never stored are a miss
@@ -272,3 +274,154 @@ def test_stalled_redis_costs_a_miss_not_a_stall(server_factory, redis_server: Re
     with connect(b.url, namespace(model, kv.geometry)) as client:
         assert wait_until(lambda: tier_status(client)["queues"]["stalled_jobs"] == 0, 10)
     assert wait_until(lambda: load_chunks(b, model, keys)[0] == 4, 10)
+
+
+def test_redis_maxmemory_eviction_keeps_accounting_right(server_factory, redis_factory, model) -> None:
+    redis = redis_factory(maxmemory="4mb", policy="allkeys-lru")
+    adapter = resp_adapter(redis.port)
+    a = server_factory(*POOL, "--l2-adapter", adapter)
+    b = server_factory(*POOL, "--l2-adapter", adapter)
+    kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=2, head_size=64)  # 32 chunks
+    fill_random(kv, 51)
+    keys = hashes(32)
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        info = kv.register(client)
+        assert client.store(info.worker_id, keys, block_ids(range(32))).num_stored == 32  # 8 MiB: twice maxmemory
+        assert wait_until(lambda: tier_status(client)["queues"]["write_queued_objects"] == 0, 10)
+        tier = tier_status(client)
+        assert tier["counters"]["writes"] + tier["counters"]["errors"] == 32  # written, or refused (OOM): counted
+    original = snapshot(kv)
+    held = [redis.client().exists(f"{json.loads(adapter)['key_prefix']}{name}".encode()) for name in
+            [_name(model, kv, key) for key in keys]]
+    assert 0 < sum(held) < 32  # Redis evicted some: the tier must not assume they exist
+    # B looks up: the leading chunks Redis still holds, loaded byte-exact; nothing it cannot load
+    expected = held.index(0) if 0 in held else 32
+    kv_b = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=2, head_size=64)
+    ns = namespace(model, kv.geometry)
+    with connect(b.url, ns) as worker, scheduler(b.url, ns) as sched:
+        info = kv_b.register(worker)
+        hit = sched.lookup(keys)
+        assert hit.num_hit_chunks == expected
+        if expected:
+            got = worker.retrieve(info.worker_id, keys[:expected], block_ids(range(expected)), hit.lease_id)
+            assert got == expected
+        status = worker.status()
+        assert status["pool"]["num_chunks"] == expected  # no chunk it could not load was kept or counted
+        assert tier_status(worker)["counters"]["hits"] == expected
+    blocks = block_ids(range(expected))
+    assert all(np.array_equal(snapshot(kv_b)[layer][blocks], original[layer][blocks]) for layer in range(2))
+
+
+def _name(model: str, kv: CpuKVCache, key: bytes, rank: int = 0, world_size: int = 1) -> str:
+    from lmcd.server.l2 import ObjectId, namespace_text
+
+    return ObjectId(namespace_text(model, "bf16", kv.geometry, world_size), rank, key).name
+
+
+def test_two_servers_share_chunks_through_a_redis_cluster(server_factory, redis_cluster, model) -> None:
+    adapter = json.dumps({"type": "valkey", "cluster_mode": True, "key_prefix": f"c{os.urandom(3).hex()}:",
+                          "startup_nodes": [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]})
+    a = server_factory(*POOL, "--l2-adapter", adapter)
+    b = server_factory(*POOL, "--l2-adapter", adapter)
+    kv = kv_cache()
+    fill_random(kv, 61)
+    keys = hashes(8)
+    original = store_chunks(a, kv, model, 8, keys)
+    with connect(a.url, namespace(model, kv.geometry)) as client:
+        wait_written(client, 8)
+    per_node = [node.client().dbsize() for node in redis_cluster.nodes]
+    assert sum(per_node) >= 8 and sum(1 for n in per_node if n) > 1  # spread over the masters
+    hit, kv2 = load_chunks(b, model, keys)
+    assert hit == 8 and same_chunks(original, kv2, 8)
+
+
+def test_disk_tier_capacity_is_a_bound(server_factory, tmp_path, model) -> None:
+    chunk = 256 << 10
+    capacity_gb = 3.5 * chunk / 2**30  # room for 3 objects (each a chunk plus its header)
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "disk", capacity_gb))
+    kv = kv_cache()
+    fill_random(kv, 71)
+    keys = hashes(8)
+    store_chunks(server, kv, model, 8, keys)
+    with connect(server.url, namespace(model, kv.geometry)) as client:
+        assert wait_until(lambda: tier_status(client)["queues"]["write_queued_objects"] == 0, 10)
+        tier = tier_status(client)
+        assert tier["objects"] == 3 and tier["used_bytes"] <= tier["capacity_bytes"]
+        assert tier["counters"]["writes"] == 8 and tier["counters"]["errors"] == 0
+    assert len(list((tmp_path / "disk").rglob("*.kv"))) == 3
+
+
+def test_tensor_parallel_chunks_come_back_for_every_rank(server_factory, tmp_path, model) -> None:
+    """Two ranks store; after a restart a scheduler's lookup prefetches both ranks' chunks, and stops at
+    the first chunk one rank lacks."""
+    disk = tmp_path / "disk"
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    keys = hashes(4)
+    originals = []
+    for rank in range(2):
+        kv = kv_cache()
+        fill_random(kv, 80 + rank)
+        with connect(server.url, namespace(model, kv.geometry, rank=rank, world_size=2)) as client:
+            info = kv.register(client)
+            stored = 4 if rank == 0 else 3  # rank 1 lacks the last chunk
+            assert client.store(info.worker_id, keys[:stored], block_ids(range(stored))).num_stored == stored
+            originals.append(snapshot(kv))
+            wait_written(client, 4 + rank * 3)
+    assert server.stop() == 0
+    server = server_factory(*POOL, "--l2-adapter", fs_adapter(disk))
+    kvs = [kv_cache() for _ in range(2)]
+    workers = [connect(server.url, namespace(model, kvs[r].geometry, rank=r, world_size=2)) for r in range(2)]
+    try:
+        infos = [kvs[r].register(workers[r]) for r in range(2)]
+        with scheduler(server.url, namespace(model, kvs[0].geometry, world_size=2)) as sched:
+            hit = sched.lookup(keys)
+            assert hit.num_hit_chunks == 3
+            for r in range(2):
+                assert workers[r].retrieve(infos[r].worker_id, keys[:3], block_ids(range(3)), hit.lease_id) == 3
+                assert same_chunks(originals[r], kvs[r], 3)
+            assert tier_status(sched)["counters"]["hits"] == 6
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+FULL_DISK = """
+import json
+kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=2, head_size=64)  # 256 KiB chunks
+kv.pages(0)[:] = 7
+os.makedirs("/dev/shm/l2")
+tier = json.dumps({"type": "fs", "base_path": "/dev/shm/l2", "max_capacity_gb": 1.0, "min_free_gb": 0})
+proc, url, lines = start("--l1-size-gb", "0.0625", "--l2-adapter", tier)
+out = {"started": url is not None}
+if url:
+    ns = p.Namespace("full-disk", "bf16", kv.geometry, 1, 0)
+    with CacheClient(url, ns, timeout_s=10) as client:
+        info = kv.register(client)
+        keys = [bytes([i]) * 32 for i in range(32)]  # 8 MiB of chunks: more than the 8 MiB tmpfs holds
+        statuses = client.store(info.worker_id, keys, list(range(64))).statuses
+        out["stored"] = sum(s == p.ChunkStatus.STORED for s in statuses)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            tier = client.status()["l2"][0]
+            if tier["queues"]["write_queued_objects"] == 0:
+                break
+            time.sleep(0.05)
+        out["tier"] = {"writes": tier["counters"]["writes"], "errors": tier["counters"]["errors"]}
+        out["hits"] = client.lookup(keys, lease=False).num_hit_chunks
+        out["again"] = sum(s == p.ChunkStatus.PRESENT for s in client.store(info.worker_id, keys[:4],
+                                                                             list(range(8))).statuses)
+    out["temp_files"] = [n for _, _, names in os.walk("/dev/shm/l2") for n in names if n.endswith(".tmp")]
+    out["exit"] = stop(proc)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_full_filesystem_stops_disk_writes_not_the_server() -> None:
+    from tests.conftest import PRELUDE, run_in_private_shm
+
+    result = run_in_private_shm(PRELUDE + FULL_DISK)
+    assert result["started"]
+    assert result["stored"] == 32 and result["hits"] == 32 and result["again"] == 4  # L1 serves everything
+    tier = result["tier"]
+    assert tier["errors"] > 0 and 0 < tier["writes"] < 32  # what fit was written; the rest refused, counted
+    assert result["temp_files"] == [] and result["exit"] == 0
