@@ -190,11 +190,14 @@ class Tiers:
 
     # ------------------------------------------------------------ write-behind
 
-    def write_behind(self, namespace: str, entries: list[Entry]) -> None:
-        """Queue ``entries`` (ready, in L1) for every tier that does not hold them (loop thread)."""
+    def write_behind(self, namespace: str, entries: list[Entry], source: Tier | None = None) -> None:
+        """Queue ``entries`` (ready, in L1) for every tier that does not hold them (loop thread); ``source``:
+        the tier they were just read from (which holds them)."""
         entries = [entry for entry in entries if entry.ready and entry.indexed]  # not cleared meanwhile
         now = time.monotonic()
         for tier in self.tiers:
+            if tier is source:
+                continue
             if not tier.available(now):  # down: its copies are dropped, not queued behind a dead tier
                 tier.count(dropped_writes=len(entries))
                 continue
@@ -272,9 +275,8 @@ class Tiers:
                 break
             names = [l2.ObjectId(job.namespace, job.ranks[r], job.keys[i]).name for i, r in wanted]
             if not tier.adapter.remote:
-                for (i, r), name in zip(wanted, names, strict=True):
-                    if tier.adapter.holds(name):
-                        sources[i][r] = tier
+                found = [bool(tier.adapter.holds(name)) for name in names]
+                self._found(tier, sources, wanted, found)
                 step += 1
                 continue
             self._run(job, tier, partial(tier.adapter.contains, names),
@@ -284,13 +286,20 @@ class Tiers:
 
     def _contains_done(self, job: Prefetch, sources: list[list[Tier | None | bool]], usable: list[Tier], step: int,
                        tier: Tier, wanted: list[tuple[int, int]], found: object) -> None:
-        if isinstance(found, list):
-            for (i, r), held in zip(wanted, found, strict=False):
-                if held:
-                    sources[i][r] = tier
+        if isinstance(found, list) and len(found) == len(wanted):  # else the call failed (counted): none found
+            self._found(tier, sources, wanted, [bool(held) for held in found])
         if job.answered:
             return
         self._resolve(job, sources, usable, step + 1)
+
+    @staticmethod
+    def _found(tier: Tier, sources: list[list[Tier | None | bool]], wanted: list[tuple[int, int]],
+               found: list[bool]) -> None:
+        """``tier`` holds the ``wanted`` (chunk, rank) pairs where ``found`` says so; the rest are its misses."""
+        for (i, r), held in zip(wanted, found, strict=True):
+            if held:
+                sources[i][r] = tier
+        tier.count(misses=found.count(False))
 
     def _read(self, job: Prefetch, sources: list[list[Tier | None | bool]]) -> None:
         """Read the leading run of chunks that every rank has somewhere into writing L1 slots."""
@@ -342,6 +351,7 @@ class Tiers:
             self.index.finish_store(entry, ok is True)
             if ok is True:
                 self.num_prefetched += 1
+                self.write_behind(job.namespace, [entry], source=tier)  # to the other tiers, e.g. Redis -> disk
 
         self._run(job, tier, read, done)
 

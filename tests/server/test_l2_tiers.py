@@ -194,10 +194,12 @@ def resp_adapter(port: int, **extra: object) -> str:
 # ---------------------------------------------------------------- redis
 
 
-def test_two_servers_share_chunks_through_redis(server_factory, redis_server: RedisProc, model) -> None:
+def test_two_servers_share_chunks_through_redis(server_factory, redis_server: RedisProc, model, tmp_path) -> None:
+    """A stores into Redis; B (its own disk tier first, then the same Redis) loads A's chunks from Redis
+    and keeps a copy on its disk."""
     adapter = resp_adapter(redis_server.port)
     a = server_factory(*POOL, "--l2-adapter", adapter)
-    b = server_factory(*POOL, "--l2-adapter", adapter)
+    b = server_factory(*POOL, "--l2-adapter", fs_adapter(tmp_path / "b-disk"), "--l2-adapter", adapter)
     kv = kv_cache()
     fill_random(kv, 21)
     keys = hashes(6)
@@ -207,10 +209,13 @@ def test_two_servers_share_chunks_through_redis(server_factory, redis_server: Re
     hit, kv2 = load_chunks(b, model, keys)
     assert hit == 5
     assert same_chunks(original, kv2, 5)
-    # B stored nothing of its own into Redis (the chunks came from there)
     with connect(b.url, namespace(model, kv.geometry)) as client:
-        tier = tier_status(client)
-        assert tier["counters"]["hits"] == 5 and tier["counters"]["writes"] == 0
+        redis_tier, disk_tier = tier_status(client, "resp"), tier_status(client, "fs")
+        assert redis_tier["counters"]["hits"] == 5 and redis_tier["counters"]["writes"] == 0  # nothing written back
+        assert disk_tier["counters"]["misses"] == 6 and disk_tier["counters"]["hits"] == 0  # asked first, lacked them
+        wait_written(client, 5, "fs")  # promoted to B's disk
+    hit, kv3 = load_chunks(b, model, keys)  # an L1 hit now; nothing more read from either tier
+    assert hit == 5 and same_chunks(original, kv3, 5)
 
 
 def test_redis_killed_then_back(server_factory, redis_server: RedisProc, model) -> None:
