@@ -9,7 +9,7 @@ before the load, with no host sync: the copies must order themselves behind that
 
     python -m tests.gpu.cuda_worker --port P [--device 0] [--layout LBHNC] [--mode engine_driven]
         [--block-size 16] [--blocks 96] [--heads 8] [--skips 0,3,0] [--leave-free-mib M]
-        [--expect copies|refused]
+        [--expect copies|refused] [--l2-phase store|load --seed N]
 
 ``--leave-free-mib``: after a warm-up round (so that no torch kernel loads later, which takes GPU
 memory) and with a reserve kept in torch's cache for the rounds, fill the GPU until only M MiB
@@ -21,6 +21,7 @@ without raising. Ends with one line ``RESULT {json}``; logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -131,6 +132,31 @@ def one_round(w: WorkerState, kv: KV, rng: np.random.Generator, bpc: int, skip: 
     return kv.first_difference(want, dst, skip)
 
 
+def l2_phase(w: WorkerState, kv: KV, bpc: int, phase: str, seed: int) -> str:
+    """Two chunks made from ``seed``: stored (phase "store"), or looked up, loaded into other blocks and
+    checked byte for byte (phase "load", in a later process against a server restarted onto the same disk
+    tier: its lookup prefetches them from the disk into the pinned pool). "" if all went right."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    half = kv.num_blocks // 2
+    src = rng.choice(np.arange(1, half), NUM_CHUNKS * bpc, replace=False)
+    dst = half + rng.choice(kv.num_blocks - half, NUM_CHUNKS * bpc, replace=False)
+    keys = [hashlib.blake2b(f"l2-{seed}-{i}".encode(), digest_size=p.HASH_BYTES).digest() for i in range(NUM_CHUNKS)]
+    stored = kv.write(kv.ids(src))  # the same pages in both phases (same seed, same calls)
+    if phase == "store":
+        w.store(StoreSpec(keys, src.tolist(), bpc))
+        wait_until(w.stores_done, "the store did not complete")
+        return ""
+    found = w.session.call(lambda c: c.lookup_for_load(keys), None, "lookup")
+    if found is None or found.num_hit_chunks != NUM_CHUNKS:
+        return f"the lookup found {found.num_hit_chunks if found else None} of {NUM_CHUNKS} chunks"
+    want = kv.expected_after_load(kv.ids(dst), stored, 0)
+    failed = w.load(LoadSpec(keys, dst.tolist(), bpc, 0, found.lease_id, found.slots, found.slots_valid_until))
+    if failed:
+        return f"the load failed for blocks {sorted(failed)[:4]}..."
+    return "" if torch.equal(kv.buffer, want) else kv.first_difference(want, dst, 0)
+
+
 def warm_up(kv: KV, rng: np.random.Generator, bpc: int) -> None:
     """Every torch kernel a round uses, once, before the GPU is full (CUDA loads kernels lazily,
     into GPU memory); then a reserve in torch's cache for the rounds."""
@@ -170,6 +196,9 @@ def main() -> int:
     parser.add_argument("--skips", default="0,3,0", help="skip_blocks of each round's load")
     parser.add_argument("--leave-free-mib", type=float, default=None)
     parser.add_argument("--expect", choices=["copies", "refused"], default="copies")
+    parser.add_argument("--l2-phase", choices=["store", "load"], default=None,
+                        help="instead of the rounds: store, or load and check, the chunks of --seed (l2_phase)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.cuda.set_device(args.device)
@@ -191,6 +220,8 @@ def main() -> int:
         w.register_kv_caches(kv.tensors, args.blocks, args.block_size)
         if args.expect == "refused":
             result.update(refused(w, kv, bpc))
+        elif args.l2_phase is not None:
+            result["phase"] = l2_phase(w, kv, bpc, args.l2_phase, args.seed)
         else:
             assert w.plane is not None and w.worker_id is not None, "registration failed"
             assert w.blocks_per_chunk == bpc, f"blocks per chunk {w.blocks_per_chunk}, expected {bpc}"

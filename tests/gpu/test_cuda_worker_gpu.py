@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from tests.conftest import RunningServer
@@ -165,3 +166,23 @@ def test_no_gpu_memory_for_one_staging_buffer_refuses_the_worker(server_factory)
     refusal = next((ln for ln in out.splitlines() if "too little free memory for server copies" in ln), "")
     assert "--gpu-memory-utilization" in refusal and "--share-pool" in refusal, out[-4000:]
     assert "Registered KV cache" not in server.log()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disk_tier_brings_gpu_chunks_back_after_a_restart(server_factory, mode: str, tmp_path) -> None:  # noqa: ANN001
+    """A GPU worker stores two chunks; the server stops (flushing them to its disk tier) and a new one
+    starts on the same directory; a new GPU worker's lookup prefetches them from the disk into the pinned
+    pool and its load brings back every byte (server copies and worker copies alike)."""
+    tier = json.dumps({"type": "fs", "base_path": str(tmp_path / "l2"), "max_capacity_gb": 1})
+    flags = ["--cuda", "on", "--l1-size-gb", "2", "--l2-adapter", tier] + (
+        ["--share-pool", "true"] if mode == "lmcache_driven" else [])
+    server = server_factory(*flags)
+    result, _ = result_of(run_worker(server, "--mode", mode, "--l2-phase", "store", "--seed", "7"))
+    assert result["phase"] == "", result
+    assert server.stop() == 0
+    server = server_factory(*flags)
+    server.wait_for_log(r"found 2 objects")
+    result, _ = result_of(run_worker(server, "--mode", mode, "--l2-phase", "load", "--seed", "7"))
+    assert result["phase"] == "", result
+    status = httpx.get(f"{server.http_url}/status", timeout=10).json()
+    assert status["l2"][0]["counters"]["hits"] == 2
