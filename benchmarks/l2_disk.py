@@ -12,7 +12,7 @@ phase so no phase pays for an earlier one's writeback. Reads find the pages the 
 page cache unless ``--drop-caches`` (root) drops them first. GB/s counts payload bytes (1e9); the
 table's last column is the ratio to the raw rate of the same direction.
 
-    python benchmarks/l2_disk.py PATH [--chunk-mib 6] [--objects 200] [--threads 1,2] [--drop-caches]
+    python benchmarks/l2_disk.py PATH [--chunk-mib 6] [--objects 200] [--threads 1,2] [--drop-caches] [--rounds N]
 
 Prints a markdown table; with OUT set, JSON in $OUT/l2_disk.json too. The directories it makes
 under PATH are removed at the end.
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -125,8 +126,10 @@ def fs_read(adapter: FsAdapter, chunk_bytes: int, threads: int, objects: int) ->
 
 
 def bench(path: str, chunk_bytes: int = 6 * MIB, objects: int = 200, threads: tuple[int, ...] = (1, 2),
-          drop_caches: bool = False) -> list[Row]:
-    """One run: raw write, fs write per thread count, raw read, fs read per thread count (see module doc)."""
+          drop_caches: bool = False, fs_first: bool = False) -> list[Row]:
+    """One run: raw write, fs write per thread count, raw read, fs read per thread count (see module doc);
+    ``fs_first``: the fs phases of each direction before the raw one (rounds alternate, so that a
+    filesystem that slows down during a run costs both sides alike)."""
     pool = memoryview(bytearray(os.urandom(chunk_bytes * min(POOL_CHUNKS, objects))))
     chunks = [pool[i * chunk_bytes:(i + 1) * chunk_bytes] for i in range(min(POOL_CHUNKS, objects))]
     total = chunk_bytes * objects
@@ -135,24 +138,41 @@ def bench(path: str, chunk_bytes: int = 6 * MIB, objects: int = 200, threads: tu
     rows: list[Row] = []
     try:
         raw_file = os.path.join(root, "raw.bin")
-        settle()
-        write_raw = raw_write(raw_file, chunks, objects)
-        rows.append(Row("raw write (os.write)", 1, write_raw, total / write_raw / 1e9, 1.0))
         adapters = {}
         for t in threads:
-            adapter = FsAdapter(os.path.join(root, f"fs-{t}"), objects * (chunk_bytes + 4096), 0)
-            adapter.start()
-            adapters[t] = adapter
-            settle()
-            took = fs_write(adapter, chunks, t, objects)
-            rows.append(Row("fs write (encode_header + write)", t, took, total / took / 1e9, write_raw / took))
+            adapters[t] = FsAdapter(os.path.join(root, f"fs-{t}"), objects * (chunk_bytes + 4096), 0)
+            adapters[t].start()
+        fs_writes: dict[int, float] = {}
+        fs_reads: dict[int, float] = {}
+
+        def writes() -> None:
+            for t, adapter in adapters.items():
+                settle()
+                fs_writes[t] = fs_write(adapter, chunks, t, objects)
+
+        def reads() -> None:
+            for t, adapter in adapters.items():
+                settle(drop_caches)
+                fs_reads[t] = fs_read(adapter, chunk_bytes, t, objects)
+
+        if fs_first:
+            writes()
+        settle()
+        write_raw = raw_write(raw_file, chunks, objects)
+        if not fs_first:
+            writes()
+        rows.append(Row("raw write (os.write)", 1, write_raw, total / write_raw / 1e9, 1.0))
+        rows += [Row("fs write (encode_header + write)", t, took, total / took / 1e9, write_raw / took)
+                 for t, took in fs_writes.items()]
+        if fs_first:
+            reads()
         settle(drop_caches)
         read_raw = raw_read(raw_file, chunk_bytes, objects)
+        if not fs_first:
+            reads()
         rows.append(Row("raw read (readinto)", 1, read_raw, total / read_raw / 1e9, 1.0))
-        for t, adapter in adapters.items():
-            settle(drop_caches)
-            took = fs_read(adapter, chunk_bytes, t, objects)
-            rows.append(Row("fs read (read_into + verify)", t, took, total / took / 1e9, read_raw / took))
+        rows += [Row("fs read (read_into + verify)", t, took, total / took / 1e9, read_raw / took)
+                 for t, took in fs_reads.items()]
         for adapter in adapters.values():
             adapter.close()
     finally:
@@ -173,15 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", type=int, default=200)
     parser.add_argument("--threads", default="1,2", help="writer and reader thread counts, comma-separated")
     parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before reads (root)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs, raw first and fs first by turns; all printed")
     args = parser.parse_args(argv)
-    rows = bench(args.path, int(args.chunk_mib * MIB), args.objects, tuple(int(t) for t in args.threads.split(",")),
-                 args.drop_caches)
     print(f"{args.objects} chunks of {args.chunk_mib:g} MiB under {os.path.abspath(args.path)}"
           f"{', page cache dropped before reads' if args.drop_caches else ''}\n")
-    print(table(rows))
+    runs = []
+    for round_ in range(args.rounds):
+        rows = bench(args.path, int(args.chunk_mib * MIB), args.objects,
+                     tuple(int(t) for t in args.threads.split(",")), args.drop_caches, fs_first=bool(round_ % 2))
+        runs.append(rows)
+        print(f"round {round_ + 1} ({'fs' if round_ % 2 else 'raw'} first)\n{table(rows)}\n")
+    if args.rounds > 1:
+        print("median ratio over the rounds: " + ", ".join(
+            f"{r.operation.split(' (')[0]} x{r.threads}: {statistics.median(run[i].vs_raw for run in runs):.2f}"
+            for i, r in enumerate(runs[0]) if not r.operation.startswith("raw")))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "l2_disk.json"), "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump([[asdict(r) for r in rows] for rows in runs], f, indent=1)
     return 0
 
 
