@@ -28,6 +28,7 @@ one that replaces the client and writes the sampled usage.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -185,21 +186,56 @@ class RedisAdapter(Adapter):
         return self._call("write", exists_then_set)
 
     def read_into(self, name: str, dest: memoryview) -> bytes:
-        value = self._call("read", lambda client: client.get(self._key(name)))
-        if value is None:
+        out = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
+        header = self._call("read", lambda client: self._get_into(client, self._key(name), name, out))
+        if header is None:
             raise MissingObject(f"{name} not in Redis tier {self.address}")
+        return header
+
+    def _get_into(self, client: Client, key: bytes, name: str, dest: memoryview) -> bytes | None:
+        """GET ``key`` with its payload received straight into ``dest`` (redis-py would make one bytes of the
+        whole value, which would then be copied: half the rate); the header returned, None if the key is not
+        there. The reply is read off the connection's socket here; one that cannot be the object asked for
+        drops the connection (its place in the stream is lost) and raises CorruptObject. A cluster node not
+        connected yet, or a slot that moved, goes through RedisCluster's own GET (one copy more)."""
+        node_client = client.get_node_from_key(key).redis_connection if isinstance(client, RedisCluster) else client
+        if node_client is None:
+            return self._get_copied(client, key, name, dest)
+        pool = node_client.connection_pool
+        conn = pool.get_connection()
+        clean = False
+        try:
+            conn.send_packed_command([b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)], check_health=False)
+            sock = conn._sock  # connected by the send
+            if sock is None:
+                raise rex.ConnectionError("no socket after sending GET")
+            header, clean = _read_object_reply(sock, name, dest)
+        except rex.ResponseError as exc:
+            clean = True  # an error line, read whole
+            if isinstance(client, RedisCluster) and str(exc).startswith(("MOVED", "ASK")):
+                return self._get_copied(client, key, name, dest)
+            raise
+        finally:
+            if not clean:
+                conn.disconnect()
+            pool.release(conn)
+        return header
+
+    def _get_copied(self, client: Client, key: bytes, name: str, dest: memoryview) -> bytes | None:
+        value = client.get(key)
+        if value is None:
+            return None
         assert isinstance(value, bytes)  # decode_responses is off
         view = memoryview(value)
         header_bytes = header_bytes_of(view[:HEADER_BYTES])
         if len(view) < header_bytes:
             raise CorruptObject(f"{name}: {len(view)} bytes, shorter than its header ({header_bytes})")
         header = bytes(view[:header_bytes])
-        out = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
         stored, announced = len(view) - header_bytes, payload_bytes_of(header)
-        if stored != len(out) or announced != len(out):
+        if stored != len(dest) or announced != len(dest):
             raise CorruptObject(f"{name}: payload of {stored} bytes, its header says {announced}, "
-                                f"{len(out)} asked for")
-        out[:] = view[header_bytes:]
+                                f"{len(dest)} asked for")
+        dest[:] = view[header_bytes:]
         return header
 
     def delete(self, name: str) -> None:
@@ -382,3 +418,64 @@ def _close_quietly(client: Client) -> None:
         client.close()
     except Exception as exc:  # closing a client of a dead server: nothing left to do
         log.debug("closing a Redis client: %r", exc)
+
+
+def _read_object_reply(sock: socket.socket, name: str, dest: memoryview) -> tuple[bytes | None, bool]:
+    """Read one RESP2/RESP3 reply to GET: None for a nil, else the object's header (its payload into ``dest``).
+    Returns (header, whether the stream is at a reply boundary); raises ResponseError for an error line,
+    CorruptObject for a value that cannot be an object of ``len(dest)`` payload bytes (stream not clean)."""
+    line = _read_line(sock)
+    if line in (b"$-1", b"_"):  # nil in RESP2 and RESP3 (redis-py says HELLO 3 where the server has it)
+        return None, True
+    if line[:1] == b"-":
+        raise rex.ResponseError(line[1:].decode("utf-8", "replace"))
+    if line[:1] == b"!" and line[1:].isdigit():  # a RESP3 blob error
+        text = _recv_exact(sock, int(line[1:]) + 2)[:-2]
+        raise rex.ResponseError(text.decode("utf-8", "replace"))
+    if line[:1] != b"$" or not line[1:].isdigit():
+        raise rex.InvalidResponse(f"unexpected reply to GET: {line[:40]!r}")
+    total = int(line[1:])
+    if total < HEADER_BYTES:
+        raise CorruptObject(f"{name}: {total} bytes, shorter than a header ({HEADER_BYTES})")
+    first = _recv_exact(sock, HEADER_BYTES)
+    header_bytes = header_bytes_of(first)
+    if total < header_bytes:
+        raise CorruptObject(f"{name}: {total} bytes, shorter than its header ({header_bytes})")
+    header = first + _recv_exact(sock, header_bytes - HEADER_BYTES)
+    stored, announced = total - header_bytes, payload_bytes_of(header)
+    if stored != len(dest) or announced != len(dest):
+        raise CorruptObject(f"{name}: payload of {stored} bytes, its header says {announced}, {len(dest)} asked for")
+    done = 0
+    while done < len(dest):
+        n = sock.recv_into(dest[done:])
+        if not n:
+            raise rex.ConnectionError("connection closed in the middle of a reply")
+        done += n
+    if _recv_exact(sock, 2) != b"\r\n":
+        raise rex.InvalidResponse("a GET reply not ended by CRLF")
+    return header, True
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """One reply line, without its CRLF, read byte by byte (a few dozen bytes): nothing of the value after it
+    is taken off the socket."""
+    line = bytearray()
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise rex.ConnectionError("connection closed before a reply")
+        line += byte
+        if len(line) > 4096:
+            raise rex.InvalidResponse("a reply line longer than 4096 bytes")
+    return bytes(line[:-2])
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = sock.recv_into(view[done:])
+        if not got:
+            raise rex.ConnectionError("connection closed in the middle of a reply")
+        done += got
+    return bytes(buf)
