@@ -429,7 +429,9 @@ def test_repeated_long_prompt_is_stored_then_loaded(served, reference):
     assert _tokens(RETRIEVED, second.server_log) == [512]
     assert _tokens(STORED, second.server_log) == []
     for line in (STORED.search(first.server_log), RETRIEVED.search(second.server_log)):
-        assert line is not None and float(line[2]) > 0 and float(line[3]) > 0
+        # the seconds are printed to 4 places (a tiny model's 512 tokens may copy in under 50 us: 0.0000); the
+        # GB/s come from the unrounded time, so a copy that was timed shows positive GB/s
+        assert line is not None and float(line[2]) >= 0 and float(line[3]) > 0
     # the miss answers like vLLM's cold run; the hit like vLLM's own cache hitting the same 512
     # tokens that the same (first) prefill computed
     assert reference.cached["p600_first"] == 0 and reference.cached["p600_second"] == 512
