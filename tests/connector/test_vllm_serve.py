@@ -175,7 +175,8 @@ def test_quick_start_stores_then_retrieves(stack: Stack, reference: Reference) -
     after_first = counters(lmcd)
     assert after_first["stored_chunks"] - before["stored_chunks"] == 2
     assert after_first["retrieved_chunks"] == before["retrieved_chunks"]
-    assert re.search(r"Stored \d+ tokens in [\d.]+ seconds", lmcd.log())
+    # counted before the store's reply, logged after it: the line may reach the log reader a moment later
+    lmcd.wait_for_log(r"Stored \d+ tokens in [\d.]+ seconds", timeout=5)
     assert "Retrieved" not in lmcd.log()
     miss = re.findall(HIT_LINE, vllm.log())
     assert miss and miss[-1][1:] == ("0", "0"), miss
