@@ -168,10 +168,9 @@ class Prefetch:
     keys: list[bytes]  # the lookup's chunk keys, from the first one L1 lacks
     deadline: float
     answer: Reply  # counts what L1 holds then, pins it, replies: called exactly once
-    pending: int = 0  # jobs not ended
     reading: bool = False  # membership is resolved: the reads are started (answered when they end)
     answered: bool = False
-    jobs: dict[int, Tier] = field(default_factory=dict)  # job id -> its tier, while it runs
+    jobs: dict[int, Tier] = field(default_factory=dict)  # job id -> its tier, while it runs (not ended)
 
 
 class Tiers:
@@ -185,25 +184,25 @@ class Tiers:
         self.timeout_s = timeout_s
         self._prefetches: list[Prefetch] = []
         self._next_job = 0
-        self.num_prefetched = 0
-        self.num_timed_out = 0
 
     # ------------------------------------------------------------ write-behind
 
     def write_behind(self, namespace: str, entries: list[Entry], source: Tier | None = None) -> None:
         """Queue ``entries`` (ready, in L1) for every tier that does not hold them (loop thread); ``source``:
         the tier they were just read from (which holds them)."""
-        entries = [entry for entry in entries if entry.ready and entry.indexed]  # not cleared meanwhile
+        named = []  # (entry, its object, the object's name), named once for every tier
+        for entry in entries:
+            if entry.ready and entry.indexed:  # not cleared meanwhile
+                oid = l2.ObjectId(namespace, entry.key[1], entry.key[2])
+                named.append((entry, oid, oid.name))
         now = time.monotonic()
         for tier in self.tiers:
             if tier is source:
                 continue
             if not tier.available(now):  # down: its copies are dropped, not queued behind a dead tier
-                tier.count(dropped_writes=len(entries))
+                tier.count(dropped_writes=len(named))
                 continue
-            for entry in entries:
-                oid = l2.ObjectId(namespace, entry.key[1], entry.key[2])
-                name = oid.name
+            for entry, oid, name in named:
                 if name in tier.writing or tier.adapter.holds(name):
                     tier.count(skipped_present=1)
                     continue
@@ -305,24 +304,24 @@ class Tiers:
         """Read the leading run of chunks that every rank has somewhere into writing L1 slots."""
         job.reading = True
         for i, row in enumerate(sources):
-            if any(source is None for source in row):
+            if any(source is None for source in row) or not self._read_row(job, i, row):
                 break
-            for r, source in enumerate(row):
-                if not isinstance(source, Tier):
-                    continue  # in L1 already
-                key: IndexKey = (job.ns_id, job.ranks[r], job.keys[i])
-                entry, status = self.index.begin_store(key, job.chunk_bytes)
-                if entry is None:
-                    if status == ChunkStatus.PRESENT:
-                        continue  # stored meanwhile (or being stored): the answer sees what is ready
-                    self._finish_reads_at(job)  # L1 full of pinned chunks: no further slot
-                    return
-                self._read_one(job, source, l2.ObjectId(job.namespace, job.ranks[r], job.keys[i]), entry)
-        self._finish_reads_at(job)
-
-    def _finish_reads_at(self, job: Prefetch) -> None:
-        if job.pending == 0:
+        if not job.jobs:
             self._answer(job)
+
+    def _read_row(self, job: Prefetch, i: int, row: list[Tier | None | bool]) -> bool:
+        """Start the reads of chunk ``i`` for the ranks a tier has it for; False if L1 had no slot."""
+        for r, source in enumerate(row):
+            if not isinstance(source, Tier):
+                continue  # in L1 already
+            key: IndexKey = (job.ns_id, job.ranks[r], job.keys[i])
+            entry, status = self.index.begin_store(key, job.chunk_bytes)
+            if entry is None:
+                if status == ChunkStatus.PRESENT:
+                    continue  # stored meanwhile (or being stored): the answer sees what is ready
+                return False  # L1 full of pinned chunks: no further slot
+            self._read_one(job, source, l2.ObjectId(job.namespace, job.ranks[r], job.keys[i]), entry)
+        return True
 
     def _read_one(self, job: Prefetch, tier: Tier, oid: l2.ObjectId, entry: Entry) -> None:
         dest = self.pool.array[entry.slot : entry.slot + entry.nbytes].data  # writing: only this job touches it
@@ -350,16 +349,14 @@ class Tiers:
             tier.reads_in_flight -= 1
             self.index.finish_store(entry, ok is True)
             if ok is True:
-                self.num_prefetched += 1
                 self.write_behind(job.namespace, [entry], source=tier)  # to the other tiers, e.g. Redis -> disk
 
         self._run(job, tier, read, done)
 
     def _run(self, job: Prefetch, tier: Tier, call: Callable[[], object], done: Callable[[object], None]) -> None:
         """Run ``call`` on ``tier``'s reader thread; ``done(result)`` on the loop (result: the call's value,
-        or None when it raised a TierError, counted). The job counts towards ``job.pending``."""
+        or None when it raised a TierError, counted). It is in ``job.jobs`` until it ended."""
         job_id = self._next_job = self._next_job + 1
-        job.pending += 1
         job.jobs[job_id] = tier
 
         def run() -> None:
@@ -379,11 +376,10 @@ class Tiers:
 
     def _job_done(self, job: Prefetch, job_id: int, result: object, done: Callable[[object], None]) -> None:
         tier = job.jobs.pop(job_id)
-        job.pending -= 1
         if job.answered:  # it outlived the lookup's deadline
             tier.stalled_jobs -= 1
         done(result)
-        if job.pending == 0 and not job.answered and job.reading:
+        if not job.jobs and not job.answered and job.reading:
             self._answer(job)
 
     def _answer(self, job: Prefetch) -> None:
@@ -401,12 +397,12 @@ class Tiers:
             return
         late = [job for job in self._prefetches if job.deadline <= now]
         for job in late:
-            self.num_timed_out += 1
             for tier in job.jobs.values():
                 tier.stalled_jobs += 1
                 tier.count(timeouts=1)
             self._answer(job)
-            log.debug("An L2 prefetch passed its %.2f s deadline with %d reads running", self.timeout_s, job.pending)
+            log.debug("An L2 prefetch passed its %.2f s deadline with %d calls running", self.timeout_s,
+                      len(job.jobs))
 
     # ------------------------------------------------------------ lifecycle
 
