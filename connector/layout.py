@@ -3,7 +3,7 @@
 ``describe_pages`` turns the tensors into a ``KVLayout``: in each layer's tensor the dimension
 whose size is the number of blocks is the block dimension; every index of the dimensions before
 it is one *plane* (e.g. K and V in a ``[2, blocks, ...]`` layout), and the dimensions after it
-must be contiguous (one page)::
+must cover one dense run of memory, in any dim order (one page, ``dense``)::
 
     layer tensor [outer..., num_blocks, inner...]  ->  planes = product(outer)
     page (plane, block b) = inner bytes at plane_offset + b * block_stride
@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -44,6 +44,19 @@ def storages(kv_caches: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int
     return list(found), list(found.values())
 
 
+def dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether dims of ``shape`` with ``strides`` (in elements) cover one gap-free run of
+    ``prod(shape)`` elements, in any dim order: a page is copied as bytes, so vLLM may order its
+    dims as it likes: vLLM 0.32's GPU FLASH_ATTN layers are ``[blocks, 8, 16, 256]`` views with
+    strides ``[32768, 256, 2048, 1]``, heads and tokens swapped over a dense 64 KiB page)."""
+    expected = 1
+    for size, stride in sorted((d for d in zip(shape, strides, strict=True) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def describe_pages(kv_caches: Mapping[str, torch.Tensor], starts: list[int], sizes: list[int], num_blocks: int,
                    block_size: int) -> p.KVLayout:
     """The page geometry of ``kv_caches``, with every plane's offset into the memory segment
@@ -58,10 +71,9 @@ def describe_pages(kv_caches: Mapping[str, torch.Tensor], starts: list[int], siz
         b = dims[0]
         item = tensor.element_size()
         inner = tensor.shape[b + 1 :]
-        expected = [math.prod(inner[i + 1 :]) for i in range(len(inner))]
-        if list(tensor.stride()[b + 1 :]) != expected:
-            raise LayoutError(f"{name}: a page (dims after the block dim, shape {tuple(inner)}) is not "
-                              f"contiguous: strides {tensor.stride()}")
+        if not dense(inner, tensor.stride()[b + 1 :]):
+            raise LayoutError(f"{name}: a page (dims after the block dim, shape {tuple(inner)}) is not one "
+                              f"dense run of memory: strides {tensor.stride()}")
         this_page, this_stride = math.prod(inner) * item, tensor.stride(b) * item
         if page_bytes is None:
             page_bytes, block_stride = this_page, this_stride

@@ -70,25 +70,36 @@ class DigestConnector(LMCacheMPConnector):
         return meta.plans
 
     def _log(self, what: str, key: bytes, skip: int, block_ids: list[int]) -> None:
-        digests = ",".join(self._block_digest(block) for block in block_ids)
+        digests = ",".join(self._block_digests(block_ids))
         log.info("%s %s %s skip=%d blocks=%s %s", DIGEST_PREFIX, what, key.hex(), skip,
                  ",".join(map(str, block_ids)), digests)
 
-    def _pages(self, block_id: int) -> list[torch.Tensor]:
-        """Views of one block's pages, one per layer (every plane of it)."""
+    def _layers(self) -> list[tuple[torch.Tensor, int]]:
+        """Each registered layer tensor with its block dimension (as lmcd.connector.layout finds it)."""
         assert self._worker is not None
         num_blocks = self._worker.num_blocks
-        # the block dimension, as lmcd.connector.layout finds it
-        return [t.select(list(t.shape).index(num_blocks), block_id) for t in self._worker.kv_caches.values()]
+        return [(t, list(t.shape).index(num_blocks)) for t in self._worker.kv_caches.values()]
 
     def _poison(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
         with torch.inference_mode():  # vLLM may have made the KV tensors inside inference mode
-            for block_id in block_ids:
-                for page in self._pages(block_id):
-                    page.fill_(float("nan"))
+            layers = self._layers()
+            ids = torch.tensor(block_ids, device=layers[0][0].device)
+            for tensor, dim in layers:
+                tensor.index_fill_(dim, ids, float("nan"))
 
-    def _block_digest(self, block_id: int) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        for page in self._pages(block_id):
-            h.update(page.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+    def _block_digests(self, block_ids: list[int]) -> list[str]:
+        """One BLAKE2b digest per block: its page in every layer, in the registered order. The pages are
+        read on the current stream (on a GPU, after the copies it waits for) with one copy per layer."""
+        if not block_ids:
+            return []
+        hashes = [hashlib.blake2b(digest_size=16) for _ in block_ids]
+        with torch.inference_mode():
+            layers = self._layers()
+            ids = torch.tensor(block_ids, device=layers[0][0].device)
+            for tensor, dim in layers:
+                pages = tensor.index_select(dim, ids).movedim(dim, 0).contiguous().cpu()
+                for h, page in zip(hashes, pages, strict=True):
+                    h.update(page.view(torch.uint8).numpy().tobytes())
+        return [h.hexdigest() for h in hashes]

@@ -98,6 +98,23 @@ def test_a_split_layout_has_two_planes_per_layer():
         describe_pages(kv, [starts[0] + sizes[0]], [4096], BLOCKS, N)
 
 
+def test_a_page_whose_dims_vllm_reorders_is_one_page_and_a_gap_is_refused():
+    """vLLM 0.32's GPU FLASH_ATTN hands out ``[blocks, 8, 16, 256]`` views with strides ``[32768, 256,
+    2048, 1]`` (heads and tokens swapped): still one dense page per block; a view with holes is not."""
+    blocks, heads, tokens, width = 6, 8, 16, 256
+    layers = torch.zeros(2, blocks, tokens, heads, width, dtype=torch.bfloat16)
+    kv = {f"l{i}": layers[i].permute(0, 2, 1, 3) for i in range(2)}
+    assert list(kv["l0"].stride()) == [32768, 256, 2048, 1]
+    starts, sizes = storages(kv)
+    layout = describe_pages(kv, starts, sizes, blocks, tokens)
+    page = heads * tokens * width * 2
+    assert (layout.num_planes, layout.page_bytes, layout.block_stride) == (2, page, page)
+    assert layout.plane_offsets == [0, blocks * page]
+    holes = {"l0": layers[0][:, :, :, :128]}  # half of every head's row: 128 elements missing per row
+    with pytest.raises(LayoutError, match="not one dense run of memory"):
+        describe_pages(holes, *storages(holes), blocks, tokens)
+
+
 def test_engine_driven_moves_the_kv_into_shm_at_registration(server_factory, caplog, monkeypatch):
     watch_connector_log(caplog, monkeypatch)
     srv = server_factory(*SMALL)
