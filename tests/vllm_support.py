@@ -452,8 +452,12 @@ def start_vllm_server(model_dir: str | os.PathLike[str], port: int | None = None
                       *, extra_args: Sequence[str] = (), served_model_name: str = "tiny", max_model_len: int = 2048,
                       enable_prefix_caching: bool = False, block_size: int | None = None, seed: int = 0,
                       dtype: str = "bfloat16", timeout: float = 180.0,
-                      workdir: str | os.PathLike[str] | None = None) -> VllmServer:
+                      workdir: str | os.PathLike[str] | None = None, enforce_eager: bool = True,
+                      env: Mapping[str, str] | None = None) -> VllmServer:
     """Start ``vllm serve`` (through tests/vllm_launcher.py) on 127.0.0.1 and wait until it answers.
+
+    ``env`` replaces the CPU environment (``vllm_env(extra_env)``), e.g. with a GPU one;
+    ``enforce_eager`` False keeps vLLM's default CUDA graphs.
 
     Ready means ``GET /health`` is 200 and ``GET /v1/models`` lists ``served_model_name``. On
     failure (exit or timeout) the process group is stopped and AssertionError carries the log.
@@ -466,7 +470,8 @@ def start_vllm_server(model_dir: str | os.PathLike[str], port: int | None = None
     log_path = tmp / f"vllm-serve-{port}.log"
     cmd = [sys.executable, str(LAUNCHER), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", served_model_name, "--load-format", "dummy", "--seed", str(seed),
-           "--enforce-eager", "--max-model-len", str(max_model_len), "--dtype", dtype, "--skip-tokenizer-init",
+           *(["--enforce-eager"] if enforce_eager else []), "--max-model-len", str(max_model_len),
+           "--dtype", dtype, "--skip-tokenizer-init",
            "--enable-prefix-caching" if enable_prefix_caching else "--no-enable-prefix-caching",
            "--disable-uvicorn-access-log"]
     if block_size is not None:
@@ -477,7 +482,8 @@ def start_vllm_server(model_dir: str | os.PathLike[str], port: int | None = None
     start = time.monotonic()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=vllm_env(extra_env), cwd=tmp, start_new_session=True)
+                                env=dict(env) if env is not None else vllm_env(extra_env), cwd=tmp,
+                                start_new_session=True)
     server = VllmServer(proc, port, served_model_name, log_path)
     deadline = start + timeout
     with httpx.Client(timeout=2.0) as client:
