@@ -182,11 +182,14 @@ class WorkerState:
             log.log(logging.WARNING if self.plane is not None else logging.DEBUG,
                     "Loaded %d of %d chunks; vLLM recomputes the rest", got, num_chunks)
             return set(spec.block_ids[first_failed:])
-        log.debug("Loaded %d chunks in %.4f s", num_chunks, time.perf_counter() - started)
+        log.debug("Load of %d chunks handed over in %.3f ms", num_chunks, (time.perf_counter() - started) * 1e3)
         return set()
 
     def store(self, spec: StoreSpec) -> None:
+        started = time.perf_counter()
         self.session.call(lambda client: self._plane().store(client, spec), None, "store")
+        log.debug("Store of %d chunks handed over in %.3f ms", len(spec.chunk_keys),
+                  (time.perf_counter() - started) * 1e3)
 
     def settle(self) -> None:
         """Send what finished copies owe the server (worker copies on a GPU), and read its replies."""

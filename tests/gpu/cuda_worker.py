@@ -1,14 +1,15 @@
 """One GPU worker for the end-to-end tests (tests/gpu/test_cuda_worker_gpu.py).
 
 It builds KV the way vLLM does (ONE int8 buffer, per-layer bf16 views ``[blocks, heads,
-block_size, 2*head_dim]`` (LBHNC) or ``[blocks, block_size, heads, 2*head_dim]`` (LBNHC)), goes
+block_size, 2*head_dim]`` (LBHNC) or ``[blocks, block_size, heads, 2*head_dim]`` (LBNHC); or with
+``--buffers per-layer`` one buffer per layer, as vLLM 0.26 allocates), goes
 through the real connector (``WorkerState``: registration, store, the scheduler's lookup, load)
 against a running server, and checks every byte of the KV after each load. Each round, the
 "forward" writes new KV on the current stream just before the store and reads the whole KV just
 before the load, with no host sync: the copies must order themselves behind that work.
 
     python -m tests.gpu.cuda_worker --port P [--device 0] [--layout LBHNC] [--mode engine_driven]
-        [--block-size 16] [--blocks 96] [--heads 8] [--skips 0,3,0] [--leave-free-mib M]
+        [--block-size 16] [--blocks 96] [--heads 8] [--buffers one|per-layer] [--skips 0,3,0] [--leave-free-mib M]
         [--expect copies|refused] [--l2-phase store|load --seed N]
 
 ``--leave-free-mib``: after a warm-up round (so that no torch kernel loads later, which takes GPU
@@ -48,48 +49,58 @@ WAIT_S = 20.0
 
 
 class KV:
-    """vLLM's KV on one GPU: one int8 buffer, per-layer views, and each layer's pages as int8 rows."""
+    """vLLM's KV on one GPU: per-layer views of ONE int8 buffer (vLLM 0.32), or of one buffer per layer
+    (``per_layer``, vLLM 0.26), and each layer's pages as int8 rows."""
 
-    def __init__(self, device: int, layout: str, num_blocks: int, block_size: int, heads: int) -> None:
+    def __init__(self, device: int, layout: str, num_blocks: int, block_size: int, heads: int,
+                 per_layer: bool = False) -> None:
         self.device, self.num_blocks = device, num_blocks
         self.page = heads * block_size * 2 * HEAD_DIM * 2  # bf16
         layer = num_blocks * self.page
-        self.buffer = torch.randint(-128, 128, (LAYERS * layer,), dtype=torch.int8, device=device)
+        if per_layer:
+            self.layers = [torch.randint(-128, 128, (layer,), dtype=torch.int8, device=device) for _ in range(LAYERS)]
+        else:
+            buffer = torch.randint(-128, 128, (LAYERS * layer,), dtype=torch.int8, device=device)
+            self.layers = [buffer[i * layer : (i + 1) * layer] for i in range(LAYERS)]
         shape = ((num_blocks, heads, block_size, 2 * HEAD_DIM) if layout == "LBHNC"
                  else (num_blocks, block_size, heads, 2 * HEAD_DIM))
-        self.tensors = {f"model.layers.{i}.self_attn.attn": self.buffer[i * layer : (i + 1) * layer]
-                        .view(torch.bfloat16).view(shape) for i in range(LAYERS)}
+        self.tensors = {f"model.layers.{i}.self_attn.attn": raw.view(torch.bfloat16).view(shape)
+                        for i, raw in enumerate(self.layers)}
 
-    def pages(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        layer = self.num_blocks * self.page
-        return [buffer[i * layer : (i + 1) * layer].view(self.num_blocks, self.page) for i in range(LAYERS)]
+    def pages(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [raw.view(self.num_blocks, self.page) for raw in layers]
+
+    def equals(self, want: list[torch.Tensor]) -> bool:
+        """Whether the KV holds ``want`` (read on the current stream, which waits for the copies)."""
+        return all(torch.equal(have, expected) for have, expected in zip(self.layers, want, strict=True))
 
     def ids(self, values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64, device=self.device)
 
     def write(self, blocks: torch.Tensor) -> list[torch.Tensor]:
         """The forward writes new KV into ``blocks`` (on the current stream); their new pages."""
-        for pages in self.pages(self.buffer):
+        for pages in self.pages(self.layers):
             pages[blocks] = torch.randint(-128, 128, (len(blocks), self.page), dtype=torch.int8, device=self.device)
-        return [pages[blocks] for pages in self.pages(self.buffer)]
+        return [pages[blocks] for pages in self.pages(self.layers)]
 
-    def expected_after_load(self, blocks: torch.Tensor, stored: list[torch.Tensor], skip: int) -> torch.Tensor:
+    def expected_after_load(self, blocks: torch.Tensor, stored: list[torch.Tensor], skip: int) -> list[torch.Tensor]:
         """The whole KV as it is now (read on the current stream, before the load), with the loaded
         blocks replaced: every byte the load may change, and every one it must not."""
-        want = self.buffer.clone()
+        want = [raw.clone() for raw in self.layers]
         for pages, new in zip(self.pages(want), stored, strict=True):
             pages[blocks[skip:]] = new[skip:]
         return want
 
-    def first_difference(self, want: torch.Tensor, dst: np.ndarray, skip: int) -> str:
-        diff = (self.buffer != want).nonzero().flatten()
-        if not len(diff):
-            return ""
-        offset = int(diff[0])
-        layer, block = divmod(offset // self.page, self.num_blocks)
-        role = ("a skipped block" if block in dst[:skip] else "a loaded block" if block in dst[skip:]
-                else "a block the load was not given")
-        return f"{len(diff)} bytes differ, the first in layer {layer}, block {block} ({role})"
+    def first_difference(self, want: list[torch.Tensor], dst: np.ndarray, skip: int) -> str:
+        for layer, (have, expected) in enumerate(zip(self.layers, want, strict=True)):
+            diff = (have != expected).nonzero().flatten()
+            if not len(diff):
+                continue
+            block = int(diff[0]) // self.page
+            role = ("a skipped block" if block in dst[:skip] else "a loaded block" if block in dst[skip:]
+                    else "a block the load was not given")
+            return f"{len(diff)} bytes differ in layer {layer}, the first in block {block} ({role})"
+        return ""
 
 
 def wait_until(ready: Callable[[], bool], what: str) -> None:
@@ -127,7 +138,7 @@ def one_round(w: WorkerState, kv: KV, rng: np.random.Generator, bpc: int, skip: 
     want = kv.expected_after_load(dst_ids, stored, skip)  # queued before the load: the load comes after it
     failed = w.load(LoadSpec(keys, dst.tolist(), bpc, skip, found.lease_id, found.slots, found.slots_valid_until))
     assert not failed, f"the load failed for blocks {sorted(failed)[:4]}..."
-    if torch.equal(kv.buffer, want):  # on the current stream, which waits for the copy on the GPU
+    if kv.equals(want):  # on the current stream, which waits for the copy on the GPU
         return ""
     return kv.first_difference(want, dst, skip)
 
@@ -154,7 +165,7 @@ def l2_phase(w: WorkerState, kv: KV, bpc: int, phase: str, seed: int) -> str:
     failed = w.load(LoadSpec(keys, dst.tolist(), bpc, 0, found.lease_id, found.slots, found.slots_valid_until))
     if failed:
         return f"the load failed for blocks {sorted(failed)[:4]}..."
-    return "" if torch.equal(kv.buffer, want) else kv.first_difference(want, dst, 0)
+    return "" if kv.equals(want) else kv.first_difference(want, dst, 0)
 
 
 def warm_up(kv: KV, rng: np.random.Generator, bpc: int) -> None:
@@ -163,8 +174,8 @@ def warm_up(kv: KV, rng: np.random.Generator, bpc: int) -> None:
     blocks = kv.ids(rng.choice(kv.num_blocks, NUM_CHUNKS * bpc, replace=False))
     stored = kv.write(blocks)
     want = kv.expected_after_load(blocks, stored, 1)
-    torch.equal(kv.buffer, want)
-    (kv.buffer[:16] != want[:16]).nonzero()
+    kv.equals(want)
+    (kv.layers[0][:16] != want[0][:16]).nonzero()
     del stored, want
     reserve = torch.empty(RESERVE_BYTES, dtype=torch.uint8, device=kv.device)
     torch.cuda.synchronize(kv.device)
@@ -193,6 +204,8 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=96)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--buffers", choices=["one", "per-layer"], default="one",
+                        help="one buffer for all layers (vLLM 0.32) or one per layer (vLLM 0.26)")
     parser.add_argument("--skips", default="0,3,0", help="skip_blocks of each round's load")
     parser.add_argument("--leave-free-mib", type=float, default=None)
     parser.add_argument("--expect", choices=["copies", "refused"], default="copies")
@@ -202,10 +215,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.cuda.set_device(args.device)
-    kv = KV(args.device, args.layout, args.blocks, args.block_size, args.heads)
+    kv = KV(args.device, args.layout, args.blocks, args.block_size, args.heads, args.buffers == "per-layer")
     bpc = CHUNK_TOKENS // args.block_size
     rng = np.random.default_rng()
-    result: dict[str, object] = {"pid": os.getpid(), "ipc_capable": ipc_capable(kv.buffer.data_ptr())}
+    result: dict[str, object] = {"pid": os.getpid(), "ipc_capable": ipc_capable(kv.layers[0].data_ptr())}
     held = []
     if args.leave_free_mib is not None:
         warm_up(kv, rng, bpc)
@@ -226,6 +239,8 @@ def main() -> int:
             assert w.plane is not None and w.worker_id is not None, "registration failed"
             assert w.blocks_per_chunk == bpc, f"blocks per chunk {w.blocks_per_chunk}, expected {bpc}"
             result["plane"] = type(w.plane).__name__
+            assert w.cuda is not None
+            result["allocations"] = len(w.cuda.starts)
             if isinstance(w.plane, SharedPool):
                 assert w.plane.copier is not None and w.plane.copier.pipeline is not None, "no GPU copier"
                 result["stages"] = w.plane.copier.pipeline.stages

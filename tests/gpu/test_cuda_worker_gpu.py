@@ -87,7 +87,7 @@ def check_copies(server: RunningServer, result: dict, mode: str, skips: tuple[in
     worker_copies = mode == "lmcache_driven"
     assert result["plane"] == ("SharedPool" if worker_copies else "SharedKV")
     where = "the worker's own memory; it copies through the shared pool" if worker_copies else \
-        r"1 CUDA IPC allocations on GPU \d"
+        r"\d+ CUDA IPC allocations on GPU \d"
     server.wait_for_log(rf"Registered KV cache for GPU ID {result['pid']} with 8 layers \(.* in {where}")
     expected = {"Stored": [512] * len(skips), "Retrieved": [512 - skip * block_size for skip in skips]}
     for verb, tokens in expected.items():
@@ -101,6 +101,18 @@ def test_store_then_load_every_byte(server_factory, mode: str, layout: str) -> N
     """Three rounds (the second loads with skip_blocks 3), each from fresh KV written just before."""
     server = start(server_factory, mode)
     result, _ = result_of(run_worker(server, "--mode", mode, "--layout", layout))
+    check_copies(server, result, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_buffer_per_layer_as_vllm_026_allocates(server_factory, mode: str) -> None:  # noqa: ANN001
+    """8 layers of 12 MiB each, each its own cudaMalloc (torch gives allocations over 10 MiB their own
+    segment): server copies open 8 CUDA IPC handles; worker copies address 8 allocations."""
+    server = start(server_factory, mode)
+    result, _ = result_of(run_worker(server, "--mode", mode, "--buffers", "per-layer", "--blocks", "192"))
+    assert result["allocations"] == 8, result
+    if mode == "engine_driven":
+        server.wait_for_log(r"with 8 layers \(.* in 8 CUDA IPC allocations on GPU \d")
     check_copies(server, result, mode)
 
 
