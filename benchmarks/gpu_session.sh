@@ -9,25 +9,36 @@
 #   bench  lmcache bench --device cuda --repeats 30 --load, with its same-run pinned-copy ceiling, for worker
 #          copies against a --share-pool server and server copies against a plain server, two fresh servers each
 #   pool   benchmarks/pool_register.py: mapping and registering a 32-96 GiB pool from 1, 2 and 4 processes
-#   all    the three (about 20 minutes: more than one 10-minute command; run the steps one by one there)
+#   vllm-tests  tests/gpu/test_vllm_gpu.py (a real vLLM: ../shared/gpu/vllm.md says how it gets there), then
+#          the other GPU tests in the time left of VLLM_SESSION_S (default 540 s from the start of this script)
+#   vllm-bench  benchmarks/vllm_gpu_ttft.py (TTFT and a mixed load, with and without the connector), then the
+#          harness GPU tests in the time left
+#   all    tests, bench and pool (about 20 minutes: more than one 10-minute command; run the steps one by one there)
+# LMCD_WHEELS=installed: lmcd and its dependencies are in /tmp/site already (installed with vLLM's).
 # Every step is bounded by `timeout`; the servers a step starts are stopped at its end (and at exit).
 # Everything each run prints is saved under $OUT.
 set -uo pipefail
 what=${1:-all}
-case $what in tests | bench | pool | all) ;; *) echo "usage: OUT=dir $0 [tests|bench|pool|all]" >&2; exit 2 ;; esac
+case $what in tests | bench | pool | all | vllm-tests | vllm-bench) ;;
+  *) echo "usage: OUT=dir $0 [tests|bench|pool|vllm-tests|vllm-bench|all]" >&2; exit 2 ;;
+esac
+T0=$(date +%s)
+left() { echo $((${VLLM_SESSION_S:-540} - ($(date +%s) - T0))); }  # seconds left of this session step
 OUT=${OUT:-/tmp/lmcd-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session-$what.log") 2>&1  # everything this session prints, kept
 export OUT PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-ls .whl/lmcd-*.whl > /dev/null 2>&1 || { echo "no lmcd wheel in .whl/: pip wheel --no-deps . -w .whl" >&2; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+if [[ ${LMCD_WHEELS:-.whl} != installed ]]; then
+  ls .whl/lmcd-*.whl > /dev/null 2>&1 || { echo "no lmcd wheel in .whl/: pip wheel --no-deps . -w .whl" >&2; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
 export PYTHONPATH=/tmp/site
 # Run from a copy that holds no source folders (core/ is lmcd, server/, connector/, kernels/), so that the lmcd
 # imported is the installed wheel, never the checkout.
 RUN=/tmp/lmcd-run
 rm -rf "$RUN"; mkdir -p "$RUN/benchmarks"
-cp -r tests pyproject.toml "$RUN/"; cp benchmarks/pool_register.py "$RUN/benchmarks/"
+cp -r tests pyproject.toml "$RUN/"; cp benchmarks/pool_register.py benchmarks/vllm_gpu_ttft.py "$RUN/benchmarks/"
 cd "$RUN" || exit 1
 
 SERVERS=()  # pids of the `timeout` wrappers of servers still running
@@ -55,12 +66,36 @@ torch.__version__, "| cupy", cupy.__version__, "| gpus", torch.cuda.device_count
   free -g | head -2
 } 2>&1 | tee "$OUT/machine.txt"
 
-run_tests() {
-  local timeout_flag=()
-  python3 -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 300)
-  timeout -k 10 540 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -ra -W ignore::UserWarning \
-    -o addopts="" ${timeout_flag[@]+"${timeout_flag[@]}"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
-  echo "gpu tests: exit ${PIPESTATUS[0]}"
+run_tests() {  # run_tests [SECONDS [PYTEST ARGS...]]: the GPU tests (all of tests/gpu unless named)
+  local limit=${1:-540} timeout_flag=()
+  shift || true
+  local what=("$@")
+  [[ ${#what[@]} -gt 0 ]] || what=(tests/gpu)
+  if ((limit < 30)); then echo "gpu tests ${what[*]}: no time left"; return; fi
+  python3 -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 600)
+  local log="$OUT/gpu-tests-$(echo "${what[*]}" | tr -c 'a-z0-9\n' '_' | cut -c1-40).log"
+  timeout -k 10 "$limit" python3 -m pytest -p no:cacheprovider -m gpu "${what[@]}" -q -ra -W ignore::UserWarning \
+    -o addopts="" --basetemp "/tmp/pt-$$-${#what[@]}" ${timeout_flag[@]+"${timeout_flag[@]}"} 2>&1 | tee "$log" | tail -40
+  echo "gpu tests ${what[*]}: exit ${PIPESTATUS[0]}"
+}
+
+run_vllm_tests() {
+  rm -rf /tmp/pt-vllm
+  timeout -k 10 "$(($(left) - 20))" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu/test_vllm_gpu.py -q -ra \
+    -W ignore::UserWarning -o addopts="" --basetemp /tmp/pt-vllm 2>&1 | tee "$OUT/vllm-gpu-tests.log" | tail -60
+  echo "vllm gpu tests: exit ${PIPESTATUS[0]}"
+  # every driver's log and result (vLLM's, the servers'), without the model configs
+  tar czf "$OUT/vllm-gpu-test-logs.tgz" --exclude=llama3-8b -C /tmp pt-vllm 2> /dev/null
+  run_tests "$(($(left) - 10))" tests/gpu/test_cuda_worker_gpu.py tests/gpu/test_kernels_gpu.py
+}
+
+run_vllm_bench() {
+  timeout -k 10 "$(($(left) - 20))" python3 benchmarks/vllm_gpu_ttft.py --out /tmp/vllm-bench \
+    --arms "${VLLM_ARMS:-none,engine_driven,lmcache_driven}" --reps "${VLLM_REPS:-3}" --arm-timeout 200 2>&1 \
+    | tee "$OUT/vllm-bench.log" | grep -v '^RESULT'
+  echo "vllm bench: exit ${PIPESTATUS[0]}"
+  tar czf "$OUT/vllm-bench-logs.tgz" --exclude=llama3-8b -C /tmp vllm-bench 2> /dev/null
+  run_tests "$(($(left) - 10))" tests/gpu/test_cuda_worker_gpu.py tests/gpu/test_kernels_gpu.py
 }
 
 bench() {  # bench NAME TRANSFER-MODE [SERVER-FLAGS...]: one fresh server, one lmcache bench against it
@@ -105,6 +140,8 @@ run_pool() {
 }
 
 [[ $what == tests || $what == all ]] && run_tests
+[[ $what == vllm-tests ]] && run_vllm_tests
+[[ $what == vllm-bench ]] && run_vllm_bench
 [[ $what == bench || $what == all ]] && run_bench
 [[ $what == pool || $what == all ]] && run_pool
 exit 0

@@ -39,7 +39,7 @@ DRIVERS = {
     "serve": ["--mode", "engine_driven", "--serve"],
 }
 MODES = {"server": "engine_driven", "worker": "lmcache_driven"}
-DRIVERS_S = 480
+DRIVERS_S = 400
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def randomize_weights(worker: Any, seed: int = 0) -> int:
     ``seed`` on the weights' device, so every process gets the same model. Returns the parameter count."""
     import torch
 
-    model = getattr(worker, "worker", worker).model_runner.model
+    model = getattr(worker, "worker", worker).model_runner.get_model()  # the nn.Module under any CUDA graph wrapper
     count = 0
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
