@@ -1,16 +1,22 @@
 """Embedded mode: start a local ``lmcache server`` when none answers, owned by this process.
 
 The first connector of a node that finds no server starts one (a file lock keeps two processes
-from racing), sized from LMCache's in-process settings. The child gets SIGTERM when its parent
-dies (``PR_SET_PDEATHSIG``) and at the parent's normal exit, so no process and no SHM segment
-outlives vLLM.
+from racing), sized from LMCache's in-process settings, and given the YAML file named by
+``LMCACHE_CONFIG_FILE`` as its ``--config`` (so its L2 keys take effect too). The child gets
+SIGTERM when its parent dies (``PR_SET_PDEATHSIG``) and at the parent's normal exit, so no process
+and no SHM segment outlives vLLM. Each start is recorded (``lmcd-autostart-<port>.json`` beside the
+lock: the server's pid and the processes it was started for), so that ``stop_embedded`` in an
+ancestor (LMCache's ``LMCacheEngineBuilder.destroy`` in the user's script, whose vLLM engine core
+started the server) stops it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -46,6 +52,63 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _record_path(port: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"lmcd-autostart-{port}.json")
+
+
+def _ancestors(pid: int) -> list[int]:
+    """``pid`` and its parents, up to init (from /proc)."""
+    chain: list[int] = []
+    while pid > 1 and len(chain) < 64:
+        chain.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return chain
+
+
+def stop_embedded(owner: int | None = None, timeout_s: float = 30.0) -> int:
+    """Stop the servers embedded mode started for ``owner`` (this process by default) or for a process
+    it started; returns how many were stopped."""
+    owner = os.getpid() if owner is None else owner
+    stopped = 0
+    for name in os.listdir(tempfile.gettempdir()):
+        if not (name.startswith("lmcd-autostart-") and name.endswith(".json")):
+            continue
+        path = os.path.join(tempfile.gettempdir(), name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            pid, owners = int(record["pid"]), [int(p) for p in record["owners"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner not in owners:
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        else:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.05)
+            stopped += 1
+            log.info("Stopped the local LMCache server (pid %d) that embedded mode started", pid)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _stop_children() -> None:
     for child in _children:
         if child.poll() is None:
@@ -73,6 +136,8 @@ def ensure_local_server(settings: ConnectorSettings, embedded: EmbeddedSettings)
                "--l1-size-gb", str(embedded.max_local_cpu_size_gb), "--chunk-size", str(embedded.chunk_size),
                "--share-pool", "true"]  # our own child: its pool may be shared, so auto picks lmcache_driven
         cmd += ["--host", local.host] if local.host.startswith("ipc://") else ["--host", "127.0.0.1"]
+        if os.environ.get("LMCACHE_CONFIG_FILE"):  # LMCache's YAML: chunk size and CPU size above, L2 keys there
+            cmd += ["--config", os.environ["LMCACHE_CONFIG_FILE"]]
         # exactly the connector's token: an inherited LMCD_AUTH_TOKEN_FILE beside it would be refused
         env = {k: v for k, v in os.environ.items() if k not in ("LMCD_AUTH_TOKEN", "LMCD_AUTH_TOKEN_FILE")}
         if settings.auth_token:
@@ -82,6 +147,8 @@ def ensure_local_server(settings: ConnectorSettings, embedded: EmbeddedSettings)
         if not _children:
             atexit.register(_stop_children)
         _children.append(child)
+        with open(_record_path(local.port), "w", encoding="utf-8") as f:
+            json.dump({"pid": child.pid, "owners": _ancestors(os.getpid())}, f)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if _answers(local, 1.0):

@@ -70,6 +70,7 @@ class _Tracker:
     computed_at_lookup: int = 0
     pending_load: tuple[int, int] | None = None  # token range [start, end) to load
     stored: bool = False  # a store was planned for it (GPU workers finish stores asynchronously)
+    may_store: bool = True  # kv_role stores and the request did not ask for lmcache.skip_save
 
 
 LookupFn = Callable[[list[bytes]], LookupResult]  # a leased lookup of the prompt's chunk keys
@@ -79,7 +80,10 @@ ReleaseFn = Callable[[int], None]
 class SchedulerState:
     """Per-request state between ``get_num_new_matched_tokens`` and ``request_finished``."""
 
-    def __init__(self, chunk_size: int, block_size: int, lookup: LookupFn, release: ReleaseFn) -> None:
+    def __init__(self, chunk_size: int, block_size: int, lookup: LookupFn, release: ReleaseFn, *,
+                 loads: bool = True, stores: bool = True) -> None:
+        """``loads``/``stores``: what vLLM's ``kv_role`` allows (``kv_consumer`` never stores,
+        ``kv_producer`` never loads, ``kv_both`` does both)."""
         if chunk_size % block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of vLLM's block size {block_size}; "
                              f"start the server with --chunk-size a multiple of {block_size}")
@@ -88,20 +92,26 @@ class SchedulerState:
         self.blocks_per_chunk = chunk_size // block_size
         self._lookup = lookup
         self._release = release
+        self.loads, self.stores = loads, stores
         self._trackers: dict[str, _Tracker] = {}
 
     def _tracker(self, req_id: str, prompt: Sequence[int]) -> _Tracker:
         tracker = self._trackers.get(req_id)
         if tracker is None:
             prompt = list(prompt)
-            tracker = _Tracker(req_id, prompt, chunk_keys(prompt, self.chunk_size))
+            tracker = _Tracker(req_id, prompt, chunk_keys(prompt, self.chunk_size), may_store=self.stores)
             self._trackers[req_id] = tracker
         return tracker
 
-    def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], num_computed_tokens: int) -> int:
-        """Tokens vLLM may take from the cache beyond ``num_computed_tokens`` (never more than allowed)."""
+    def num_new_matched_tokens(self, req_id: str, prompt: Sequence[int], num_computed_tokens: int, *,
+                               skip_load: bool = False, skip_save: bool = False) -> int:
+        """Tokens vLLM may take from the cache beyond ``num_computed_tokens`` (never more than allowed).
+        ``skip_load``/``skip_save``: this request's ``lmcache.skip_load``/``lmcache.skip_save``."""
         tracker = self._tracker(req_id, prompt)
+        tracker.may_store = self.stores and not skip_save
         self._drop_lease(tracker)  # asked again: the previous answer's pins are not needed
+        if not self.loads or skip_load:
+            return 0  # no lookup: nothing is pinned, nothing loads
         tracker.hit = self._lookup(tracker.keys) if tracker.keys else MISS
         tracker.num_stored_chunks = max(tracker.num_stored_chunks, tracker.hit.num_hit_chunks)
         hit_tokens = tracker.hit.num_hit_chunks * self.chunk_size
@@ -155,6 +165,8 @@ class SchedulerState:
                         hit.slots_valid_until)
 
     def _plan_store(self, tracker: _Tracker, num_tokens_after_step: int) -> StoreSpec | None:
+        if not tracker.may_store:
+            return None
         full = min(num_tokens_after_step, len(tracker.prompt)) // self.chunk_size
         full = min(full, len(tracker.block_ids) // self.blocks_per_chunk)
         start = tracker.num_stored_chunks

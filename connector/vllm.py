@@ -65,7 +65,7 @@ class LmcdConnectorMetadata(KVConnectorMetadata):
     fence_stores: bool = False  # requests were preempted: their blocks may be rewritten this step
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     """Our INFO lines (the ones LMCache users look for) go to stderr like vLLM's own, at the level
     ``LMCACHE_LOG_LEVEL`` names (INFO by default; DEBUG adds the time of every connector hook)."""
     lmcd_log = logging.getLogger("lmcd")
@@ -76,6 +76,19 @@ def _setup_logging() -> None:
         level = os.environ.get("LMCACHE_LOG_LEVEL", "INFO").upper()
         lmcd_log.setLevel(level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else logging.INFO)
         lmcd_log.propagate = False
+
+
+_compat_said = False
+
+
+def _say_compat_once() -> None:
+    """One INFO line per process when vLLM reached this connector through lmcd's `lmcache` compatibility layer."""
+    global _compat_said
+    compat = sys.modules.get("lmcache")
+    if not _compat_said and getattr(compat, "__lmcd_compat__", False):
+        _compat_said = True
+        log.info("LMCache compatibility layer in use (lmcd-lmcache-compat %s): vLLM's LMCache connectors and "
+                 "`lmcache` imports run lmcd", getattr(compat, "__version__", "?"))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,12 +135,31 @@ def _global_rank(vllm_config: VllmConfig) -> int:
     return get_tensor_model_parallel_rank() + tp * get_pp_group().rank_in_group
 
 
+SKIP_LOAD, SKIP_SAVE = "lmcache.skip_load", "lmcache.skip_save"  # per request, in kv_transfer_params
+
+
+def _request_flag(req_id: str, params: dict[str, Any], key: str) -> bool:
+    """A boolean of a request's ``kv_transfer_params``; anything else is ignored with a warning (a
+    request must not stop the engine)."""
+    value = params.get(key, False)
+    if isinstance(value, bool):
+        return value
+    log.warning("Request %s: kv_transfer_params %s=%r is not a boolean (true or false): ignored", req_id, key,
+                value)
+    return False
+
+
 class LMCacheMPConnector(KVConnectorBase_V1):
+    """kv_role ``kv_both`` loads and stores, ``kv_producer`` only stores, ``kv_consumer`` only loads
+    (a consumer never writes: a warmed cache can be served read-only); one request can skip either
+    with ``kv_transfer_params`` ``{"lmcache.skip_load": true}`` / ``{"lmcache.skip_save": true}``."""
+
     autostart_default = False
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        _setup_logging()
+        setup_logging()
+        _say_compat_once()
         transfer = self._kv_transfer_config
         self.settings = ConnectorSettings.from_extra_config(transfer.kv_connector_extra_config,
                                                             autostart_default=self.autostart_default)
@@ -141,6 +173,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerState | None = None
         self._session: ServerSession | None = None
         self._worker: WorkerState | None = None
+        self._kv_caches: dict[str, torch.Tensor] | None = None  # worker: what vLLM registered
         self._load_errors: set[int] = set()
         # GPU stores finish after their step (the server copies asynchronously): vLLM must keep a
         # finished request's blocks until the workers report the store done (get_finished).
@@ -153,11 +186,14 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             self._session = ServerSession(self.settings, _namespace(vllm_config, kv_cache_config, None),
                                           p.Role.SCHEDULER, "the vLLM scheduler")
         else:
-            from lmcd.connector.worker import WorkerState
+            self._worker = self._new_worker()
 
-            rank = _global_rank(vllm_config)
-            self._worker = WorkerState(self.settings, _namespace(vllm_config, kv_cache_config, rank),
-                                       f"vLLM worker rank {rank}")
+    def _new_worker(self) -> WorkerState:
+        from lmcd.connector.worker import WorkerState
+
+        rank = _global_rank(self._vllm_config)
+        return WorkerState(self.settings, _namespace(self._vllm_config, self._kv_cache_config, rank),
+                           f"vLLM worker rank {rank}")
 
     # ------------------------------------------------------------ scheduler role
 
@@ -167,7 +203,9 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             chunk_size = self._session.call(lambda client: client.chunk_size, None, "hello")
             if chunk_size is None:
                 return None
-            self._scheduler = SchedulerState(chunk_size, self.block_size, self._lookup, self._release)
+            transfer = self._kv_transfer_config
+            self._scheduler = SchedulerState(chunk_size, self.block_size, self._lookup, self._release,
+                                             loads=transfer.is_kv_consumer, stores=transfer.is_kv_producer)
         return self._scheduler
 
     def _lookup(self, keys: list[bytes]) -> LookupResult:
@@ -184,7 +222,10 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         if state is None:
             return 0, False
         prompt = request.prompt_token_ids or []
-        return state.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens), False
+        params = getattr(request, "kv_transfer_params", None) or {}
+        skip_load, skip_save = (_request_flag(request.request_id, params, key) for key in (SKIP_LOAD, SKIP_SAVE))
+        return state.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens, skip_load=skip_load,
+                                            skip_save=skip_save), False
 
     @_timed
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -227,7 +268,26 @@ class LMCacheMPConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         log.info("Registering kv caches!")
         assert self._worker is not None
+        self._kv_caches = kv_caches
         self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, self.block_size)
+
+    # vLLM 0.33's sleep mode frees the KV memory and creates it again: this connector answers that it does
+    # not support that; if its hooks are called anyway, it drops its registration and every mapping of the
+    # KV before the memory goes (unregister_kv_caches) and registers again after (restore_kv_caches).
+    @classmethod
+    def supports_sleep_mode(cls, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    def unregister_kv_caches(self, *args: Any, **kwargs: Any) -> None:
+        if self._worker is not None:
+            log.info("Unregistering kv caches (vLLM frees them)")
+            self._worker.close()
+            self._worker = self._new_worker()
+
+    def restore_kv_caches(self, kv_caches: dict[str, torch.Tensor] | None = None, *args: Any, **kwargs: Any) -> None:
+        kv_caches = kv_caches or self._kv_caches
+        if self._worker is not None and kv_caches:
+            self.register_kv_caches(kv_caches)
 
     @_timed
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:

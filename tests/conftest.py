@@ -142,11 +142,12 @@ def server_command(*flags: str) -> list[str]:
 
 
 def start_server(*flags: str, env: dict[str, str] | None = None, timeout: float = 60.0,
-                 preexec_fn: Callable[[], None] | None = None) -> RunningServer:
-    """A running server; ``preexec_fn`` runs in the server's process before it starts (e.g. a limit)."""
+                 preexec_fn: Callable[[], None] | None = None, command: list[str] | None = None) -> RunningServer:
+    """A running server; ``preexec_fn`` runs in the server's process before it starts (e.g. a limit);
+    ``command`` replaces ``server_command(*flags)`` (a user's command line, verbatim)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(server_command(*flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(command or server_command(*flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=full_env, preexec_fn=preexec_fn)
     server = RunningServer(proc)
 
     def read() -> None:

@@ -163,6 +163,45 @@ def make_tiny_llama(directory: str | os.PathLike[str], num_layers: int = 2, hidd
     return path
 
 
+def write_random_weights(model_dir: Path, seed: int = 0) -> None:
+    """Random weights large enough that attention is sharp and the output depends on the prefix.
+
+    vLLM's ``load_format="dummy"`` draws every weight from U(-1e-3, 1e-3): attention is then
+    nearly uniform and the greedy output hardly depends on anything but the last tokens (a prompt
+    with other first 512 tokens gives the same output), so equal outputs would not show that a
+    loaded prefix was right. These weights are saved next to make_tiny_llama's config and loaded
+    with ``load_format="safetensors"`` (no download either way).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q_out = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv_out = cfg["num_key_value_heads"] * cfg["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).contiguous()
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=1.0), "model.norm.weight": torch.ones(hidden),
+               "lm_head.weight": rand(vocab, hidden, std=0.1)}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        weights.update({
+            pre + "input_layernorm.weight": torch.ones(hidden),
+            pre + "post_attention_layernorm.weight": torch.ones(hidden),
+            pre + "self_attn.q_proj.weight": rand(q_out, hidden, std=0.2),
+            pre + "self_attn.k_proj.weight": rand(kv_out, hidden, std=0.2),
+            pre + "self_attn.v_proj.weight": rand(kv_out, hidden, std=0.2),
+            pre + "self_attn.o_proj.weight": rand(hidden, q_out, std=0.1),
+            pre + "mlp.gate_proj.weight": rand(inter, hidden, std=0.1),
+            pre + "mlp.up_proj.weight": rand(inter, hidden, std=0.1),
+            pre + "mlp.down_proj.weight": rand(hidden, inter, std=0.05),
+        })
+    save_file(weights, str(model_dir / "model.safetensors"))
+
+
 def token_prompts(lengths: Sequence[int], vocab: int = 1000, seed: int = 0) -> list[list[int]]:
     """Deterministic pseudo-random token-id prompts of the given lengths (ids 3..vocab-1)."""
     import random

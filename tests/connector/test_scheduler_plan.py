@@ -123,6 +123,47 @@ def test_asking_again_releases_the_previous_lease():
     assert not server.leases
 
 
+class CountingServer(FakeServer):
+    def __init__(self, cached: set[bytes]):
+        super().__init__(cached)
+        self.lookups = 0
+
+    def lookup(self, keys):
+        self.lookups += 1
+        return super().lookup(keys)
+
+
+def test_a_consumer_loads_but_never_stores_and_a_producer_stores_but_never_looks_up():
+    prompt = list(range(1000))
+    server = CountingServer(set(chunk_keys(prompt, C)[:1]))
+    consumer = SchedulerState(C, B, server.lookup, server.release, loads=True, stores=False)
+    assert consumer.num_new_matched_tokens("r", prompt, 0) == 256
+    consumer.after_alloc("r", 256)
+    plan = consumer.plan_step("r", prompt, list(range(8)), True, 0, 1000 - 256)
+    assert plan is not None and plan.load is not None and plan.store is None  # chunks 1, 2 not stored
+    assert consumer.finished("r") is False
+    producer = SchedulerState(C, B, server.lookup, server.release, loads=False, stores=True)
+    lookups = server.lookups
+    assert producer.num_new_matched_tokens("p", prompt, 0) == 0 and server.lookups == lookups
+    producer.after_alloc("p", 0)
+    plan = producer.plan_step("p", prompt, list(range(8)), True, 0, 1000)
+    assert plan is not None and plan.load is None and len(plan.store.chunk_keys) == 3  # chunk 0 too: not looked up
+
+
+def test_a_request_can_skip_its_load_or_its_store():
+    prompt = list(range(1000))
+    server = CountingServer(set(chunk_keys(prompt, C)[:2]))
+    state = SchedulerState(C, B, server.lookup, server.release)
+    assert state.num_new_matched_tokens("a", prompt, 0, skip_load=True) == 0 and server.lookups == 0
+    state.after_alloc("a", 0)
+    assert len(state.plan_step("a", prompt, list(range(8)), True, 0, 1000).store.chunk_keys) == 3
+    assert state.num_new_matched_tokens("b", prompt, 0, skip_save=True) == 512 and server.lookups == 1
+    state.after_alloc("b", 512)
+    plan = state.plan_step("b", prompt, list(range(8)), True, 0, 1000 - 512)
+    assert plan.load is not None and plan.store is None
+    assert not server.leases or len(server.leases) == 1  # b's lease went to its load
+
+
 def test_block_size_must_divide_chunk_size():
     with pytest.raises(ValueError, match="--chunk-size"):
         SchedulerState(256, 96, lambda keys: MISS, lambda lease: None)

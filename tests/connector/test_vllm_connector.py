@@ -1,7 +1,7 @@
 """The connector end to end, against the REAL vLLM CPU build and real ``lmcd server`` processes.
 
 A tiny 2-layer Llama (make_tiny_llama's config with random weights written by this module, see
-``_write_random_weights``: dummy weights make outputs blind to the prefix), token-id prompts,
+``write_random_weights``: dummy weights make outputs blind to the prefix), token-id prompts,
 greedy. vLLM's CPU block size is 128 tokens, the server's chunk size 256.
 
 What a hit is compared with. A bf16 GEMM rounds differently for another batch shape, so KV
@@ -70,6 +70,7 @@ from tests.vllm_support import (
     run_llm_script,
     start_vllm_server,
     token_prompts,
+    write_random_weights,
 )
 
 pytestmark = requires_vllm(600)
@@ -191,47 +192,6 @@ def _expected_load(prompt: list[int], sched: tuple[int, int, int]) -> list[tuple
 # --------------------------------------------------------------------------------------------
 
 
-def _write_random_weights(model_dir: Path, seed: int = 0) -> None:
-    """Random weights large enough that attention is sharp and the output depends on the prefix.
-
-    vLLM's ``load_format="dummy"`` draws every weight from U(-1e-3, 1e-3): attention is then
-    nearly uniform and the greedy output hardly depends on anything but the last tokens (a prompt
-    with other first 512 tokens gives the same output), so equal outputs would not show that a
-    loaded prefix was right. These weights are saved next to make_tiny_llama's config and loaded
-    with ``load_format="safetensors"`` (no download either way).
-    """
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q_out = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv_out = cfg["num_key_value_heads"] * cfg["head_dim"]
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).contiguous()
-
-    weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=1.0), "model.norm.weight": torch.ones(hidden),
-               "lm_head.weight": rand(vocab, hidden, std=0.1)}
-    for i in range(cfg["num_hidden_layers"]):
-        pre = f"model.layers.{i}."
-        weights.update({
-            pre + "input_layernorm.weight": torch.ones(hidden),
-            pre + "post_attention_layernorm.weight": torch.ones(hidden),
-            pre + "self_attn.q_proj.weight": rand(q_out, hidden, std=0.2),
-            pre + "self_attn.k_proj.weight": rand(kv_out, hidden, std=0.2),
-            pre + "self_attn.v_proj.weight": rand(kv_out, hidden, std=0.2),
-            pre + "self_attn.o_proj.weight": rand(hidden, q_out, std=0.1),
-            pre + "mlp.gate_proj.weight": rand(inter, hidden, std=0.1),
-            pre + "mlp.up_proj.weight": rand(inter, hidden, std=0.1),
-            pre + "mlp.down_proj.weight": rand(hidden, inter, std=0.05),
-        })
-    save_file(weights, str(model_dir / "model.safetensors"))
-
-
 LOAD_KWARGS = {"load_format": "safetensors"}
 LOAD_ARGS = ["--load-format", "safetensors"]
 
@@ -239,7 +199,7 @@ LOAD_ARGS = ["--load-format", "safetensors"]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab=VOCAB)
-    _write_random_weights(model_dir)
+    write_random_weights(model_dir)
     return model_dir
 
 

@@ -43,10 +43,17 @@ from tests.connector.test_vllm_connector import (
     _mp_config,
     _sched,
     _tokens,
-    _write_random_weights,
 )
 from tests.redis_support import start_redis
-from tests.vllm_support import ChunkDigest, kv_digests, make_tiny_llama, requires_vllm, run_llm_script, token_prompts
+from tests.vllm_support import (
+    ChunkDigest,
+    kv_digests,
+    make_tiny_llama,
+    requires_vllm,
+    run_llm_script,
+    token_prompts,
+    write_random_weights,
+)
 
 pytestmark = requires_vllm(600)
 
@@ -125,7 +132,7 @@ class L2Runs:
 @pytest.fixture(scope="module")
 def l2_model(tmp_path_factory) -> Path:
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-l2"), vocab=VOCAB)
-    _write_random_weights(model_dir)
+    write_random_weights(model_dir)
     return model_dir
 
 
