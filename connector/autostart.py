@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 
 from lmcd import protocol as p
+from lmcd.cacheblend import TUNING_ENV_PREFIX
 from lmcd.connector.client import CacheClient, LmcdError
 from lmcd.connector.settings import ConnectorSettings, EmbeddedSettings
 
@@ -138,8 +139,10 @@ def ensure_local_server(settings: ConnectorSettings, embedded: EmbeddedSettings)
         cmd += ["--host", local.host] if local.host.startswith("ipc://") else ["--host", "127.0.0.1"]
         if os.environ.get("LMCACHE_CONFIG_FILE"):  # LMCache's YAML: chunk size and CPU size above, L2 keys there
             cmd += ["--config", os.environ["LMCACHE_CONFIG_FILE"]]
-        # exactly the connector's token: an inherited LMCD_AUTH_TOKEN_FILE beside it would be refused
-        env = {k: v for k, v in os.environ.items() if k not in ("LMCD_AUTH_TOKEN", "LMCD_AUTH_TOKEN_FILE")}
+        # exactly the connector's token: an inherited LMCD_AUTH_TOKEN_FILE beside it would be refused; no
+        # CacheBlend tuning variables, which EmbeddedSettings.from_env has already said are ignored
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LMCD_AUTH_TOKEN", "LMCD_AUTH_TOKEN_FILE") and not k.startswith(TUNING_ENV_PREFIX)}
         if settings.auth_token:
             env["LMCD_AUTH_TOKEN"] = settings.auth_token
         log.info("Starting a local LMCache server: %s", " ".join(cmd))

@@ -4,6 +4,10 @@ A synthetic CPU worker (SHM segments in vLLM's CPU page layout) stores random KV
 256, 4096 and 16384 tokens at random block ids, retrieves it into other blocks, checks every
 byte, and compares with a same-run single-thread memcpy of the same number of bytes.
 Lookup latency is measured for a 32K-token prompt whose chunks are all cached.
+
+A size is measured only where the server's pool holds ``MIN_ROUNDS`` rounds of its chunks at once (see
+``PoolRoom``); the others are skipped, each with one line saying what it needs. Only where no size fits
+is it an error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from lmcd import protocol as p
 from lmcd.connector.client import CacheClient, LmcdError, server_url
 from lmcd.connector.shm import CpuKVCache
 
+MIN_ROUNDS = 2  # a warm-up round and one timed round: every round's chunks stay cached until it is retrieved
+
 
 @dataclass
 class Geometry:
@@ -35,6 +41,45 @@ class Geometry:
     @property
     def bytes_per_token(self) -> int:
         return self.layers * self.kv_heads * 2 * self.head_size * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class PoolRoom:
+    """The server's pool as its /status reports it: slabs of ``slab_bytes``, each carved into slots of one
+    chunk size."""
+
+    capacity_bytes: int
+    slab_bytes: int
+    num_slabs: int
+
+    def num_slots(self, chunk_bytes: int) -> int:
+        """Chunks of ``chunk_bytes`` the bench can keep at once. Where there are several slabs one is left to
+        other chunk sizes: the pool evicts a chunk of the size being stored before it takes back another
+        size's slab (the lookup prompt's of an earlier run, say), so the bench's rounds get only the rest."""
+        return max(1, self.num_slabs - 1) * (self.slab_bytes // chunk_bytes)
+
+
+def plan_sizes(sizes: list[int], chunk: int, chunk_bytes: int,
+               room: PoolRoom) -> tuple[list[int], list[dict[str, object]]]:
+    """The sizes to measure (rounded down to whole chunks) and those skipped, each with why."""
+    slots = room.num_slots(chunk_bytes)
+    measured: list[int] = []
+    skipped: list[dict[str, object]] = []
+    for tokens in sizes:
+        num_chunks = tokens // chunk
+        need = MIN_ROUNDS * num_chunks
+        if num_chunks == 0:
+            skipped.append({"tokens": tokens, "reason": f"fewer tokens than one chunk ({chunk} tokens)"})
+        elif need > slots:
+            skipped.append({
+                "tokens": tokens, "needed_bytes": need * chunk_bytes, "room_bytes": slots * chunk_bytes,
+                "reason": f"{MIN_ROUNDS} rounds of {num_chunks} chunks ({need * chunk_bytes / 2**20:.1f} MiB) must be "
+                          f"in the pool at once, and the server's {room.capacity_bytes / 2**30:.2f} GiB pool holds "
+                          f"{slots} chunks of this size ({slots * chunk_bytes / 2**20:.1f} MiB); for it, start the "
+                          "server with a larger --l1-size-gb"})
+        else:
+            measured.append(num_chunks * chunk)
+    return measured, skipped
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,14 +121,14 @@ def memcpy_seconds(src: np.ndarray, dst: np.ndarray) -> float:
 
 
 def bench_size(client: CacheClient, kv: CpuKVCache, worker_id: int, tokens: int, repeats: int,
-               rng: np.random.Generator, scratch: tuple[np.ndarray, np.ndarray], capacity: int) -> dict[str, float]:
+               rng: np.random.Generator, scratch: tuple[np.ndarray, np.ndarray], num_slots: int) -> dict[str, float]:
     chunk = client.chunk_size
     num_chunks = tokens // chunk
     bpc = chunk // kv.layout.block_size
     num_blocks = num_chunks * bpc
     nbytes = num_blocks * kv.layout.num_layers * kv.page_bytes
     half = kv.layout.num_blocks // 2
-    repeats = max(1, min(repeats, capacity // nbytes - 2))  # every round's chunks must stay cached
+    repeats = min(repeats, num_slots // num_chunks - 1)  # every round's chunks must stay cached (plan_sizes)
     src, dst = scratch
     # Each phase runs back to back (memcpy, then stores, then retrieves), each timed in its own
     # steady state; the first round of each phase warms up and is not counted. The memcpy walks
@@ -178,13 +223,16 @@ def _run(url: str, args: argparse.Namespace, geo: Geometry, sizes: list[int]) ->
     chunk = probe.chunk_size
     pool = probe.status()["pool"]
     assert isinstance(pool, dict)
-    capacity = int(pool["capacity_bytes"])
+    room = PoolRoom(int(pool["capacity_bytes"]), int(pool["slab_bytes"]), int(pool["num_slabs"]))
     probe.close()
-    sizes = [t - t % chunk for t in sizes if t >= chunk]
+    chunk_bytes = chunk * geo.bytes_per_token
+    sizes, skipped = plan_sizes(sizes, chunk, chunk_bytes, room)
+    if not sizes:
+        why = "; ".join(f"{s['tokens']} tokens: {s['reason']}" for s in skipped)
+        raise LmcdError(f"the server's pool ({room.capacity_bytes / 2**30:.2f} GiB) is too small for every size "
+                        f"asked: {why}")
+    num_slots = room.num_slots(chunk_bytes)
     biggest = max(sizes) * geo.bytes_per_token
-    if 3 * biggest > capacity:
-        raise LmcdError(f"the server's pool ({capacity / 2**30:.2f} GiB) is too small for {max(sizes)} tokens of "
-                        f"this geometry ({biggest / 2**30:.2f} GiB per request, 3x needed); raise --l1-size-gb")
     num_blocks = 2 * (max(sizes) // geo.block_size) + 2
     kv = CpuKVCache(geo.layers, num_blocks, geo.block_size, geo.kv_heads, geo.head_size, geo.dtype_bytes)
     ns = p.Namespace(ns_base.model, ns_base.kv_dtype, kv.geometry, 1, 0)
@@ -196,10 +244,16 @@ def _run(url: str, args: argparse.Namespace, geo: Geometry, sizes: list[int]) ->
     with CacheClient(url, ns, role=p.Role.WORKER, auth_token=args.auth_token, timeout_s=args.timeout) as client:
         info = kv.register(client)
         for tokens in sizes:
-            results.append(bench_size(client, kv, info.worker_id, tokens, args.repeats, rng, scratch, capacity))
+            results.append(bench_size(client, kv, info.worker_id, tokens, args.repeats, rng, scratch, num_slots))
         client.unregister_worker(info.worker_id)
     kv.close()
-    p50, p99, lookup_chunks = bench_lookup(url, args, chunk)
+    _report(url, args, geo, chunk, results, skipped, bench_lookup(url, args, chunk))
+    return 0
+
+
+def _report(url: str, args: argparse.Namespace, geo: Geometry, chunk: int, results: list[dict[str, float]],
+            skipped: list[dict[str, object]], lookup: tuple[float, float, int]) -> None:
+    p50, p99, lookup_chunks = lookup
     print(f"lmcd bench against {url}: {geo.layers} layers, {geo.kv_heads} KV heads, head size {geo.head_size}, "
           f"block {geo.block_size}, {geo.dtype_bytes}-byte dtype ({geo.bytes_per_token / 1024:.0f} KiB/token), "
           f"chunk {chunk}, median of up to {args.repeats} rounds (fewer where the pool holds fewer)")
@@ -209,10 +263,11 @@ def _run(url: str, args: argparse.Namespace, geo: Geometry, sizes: list[int]) ->
         print(f"{r['tokens']:>8} {r['bytes'] / 2**20:>8.1f} {r['store_gbps']:>11.2f} {r['retrieve_gbps']:>14.2f} "
               f"{r['memcpy_gbps']:>12.2f} {r['store_gbps'] / r['memcpy_gbps']:>13.2f} "
               f"{r['retrieve_gbps'] / r['memcpy_gbps']:>12.2f}")
+    for s in skipped:
+        print(f"skipped {s['tokens']} tokens: {s['reason']}")
     print(f"lookup of {lookup_chunks * chunk} tokens ({lookup_chunks} chunks, all cached, with lease): "
           f"p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     if args.json:
         out = {"results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
-               "lookup_p50_ms": round(p50, 4), "lookup_p99_ms": round(p99, 4)}
+               "skipped": skipped, "lookup_p50_ms": round(p50, 4), "lookup_p99_ms": round(p99, 4)}
         print(json.dumps(out))
-    return 0

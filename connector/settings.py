@@ -14,7 +14,9 @@ LMCache in-process environment variables used by embedded mode.
 
 Embedded mode sizes the server it starts from ``LMCACHE_MAX_LOCAL_CPU_SIZE`` (GiB),
 ``LMCACHE_CHUNK_SIZE``, ``LMCACHE_LOCAL_CPU`` or the YAML file named by
-``LMCACHE_CONFIG_FILE`` (keys ``chunk_size``, ``local_cpu``, ``max_local_cpu_size``).
+``LMCACHE_CONFIG_FILE`` (keys ``chunk_size``, ``local_cpu``, ``max_local_cpu_size``). CacheBlend's settings
+(``LMCACHE_ENABLE_BLENDING``, ``LMCACHE_BLEND_*``, YAML ``enable_blending``, ``blend_*``) are checked by
+``lmcd.cacheblend``: enabled, they are a SettingsError; tuning keys alone, one WARNING.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from lmcd.cacheblend import BlendingUnavailable, check_settings
 from lmcd.connector.client import server_url
 from lmcd.server.config import read_token_file
 
@@ -75,6 +78,7 @@ class EmbeddedSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EmbeddedSettings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        data: dict[str, Any] = {}
         path = environ.get("LMCACHE_CONFIG_FILE")
         if path:
             try:
@@ -85,6 +89,10 @@ class EmbeddedSettings:
             if not isinstance(data, dict):
                 raise SettingsError(f"LMCACHE_CONFIG_FILE={path}: expected a mapping")
             values.update({k: data[k] for k in ("local_cpu", "max_local_cpu_size", "chunk_size") if k in data})
+        try:
+            check_settings(environ, data, f"LMCACHE_CONFIG_FILE={path}")
+        except BlendingUnavailable as exc:
+            raise SettingsError(str(exc)) from None
         for key, env in (("local_cpu", "LMCACHE_LOCAL_CPU"), ("max_local_cpu_size", "LMCACHE_MAX_LOCAL_CPU_SIZE"),
                          ("chunk_size", "LMCACHE_CHUNK_SIZE")):
             if environ.get(env):

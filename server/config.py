@@ -2,6 +2,8 @@
 
 Precedence: command-line flag > environment variable > ``--config`` YAML file > default.
 Every invalid value raises ``ConfigError`` naming the flag (and where the value came from).
+LMCache's own keys work too: its in-process YAML keys map here (``_in_process_keys``), its L2 keys in
+``lmcd.server.l2config``; CacheBlend's settings are refused or warned about by ``lmcd.cacheblend``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lmcd import cacheblend
+
 if TYPE_CHECKING:
     from lmcd.server.l2config import AdapterSpec
 
@@ -26,6 +30,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_L1_CAP_GB = 4.0
 DEFAULT_L2_WRITE_QUEUE_MB = 1024  # capped at a quarter of the pool
 CUDA_MODES = ("auto", "on", "off")
+ENGINE_TYPES = ("default",)  # LMCache's --engine-type values lmcd serves; its CacheBlend ones are refused
+IN_PROCESS_KEYS = ("local_cpu", "max_local_cpu_size")  # LMCache's in-process YAML keys the --config file takes
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE_BYTES = 4096
 TOKEN_RECIPE = "make one with `openssl rand -hex 32` or `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
@@ -35,6 +41,9 @@ TOKEN_HOWTO = f"{TOKEN_RECIPE} and put it in a file of mode 0600 for --auth-toke
 PLACEHOLDER_WORDS = ("replaceme", "changeme", "placeholder", "yourtoken", "yoursecret", "yourrandom", "goeshere",
                      "tokenhere", "secrethere", "insertyour", "putyour", "example", "dummy", "fixme", "password",
                      "secret")
+
+
+log = logging.getLogger("lmcd.server.config")
 
 
 class ConfigError(ValueError):
@@ -192,6 +201,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: the smaller of 1024 and a quarter of the pool)"),
     Setting("l2_flush_timeout_s", "--l2-flush-timeout", "LMCD_L2_FLUSH_TIMEOUT", float,
             "seconds the write-behind queues are flushed for at shutdown (SIGTERM) before the rest is dropped"),
+    Setting("engine_type", "--engine-type", "LMCACHE_ENGINE_TYPE", str,
+            "LMCache's cache engine: default (prefix caching); blend (CacheBlend) is not available yet"),
 )
 BY_FIELD = {s.field: s for s in SETTINGS}
 
@@ -220,6 +231,7 @@ class ServerConfig:
     l2_prefetch_load_timeout_s: float = 1.0
     l2_write_queue_mb: int | None = None  # None: default_l2_write_queue_mb()
     l2_flush_timeout_s: float = 10.0
+    engine_type: str = "default"
     l1_size_is_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -234,6 +246,7 @@ class ServerConfig:
         object.__setattr__(self, "eviction_policy", self.eviction_policy.upper())
         object.__setattr__(self, "log_level", self.log_level.upper())
         object.__setattr__(self, "cuda", self.cuda.lower())
+        object.__setattr__(self, "engine_type", self.engine_type.lower())
         if self.auth_token_file is not None:
             if self.auth_token is not None:
                 raise ConfigError("--auth-token and --auth-token-file both give a token: give one of them "
@@ -282,6 +295,12 @@ class ServerConfig:
             fail("l2_write_queue_mb", "must be between 1 and 1048576 MiB")
         if not self.l2_flush_timeout_s >= 0:
             fail("l2_flush_timeout_s", "must be 0 (do not wait) or a positive number of seconds")
+        if self.engine_type in cacheblend.ENGINE_TYPES:
+            raise ConfigError(cacheblend.unavailable_message(f"--engine-type {self.engine_type}",
+                                                  "use --engine-type default (or drop it)"))
+        if self.engine_type not in ENGINE_TYPES:
+            fail("engine_type", f"valid values: {', '.join(ENGINE_TYPES)} (CacheBlend's "
+                 f"{', '.join(cacheblend.ENGINE_TYPES)} are not available yet)")
 
     def _validate_auth(self) -> None:
         """A token fit to be a secret, and none only where every address is loopback or the operator opted out."""
@@ -331,7 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting. Defaults are shown in --help but applied later (precedence)."""
     defaults = ServerConfig.__dataclass_fields__
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the settings below "
-                        "(keys are the flag names with underscores, e.g. l1_size_gb)")
+                        "(keys are the flag names with underscores, e.g. l1_size_gb; an LMCache config file works too: "
+                        "chunk_size, local_cpu, max_local_cpu_size, local_disk, ...)")
     for s in SETTINGS:
         default = defaults[s.field].default
         shown = "none" if s.field in TOKEN_FIELDS else "auto" if default is None else default
@@ -380,9 +400,12 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     from lmcd.server.l2config import YAML_KEYS
 
-    unknown = sorted(set(map(str, data)) - set(BY_FIELD) - set(FLAG_KEYS) - set(YAML_KEYS))
+    known = {*BY_FIELD, *FLAG_KEYS, *YAML_KEYS, *IN_PROCESS_KEYS}
+    unknown = sorted(k for k in map(str, data) if k not in known and not cacheblend.is_file_key(k))
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {unknown}; valid keys: {sorted([*BY_FIELD, *YAML_KEYS])}")
+        blend = (cacheblend.ENABLE_KEY, f"{cacheblend.TUNING_KEY_PREFIX}*")
+        valid = sorted([*BY_FIELD, *YAML_KEYS, *IN_PROCESS_KEYS, *blend])
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; valid keys: {valid}")
     for key, name in FLAG_KEYS.items():
         if key in data:
             data[name] = data.pop(key)
@@ -423,21 +446,52 @@ def _token_values(args: argparse.Namespace, environ: Mapping[str, str], from_fil
     return found
 
 
+def _in_process_keys(values: dict[str, Any], sources: Mapping[str, str], from_file: Mapping[str, Any],
+                     config_path: str | None) -> None:
+    """LMCache's in-process keys of the --config file, one log line each (as the legacy L2 keys in
+    lmcd.server.l2config): ``max_local_cpu_size`` (GiB) sizes L1 where no higher source gives ``l1_size_gb``;
+    ``local_cpu: false`` is ignored, since L1 is always CPU memory here."""
+    if from_file.get("local_cpu") is not None:
+        try:
+            local_cpu = _bool(from_file["local_cpu"])
+        except ValueError as exc:
+            raise ConfigError(f"{config_path}: local_cpu: {exc}") from None
+        if not local_cpu:
+            log.warning("%s: local_cpu: false is ignored: lmcd always keeps L1 in CPU memory", config_path)
+    size = from_file.get("max_local_cpu_size")
+    if size is None:
+        return
+    label = f"{config_path}: max_local_cpu_size"
+    gb = _parse(BY_FIELD["l1_size_gb"], size, label)
+    if "l1_size_gb" in values:
+        log.info("%s=%s is not used: %s gives the L1 size", label, size, sources["l1_size_gb"])
+        return
+    values["l1_size_gb"] = gb
+    log.info("%s=%s -> --l1-size-gb %s (the L1 pool in GiB)", label, size, gb)
+
+
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     environ = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or environ.get("LMCD_CONFIG")
     from_file = load_file(config_path) if config_path else {}
+    try:
+        cacheblend.check_settings(environ, from_file, config_path)
+    except cacheblend.BlendingUnavailable as exc:
+        raise ConfigError(str(exc)) from None
     values: dict[str, Any] = _token_values(args, environ, from_file, config_path)
+    sources: dict[str, str] = {}  # field -> where its value came from, for log lines
     for s in SETTINGS:
         if s.field in TOKEN_FIELDS:
             continue
         given = getattr(args, s.field, None)
         if given is not None:
-            values[s.field] = given
+            values[s.field], sources[s.field] = given, s.flag
         elif environ.get(s.env) not in (None, ""):
-            values[s.field] = _parse(s, environ[s.env], f"environment {s.env}")
+            values[s.field], sources[s.field] = _parse(s, environ[s.env], f"environment {s.env}"), s.env
         elif s.field in from_file:
             values[s.field] = _parse(s, from_file[s.field], f"{config_path}")
+            sources[s.field] = f"{config_path}: {s.field}"
+    _in_process_keys(values, sources, from_file, config_path)
     from lmcd.server.l2config import resolve_adapters
 
     values["l2_adapters"] = resolve_adapters(getattr(args, "l2_adapter", None), environ, from_file, config_path)

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+from lmcd.connector.bench import PoolRoom, plan_sizes
 from tests.conftest import shm_names
+
+MIB = 2**20
 
 
 def test_bench_json_output(server_factory):
@@ -35,6 +38,40 @@ def test_bench_reports_a_pool_too_small(server_factory):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "too small" in out.stderr and "--l1-size-gb" in out.stderr
+
+
+def test_bench_on_a_small_pool_measures_what_fits_and_names_what_it_skipped(server_factory):
+    """--layers 2: 4 KiB per token, chunks of 1 MiB. A 0.5 GiB pool is two slabs of 256 MiB, one of them left to
+    other chunk sizes: 256 chunks for the bench. 1024 tokens (2 rounds of 4 chunks) fit; 49152 tokens (2 rounds
+    of 192 chunks, 384 MiB: less than the pool, more than the bench may keep) and 100 (no whole chunk) do not."""
+    srv = server_factory("--l1-size-gb", "0.5", "--touch-pool", "false")
+    port = srv.url.rsplit(":", 1)[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcd", "bench", "--host", "127.0.0.1", "--port", port, "--json",
+         "--tokens", "100,1024,49152", "--repeats", "2", "--layers", "2", "--lookup-iters", "20",
+         "--lookup-tokens", "4096"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["tokens"] for r in result["results"]] == [1024]
+    assert result["results"][0]["store_gbps"] > 0 and result["results"][0]["repeats"] == 2
+    small, big = result["skipped"]
+    assert small == {"tokens": 100, "reason": "fewer tokens than one chunk (256 tokens)"}
+    assert (big["tokens"], big["needed_bytes"], big["room_bytes"]) == (49152, 384 * MIB, 256 * MIB)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("skipped ")]
+    assert lines == [f"skipped {s['tokens']} tokens: {s['reason']}" for s in result["skipped"]]
+    assert "0.50 GiB pool" in lines[1] and "(384.0 MiB)" in lines[1] and "--l1-size-gb" in lines[1], lines[1]
+    assert out.stderr == ""
+
+
+def test_plan_sizes_keeps_a_size_that_fills_the_room_exactly():
+    one_slab, four_slabs = PoolRoom(256 * MIB, 256 * MIB, 1), PoolRoom(1024 * MIB, 256 * MIB, 4)
+    # chunks of 1 MiB: one slab is all the bench's; of four, three are (768 chunks)
+    assert plan_sizes([128 * 256, 129 * 256], 256, MIB, one_slab)[0] == [128 * 256]
+    measured, skipped = plan_sizes([384 * 256, 385 * 256, 300], 256, MIB, four_slabs)
+    assert measured == [384 * 256, 256] and [s["tokens"] for s in skipped] == [385 * 256]
+    assert plan_sizes([256], 256, 300 * MIB, four_slabs)[1][0]["room_bytes"] == 0  # a chunk bigger than a slab
 
 
 def test_bench_in_process_is_retired():

@@ -1,5 +1,7 @@
 """Scheduler-side planning: what vLLM may load, and which chunks each step loads and stores."""
 
+import logging
+
 import pytest
 
 from lmcd.connector.client import LookupResult
@@ -188,3 +190,30 @@ def test_embedded_settings_env_and_yaml(tmp_path):
     e = EmbeddedSettings.from_env({"LMCACHE_CONFIG_FILE": str(cfg), "LMCACHE_MAX_LOCAL_CPU_SIZE": "3"})
     assert (e.chunk_size, e.max_local_cpu_size_gb, e.local_cpu) == (128, 3.0, True)  # env over file
     assert not EmbeddedSettings.from_env({"LMCACHE_LOCAL_CPU": "False"}).local_cpu
+
+
+def test_embedded_settings_refuse_cacheblend(tmp_path):
+    """Blending asked for in vLLM's environment or its LMCACHE_CONFIG_FILE stops vLLM with one message."""
+    for value in ("1", "True"):
+        with pytest.raises(SettingsError, match=rf"^CacheBlend \(LMCACHE_ENABLE_BLENDING={value}\) is not available "
+                           r"in lmcd yet: unset LMCACHE_ENABLE_BLENDING to serve without blending$"):
+            EmbeddedSettings.from_env({"LMCACHE_ENABLE_BLENDING": value})
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text("chunk_size: 256\nenable_blending: true\nblend_special_str: \" # # \"\n")
+    with pytest.raises(SettingsError) as info:
+        EmbeddedSettings.from_env({"LMCACHE_CONFIG_FILE": str(cfg)})
+    assert str(info.value) == (f"CacheBlend (enable_blending: True in LMCACHE_CONFIG_FILE={cfg}) is not available in "
+                               f"lmcd yet: remove enable_blending from LMCACHE_CONFIG_FILE={cfg} to serve without "
+                               "blending")
+
+
+def test_embedded_settings_warn_once_on_cacheblend_tuning_keys(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lmcd"), "propagate", True)  # the vLLM connector's logging may be set up
+    caplog.set_level(logging.DEBUG)
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text("enable_blending: false\nblend_check_layers: 1\nmax_local_cpu_size: 2\n")
+    e = EmbeddedSettings.from_env({"LMCACHE_CONFIG_FILE": str(cfg), "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15"})
+    assert e.max_local_cpu_size_gb == 2.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "CacheBlend is not available in lmcd yet, so its settings are ignored: LMCACHE_BLEND_RECOMPUTE_RATIOS, "
+        f"blend_check_layers in LMCACHE_CONFIG_FILE={cfg}"]

@@ -352,7 +352,7 @@ def test_server_help_lists_every_setting_with_its_default() -> None:
                         "--auth-token-file": "none", "--insecure-no-auth": "False",
                         "--touch-pool": "True", "--share-pool": "False", "--http-host": "127.0.0.1",
                         "--cuda": "auto", "--l2-prefetch-load-timeout": "1.0", "--l2-write-queue-mb": "auto",
-                        "--l2-flush-timeout": "10.0"}
+                        "--l2-flush-timeout": "10.0", "--engine-type": "default"}
     assert set(literal_defaults) == {s.flag for s in SETTINGS}
     for s in SETTINGS:
         assert s.flag in entries, f"{s.flag} missing from --help:\n{result.stdout}"

@@ -416,8 +416,8 @@ def test_load_file_accepts_the_l2_keys_and_still_refuses_unknown_ones(tmp_path: 
     config = resolve(parse("--config", path), {})
     assert (config.l2_adapters, config.l2_prefetch_load_timeout_s, config.l2_flush_timeout_s,
             config.l2_write_queue_mb) == ((), 2.5, 3.0, 16)
-    bad = write_yaml(tmp_path / "b.yaml", {"local_cpu": True})
-    with pytest.raises(ConfigError, match=r"unknown keys \['local_cpu'\].*remote_url"):
+    bad = write_yaml(tmp_path / "b.yaml", {"local_disks": True})
+    with pytest.raises(ConfigError, match=r"unknown keys \['local_disks'\].*remote_url"):
         resolve(parse("--config", bad), {})
 
 
