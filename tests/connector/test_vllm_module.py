@@ -104,3 +104,53 @@ def test_gpu_stores_delay_block_frees_until_get_finished_reports_them():
                          env=vllm_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
+
+
+SLEEP_AND_FLAGS = """
+import logging
+from lmcd.connector import vllm as m
+
+class Worker:
+    def __init__(self):
+        self.registered, self.closed = [], False
+    def register_kv_caches(self, kv, num_blocks, block_size):
+        self.registered.append(kv)
+    def close(self):
+        self.closed = True
+
+c = object.__new__(m.LMCacheMPConnector)
+first = Worker()
+c._worker, c._kv_caches, c.block_size = first, None, 16
+c._kv_cache_config = type("K", (), {"num_blocks": 8})()
+c._new_worker = Worker
+assert m.LMCacheMPConnector.supports_sleep_mode() is False
+c.register_kv_caches({"layer": "kv"})
+c.unregister_kv_caches()
+assert first.closed, "sleep: the registration and every mapping of the KV must go before vLLM frees it"
+assert c._worker is not first and c._worker.registered == []
+c.restore_kv_caches()
+assert c._worker.registered == [{"layer": "kv"}], "wake: registered again"
+c.restore_kv_caches({"layer": "new"})
+assert c._worker.registered[-1] == {"layer": "new"}
+
+seen = []
+class H(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+logging.getLogger("lmcd.connector").addHandler(H())
+assert m._request_flag("r1", {"lmcache.skip_save": True}, "lmcache.skip_save") is True
+assert m._request_flag("r1", {}, "lmcache.skip_save") is False
+assert m._request_flag("r2", {"lmcache.skip_load": "yes"}, "lmcache.skip_load") is False
+assert seen and "r2" in seen[-1] and "lmcache.skip_load" in seen[-1] and "not a boolean" in seen[-1], seen
+print("OK")
+"""
+
+
+def test_sleep_mode_hooks_drop_and_restore_the_registration_and_request_flags_are_booleans():
+    reason = vllm_available()
+    if reason:
+        pytest.skip(reason)
+    out = subprocess.run([sys.executable, "-c", SLEEP_AND_FLAGS], capture_output=True, text=True, timeout=180,
+                         env=vllm_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
