@@ -53,20 +53,31 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+RECORD_PREFIX, RECORD_SUFFIX = "lmcd-autostart-", ".json"  # lmcd-autostart-<port>.json: one start's record
+
+
 def _record_path(port: int) -> str:
-    return os.path.join(tempfile.gettempdir(), f"lmcd-autostart-{port}.json")
+    return os.path.join(tempfile.gettempdir(), f"{RECORD_PREFIX}{port}{RECORD_SUFFIX}")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _ancestors(pid: int) -> list[int]:
-    """``pid`` and its parents, up to init (from /proc)."""
+    """``pid`` and its parents, up to init."""
     chain: list[int] = []
     while pid > 1 and len(chain) < 64:
         chain.append(pid)
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = _stat(pid)
+        if not fields or not fields[1].isdigit():
             break
+        pid = int(fields[1])
     return chain
 
 
@@ -76,7 +87,7 @@ def stop_embedded(owner: int | None = None, timeout_s: float = 30.0) -> int:
     owner = os.getpid() if owner is None else owner
     stopped = 0
     for name in os.listdir(tempfile.gettempdir()):
-        if not (name.startswith("lmcd-autostart-") and name.endswith(".json")):
+        if not (name.startswith(RECORD_PREFIX) and name.endswith(RECORD_SUFFIX)):
             continue
         path = os.path.join(tempfile.gettempdir(), name)
         try:
@@ -103,11 +114,8 @@ def stop_embedded(owner: int | None = None, timeout_s: float = 30.0) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _stop_children() -> None:

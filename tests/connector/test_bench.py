@@ -10,16 +10,20 @@ from tests.conftest import shm_names
 MIB = 2**20
 
 
+def small_bench(port: str, tokens: str) -> subprocess.CompletedProcess[str]:
+    """``lmcache bench --json`` of ``tokens`` with 2 layers (4 KiB per token), 2 repeats, a short lookup."""
+    return subprocess.run(
+        [sys.executable, "-m", "lmcd", "bench", "--host", "127.0.0.1", "--port", port, "--json",
+         "--tokens", tokens, "--repeats", "2", "--layers", "2", "--lookup-iters", "20", "--lookup-tokens", "4096"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 def test_bench_json_output(server_factory):
     before = shm_names()
     srv = server_factory("--l1-size-gb", "0.25")
     port = srv.url.rsplit(":", 1)[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "lmcd", "bench", "--host", "127.0.0.1", "--port", port, "--json",
-         "--tokens", "256,1024", "--repeats", "2", "--layers", "2", "--lookup-iters", "20",
-         "--lookup-tokens", "4096"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = small_bench(port, "256,1024")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert "store GB/s" in out.stdout and "lookup of 4096 tokens" in out.stdout
@@ -46,12 +50,7 @@ def test_bench_on_a_small_pool_measures_what_fits_and_names_what_it_skipped(serv
     of 192 chunks, 384 MiB: less than the pool, more than the bench may keep) and 100 (no whole chunk) do not."""
     srv = server_factory("--l1-size-gb", "0.5", "--touch-pool", "false")
     port = srv.url.rsplit(":", 1)[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "lmcd", "bench", "--host", "127.0.0.1", "--port", port, "--json",
-         "--tokens", "100,1024,49152", "--repeats", "2", "--layers", "2", "--lookup-iters", "20",
-         "--lookup-tokens", "4096"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = small_bench(port, "100,1024,49152")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["tokens"] for r in result["results"]] == [1024]

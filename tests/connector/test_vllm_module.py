@@ -24,13 +24,18 @@ print("OK")
 """
 
 
-def test_import_has_no_side_effects_and_exports_both_classes():
+def run_check(script: str) -> None:
+    """``script`` in a fresh interpreter with vLLM (skipped where it is missing); it must print OK last."""
     reason = vllm_available()
     if reason:
         pytest.skip(reason)
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=180, env=vllm_env())
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=vllm_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
+
+
+def test_import_has_no_side_effects_and_exports_both_classes():
+    run_check(CHECK)
 
 
 DELAYED_FREES = """
@@ -97,13 +102,7 @@ print("OK")
 
 
 def test_gpu_stores_delay_block_frees_until_get_finished_reports_them():
-    reason = vllm_available()
-    if reason:
-        pytest.skip(reason)
-    out = subprocess.run([sys.executable, "-c", DELAYED_FREES], capture_output=True, text=True, timeout=180,
-                         env=vllm_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("OK")
+    run_check(DELAYED_FREES)
 
 
 SLEEP_AND_FLAGS = """
@@ -147,10 +146,4 @@ print("OK")
 
 
 def test_sleep_mode_hooks_drop_and_restore_the_registration_and_request_flags_are_booleans():
-    reason = vllm_available()
-    if reason:
-        pytest.skip(reason)
-    out = subprocess.run([sys.executable, "-c", SLEEP_AND_FLAGS], capture_output=True, text=True, timeout=180,
-                         env=vllm_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("OK")
+    run_check(SLEEP_AND_FLAGS)

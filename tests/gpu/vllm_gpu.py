@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,7 +31,6 @@ LLAMA3_8B = {
     "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
     "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
 }
-RUNNING = re.compile(r"cache server is running on (tcp://\S+)")
 CUDA_GRAPH_SIZES = [1, 2, 4, 8, 16, 32, 64]  # CUDA graphs on (vLLM's default mode), fewer sizes to capture
 
 
@@ -155,6 +153,8 @@ class Lmcd:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         deadline = time.monotonic() + timeout
+        from tests.conftest import RUNNING
+
         while not RUNNING.search(self.log()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

@@ -116,15 +116,25 @@ def test_disk_tier_survives_restart_byte_exact(server_factory: Callable[..., Run
         assert tier_status(client)["counters"]["hits"] == 6
 
 
-def test_sigterm_flushes_write_behind(server_factory, tmp_path, model) -> None:
-    disk = tmp_path / "disk"
-    server = server_factory("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
-    kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=8, head_size=128)  # 1 MiB chunks
-    fill_random(kv, 3)
+def mib_chunk_kv() -> CpuKVCache:
+    return CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=8, head_size=128)  # 1 MiB chunks
+
+
+def store_32_chunks(server, model, seed: int) -> tuple[CpuKVCache, list[bytes]]:  # noqa: ANN001
+    """A worker's KV of random bytes from ``seed``, its first 32 chunks stored; (the KV, their keys)."""
+    kv = mib_chunk_kv()
+    fill_random(kv, seed)
     keys = hashes(32)
     with connect(server.url, namespace(model, kv.geometry)) as client:
         info = kv.register(client)
         assert client.store(info.worker_id, keys, block_ids(range(32))).num_stored == 32
+    return kv, keys
+
+
+def test_sigterm_flushes_write_behind(server_factory, tmp_path, model) -> None:
+    disk = tmp_path / "disk"
+    server = server_factory("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
+    kv, keys = store_32_chunks(server, model, seed=3)
     assert server.stop() == 0  # at once: the queue is flushed before the exit
     server = server_factory("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
     server.wait_for_log(r"found 32 objects")
@@ -439,17 +449,12 @@ def test_server_killed_mid_write_behind_leaves_no_torn_object(server_factory, tm
     disk = tmp_path / "disk"
     flags = ("--l1-size-gb", "0.25", "--l2-adapter", fs_adapter(disk))
     server = server_factory(*flags)
-    kv = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=8, head_size=128)  # 1 MiB chunks
-    fill_random(kv, 91)
-    keys = hashes(32)
-    with connect(server.url, namespace(model, kv.geometry)) as client:
-        info = kv.register(client)
-        assert client.store(info.worker_id, keys, block_ids(range(32))).num_stored == 32
+    kv, keys = store_32_chunks(server, model, seed=91)
     original = snapshot(kv)
     server.stop(signal.SIGKILL)  # the writes behind the store are cut wherever they are
     server = server_factory(*flags)
     found = int(server.wait_for_log(r"found (\d+) objects").group(1))
-    kv2 = CpuKVCache(num_layers=2, num_blocks=64, block_size=128, num_kv_heads=8, head_size=128)
+    kv2 = mib_chunk_kv()
     ns = namespace(model, kv.geometry)
     with connect(server.url, ns) as worker, scheduler(server.url, ns) as sched:
         info = kv2.register(worker)
