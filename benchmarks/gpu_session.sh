@@ -13,14 +13,16 @@
 #          the other GPU tests in the time left of VLLM_SESSION_S (default 540 s from the start of this script)
 #   vllm-bench  benchmarks/vllm_gpu_ttft.py (TTFT and a mixed load, with and without the connector), then the
 #          harness GPU tests in the time left
+#   overlap  benchmarks/worker_copy_overlap.py (an engine step behind a worker-copies store), with the default
+#          CUDA_DEVICE_MAX_CONNECTIONS and with 32, then tests/gpu/test_pool_copier_gpu.py
 #   all    tests, bench and pool (about 20 minutes: more than one 10-minute command; run the steps one by one there)
 # LMCD_WHEELS=installed: lmcd and its dependencies are in /tmp/site already (installed with vLLM's).
 # Every step is bounded by `timeout`; the servers a step starts are stopped at its end (and at exit).
 # Everything each run prints is saved under $OUT.
 set -uo pipefail
 what=${1:-all}
-case $what in tests | bench | pool | all | vllm-tests | vllm-bench) ;;
-  *) echo "usage: OUT=dir $0 [tests|bench|pool|vllm-tests|vllm-bench|all]" >&2; exit 2 ;;
+case $what in tests | bench | pool | all | vllm-tests | vllm-bench | overlap) ;;
+  *) echo "usage: OUT=dir $0 [tests|bench|pool|vllm-tests|vllm-bench|overlap|all]" >&2; exit 2 ;;
 esac
 T0=$(date +%s)
 left() { echo $((${VLLM_SESSION_S:-540} - ($(date +%s) - T0))); }  # seconds left of this session step
@@ -38,7 +40,7 @@ export PYTHONPATH=/tmp/site
 # imported is the installed wheel, never the checkout.
 RUN=/tmp/lmcd-run
 rm -rf "$RUN"; mkdir -p "$RUN/benchmarks"
-cp -r tests pyproject.toml "$RUN/"; cp benchmarks/pool_register.py benchmarks/vllm_gpu_ttft.py "$RUN/benchmarks/"
+cp -r tests pyproject.toml "$RUN/"; cp benchmarks/pool_register.py benchmarks/vllm_gpu_ttft.py benchmarks/worker_copy_overlap.py "$RUN/benchmarks/"
 cd "$RUN" || exit 1
 
 SERVERS=()  # pids of the `timeout` wrappers of servers still running
@@ -98,6 +100,18 @@ run_vllm_bench() {
   run_tests "$(($(left) - 10))" tests/gpu/test_cuda_worker_gpu.py tests/gpu/test_kernels_gpu.py
 }
 
+run_overlap() {
+  for connections in default 32; do
+    local env=()
+    [[ $connections != default ]] && env=(CUDA_DEVICE_MAX_CONNECTIONS=$connections)
+    echo "=== worker_copy_overlap.py, CUDA_DEVICE_MAX_CONNECTIONS $connections"
+    env ${env[@]+"${env[@]}"} timeout -k 10 100 python3 benchmarks/worker_copy_overlap.py \
+      --json "$OUT/overlap-$connections.json" 2>&1 | tee "$OUT/overlap-$connections.log"
+    echo "worker_copy_overlap: exit ${PIPESTATUS[0]}"
+  done
+  run_tests 90 tests/gpu/test_pool_copier_gpu.py
+}
+
 bench() {  # bench NAME TRANSFER-MODE [SERVER-FLAGS...]: one fresh server, one lmcache bench against it
   local name=$1 mode=$2
   shift 2
@@ -142,6 +156,7 @@ run_pool() {
 [[ $what == tests || $what == all ]] && run_tests
 [[ $what == vllm-tests ]] && run_vllm_tests
 [[ $what == vllm-bench ]] && run_vllm_bench
+[[ $what == overlap ]] && run_overlap
 [[ $what == bench || $what == all ]] && run_bench
 [[ $what == pool || $what == all ]] && run_pool
 exit 0

@@ -6,17 +6,21 @@ ONE buffer for all layers); memory from CUDA's VMM API (vLLM's sleep mode, PyTor
 ``expandable_segments``) cannot be exported and is refused with the setting named. Its events
 order the server's copies with the engine's stream: ``before_copy`` marks the stream's work so
 far (the server's copy waits on it), ``after_load`` makes the stream wait for the server's copy,
-``stores_done`` polls the server's event. ``PoolCopier`` runs the staged copy in this process.
+``stores_done`` polls the server's event. ``PoolCopier`` runs the staged copy in this process,
+queueing a long store a few chunks at a time (its docstring says why).
 
 Torch is imported here; this module runs inside vLLM (or a test harness), never in the server.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -140,6 +144,19 @@ class CudaShare:
             cudadrv.stream_wait(current_stream(self.device), self.server_event.cuda_event)
 
 
+STORE_WINDOW = 4  # chunks of a worker's store on the GPU's queues at a time (PoolCopier)
+
+
+@dataclass(slots=True)
+class _Store:
+    """A store of PoolCopier still being queued: its chunks from ``next`` on are not on the GPU yet."""
+
+    events: CopyEvents
+    addresses: list[int]
+    blocks: np.ndarray
+    next: int = 0
+
+
 class PoolCopier:
     """This worker's own copies between its KV blocks and the server's shared pool (worker copies on CUDA).
 
@@ -147,14 +164,26 @@ class PoolCopier:
     target, and the staged copy runs in this process: lmcd's page kernel, compiled here by NVRTC
     (vLLM has no CuPy), with staging buffers in this GPU's memory. ``store``/``load`` return the
     copy's events; the caller polls ``done`` and reads ``seconds`` once it has.
+
+    A store is queued at most ``window`` chunks ahead of the GPU: the engine's streams share the
+    GPU's few hardware queues with ours, so work of the engine queued behind a whole store (2 GiB of
+    DMA at 16K tokens) would wait for all of it: vLLM's next step did, 28 ms at 16K tokens
+    (docs/BENCHMARKS.md). The first ``window`` chunks are queued in the call; a feeder thread
+    queues the rest, one chunk each time one has left the GPU (it waits without the GIL, and
+    queueing a chunk takes microseconds). A load is queued whole at once (the forward waits for all
+    of it), between the chunks of a store; stores stay in order. One lock covers every queueing.
     """
 
     def __init__(self, device: int, planes: Sequence[int], num_blocks: int, page_bytes: int, block_stride: int,
-                 blocks_per_chunk: int, pool_address: int, pool_bytes: int) -> None:
+                 blocks_per_chunk: int, pool_address: int, pool_bytes: int, window: int = STORE_WINDOW) -> None:
         self.device = device
         self.pool_address = pool_address
         self.pipeline: StagedPipeline | None = None
-        self.engine_mark = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a store to queue came, or one is fully queued
+        self._stores: collections.deque[_Store] = collections.deque()  # partly queued, in order
+        self._feeder: threading.Thread | None = None
+        self._stopping = False
         started = time.monotonic()
         try:
             cudadrv.host_register(pool_address, pool_bytes)
@@ -167,7 +196,6 @@ class PoolCopier:
             kernel = PageKernel(nvrtc_functions(device, f"sm_{major}{minor}"), planes, num_blocks, page_bytes,
                                 block_stride, blocks_per_chunk)
             self.pipeline = StagedPipeline(kernel, stages_for(kernel.chunk_bytes))
-            self.engine_mark = cudadrv.event_create()
         except (CudaError, StagingMemoryError) as exc:
             self.close()
             raise PoolCopierError(f"{exc}; lower vLLM's --gpu-memory-utilization a little if the GPU is full"
@@ -175,54 +203,142 @@ class PoolCopier:
         except BaseException:
             self.close()  # the pool is never left registered with CUDA
             raise
-        log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies", self.pipeline.stages,
-                 self.pipeline.chunk_bytes / 2**20)
-
-    def _copy(self, slots: Sequence[int], blocks: np.ndarray, to_pool: bool, skip_blocks: int) -> CopyEvents:
-        assert self.pipeline is not None
-        engine = current_stream(self.device)
-        # store: the step that wrote these blocks comes first; load: kernels queued so far that use
-        # the target blocks (the pool's chunks cross into the buffers meanwhile)
-        cudadrv.event_record(self.engine_mark, engine)
-        addresses = [self.pool_address + slot for slot in slots]
-        events = self.pipeline.copy(addresses, blocks, to_pool, skip_blocks, after=self.engine_mark)
-        if not to_pool:
-            cudadrv.stream_wait(engine, events.done)  # the forward reads the blocks after the copy
-        return events
+        self.window = max(1, min(window, self.pipeline.stages))
+        log.info("Staging %d chunks of %.1f MiB in GPU memory for this worker's own copies (a store goes %d chunks "
+                 "ahead of the GPU)", self.pipeline.stages, self.pipeline.chunk_bytes / 2**20, self.window)
 
     def store(self, slots: Sequence[int], blocks: np.ndarray) -> CopyEvents:
-        """Copy the chunks' blocks into the pool ``slots``."""
-        return self._copy(slots, blocks, True, 0)
+        """Copy the chunks' blocks into the pool ``slots`` (after the engine's work so far)."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        with self._lock:
+            events = pipeline.new_events()
+            cudadrv.event_record(events.after, current_stream(self.device))  # the step that wrote the blocks
+            store = _Store(events, [self.pool_address + slot for slot in slots], blocks)
+            events.queued = False
+            if not self._stores:
+                self._queue(store, self.window)
+            if not events.queued:
+                self._stores.append(store)
+                self._start_feeder()
+                self._changed.notify_all()
+        return events
 
     def load(self, slots: Sequence[int], blocks: np.ndarray, skip_blocks: int) -> CopyEvents:
-        """Copy the pool ``slots`` into the chunks' blocks, leaving out the first ``skip_blocks`` of the first."""
-        return self._copy(slots, blocks, False, skip_blocks)
+        """Copy the pool ``slots`` into the chunks' blocks, leaving out the first ``skip_blocks`` of the
+        first; the engine's stream waits for it (on the GPU) before its next work."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        engine = current_stream(self.device)
+        with self._lock:
+            events = pipeline.new_events()
+            # kernels queued so far use the target blocks (the pool's chunks cross into the buffers meanwhile)
+            cudadrv.event_record(events.after, engine)
+            pipeline.begin(events, False)
+            for c, slot in enumerate(slots):
+                pipeline.chunk(self.pool_address + slot, blocks[c], False, skip_blocks if c == 0 else 0,
+                               events.after if c == 0 else 0)
+            pipeline.end(events, False)
+        cudadrv.stream_wait(engine, events.done)  # the forward reads the blocks after the copy
+        return events
+
+    def _queue(self, store: _Store, chunks: int) -> None:
+        """Queue up to ``chunks`` more chunks of ``store`` (the lock is held); it ends once all are."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        try:
+            if store.next == 0:
+                pipeline.begin(store.events, True, store.events.after)
+            end = min(len(store.addresses), store.next + chunks)
+            for c in range(store.next, end):
+                pipeline.chunk(store.addresses[c], store.blocks[c], True)
+            store.next = end
+            if end == len(store.addresses):
+                pipeline.end(store.events, True)
+                store.events.queued = True
+        except CudaError:
+            store.events.failed = store.events.queued = True  # never committed (``failed``)
+            raise
+
+    def _start_feeder(self) -> None:
+        if self._feeder is None:
+            self._feeder = threading.Thread(target=self._feed, name="lmcd-store-feeder", daemon=True)
+            self._feeder.start()
+
+    def _feed(self) -> None:
+        """The feeder thread: queues the stores' remaining chunks, ``window`` ahead of the GPU."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        cudadrv.set_context(pipeline.context)
+        while True:
+            with self._lock:
+                while not self._stores and not self._stopping:
+                    self._changed.wait()
+                if not self._stores:
+                    return
+                gone = pipeline.freed_before(self.window)
+            try:
+                cudadrv.event_synchronize(gone)  # without the lock and the GIL: loads go on meanwhile
+                with self._lock:
+                    store = self._stores[0]
+                    self._queue(store, 1)
+            except CudaError as exc:
+                log.error("Queueing a store on the GPU failed: %s; it is not committed (vLLM recomputes)", exc)
+                with self._lock:
+                    for failed in self._stores:
+                        failed.events.failed = failed.events.queued = True
+                    self._stores.clear()
+                    self._changed.notify_all()
+                continue
+            if store.events.queued:
+                with self._lock:
+                    self._stores.popleft()
+                    self._changed.notify_all()
+
+    def _wait_queued(self, events: CopyEvents) -> None:
+        with self._lock:
+            while not events.queued:
+                self._changed.wait()
 
     @staticmethod
     def done(events: CopyEvents) -> bool:
-        return cudadrv.event_done(events.done)
+        return events.queued and cudadrv.event_done(events.done)
+
+    @staticmethod
+    def failed(events: CopyEvents) -> bool:
+        return events.failed
 
     def seconds(self, *copies: CopyEvents) -> float:
         """From the first copy's start to the last one's end, on the GPU (all of them finished)."""
         assert self.pipeline is not None
+        if any(copy.failed for copy in copies):
+            return 0.0
         return self.pipeline.seconds(*copies)
 
     def fence(self, events: CopyEvents) -> None:
-        """The current stream waits (on the GPU) for this copy."""
+        """The current stream waits (on the GPU) for this copy (once it is queued: the host may wait)."""
+        self._wait_queued(events)
         cudadrv.stream_wait(current_stream(self.device), events.done)
 
     def synchronize(self) -> None:
         """Wait until every copy queued so far has ended."""
+        with self._lock:
+            while self._stores:
+                self._changed.wait()
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        self.synchronize()
+        if self._feeder is not None:
+            self.synchronize()
+            with self._lock:
+                self._stopping = True
+                self._changed.notify_all()
+            self._feeder.join()
+            self._feeder = None
+        torch.cuda.synchronize(self.device)
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self.engine_mark:
-            cudadrv.event_destroy(self.engine_mark)
-            self.engine_mark = 0
         if self.pool_address:
             cudadrv.host_unregister(self.pool_address)
             self.pool_address = 0

@@ -57,10 +57,13 @@ class StagingMemoryError(RuntimeError):
 
 @dataclass(slots=True)
 class CopyEvents:
-    """The start and end of one copy on the GPU (timing events, recycled by ``seconds``)."""
+    """The events of one copy on the GPU: its start and end (timing events), recycled by ``seconds``."""
 
     start: int
     done: int
+    after: int  # no timing: an engine's mark the copy waits for, recorded by a caller that queues it later
+    queued: bool = True  # False while a caller still queues its chunks (``done`` is not recorded yet)
+    failed: bool = False  # its queueing failed: nothing it copied may be used
 
 
 class StagedPipeline:
@@ -95,7 +98,8 @@ class StagedPipeline:
                 kernel.check_buffer(buffer.address)
             self.stages = len(self.buffers)
             self._filled = [self._event() for _ in self.buffers]
-            self._freed = [self._event() for _ in self.buffers]
+            self._freed = [self._event(cudadrv.CU_EVENT_DISABLE_TIMING | cudadrv.CU_EVENT_BLOCKING_SYNC)
+                           for _ in self.buffers]  # a host that queues a copy in parts waits on them
         except BaseException:
             self.close()
             raise
@@ -113,40 +117,67 @@ class StagedPipeline:
         it); ``blocks``: the chunks' block ids as ``lmcd.copyplan.check_blocks`` returns them;
         ``skip_blocks``: leading blocks of the first chunk left alone. See the module docstring for
         ``after`` and ``then``."""
-        kernel, chunk_bytes = self.kernel, self.chunk_bytes
+        events = self.new_events()
+        self.begin(events, to_pool, after)
+        for c, slot in enumerate(slot_addresses):
+            self.chunk(slot, blocks[c], to_pool, skip_blocks if c == 0 else 0, after if c == 0 else 0)
+        self.end(events, to_pool, then)
+        return events
+
+    # A copy queued in parts (``copy`` is the three in a row): ``begin``, then ``chunk`` per chunk in
+    # order, then ``end``; a caller that queues a long copy a few chunks at a time (``freed_before``)
+    # keeps the GPU's hardware queues short for the engine's own work behind them.
+
+    def new_events(self) -> CopyEvents:
         try:
             events = self._spare.pop()
         except IndexError:
-            events = CopyEvents(self._event(TIMED), self._event(TIMED))
-        # the first step of each chunk runs on `first`, the second on `second`
-        first, second = (self.kernel_stream, self.dma_stream) if to_pool else (self.dma_stream, self.kernel_stream)
+            return CopyEvents(self._event(TIMED), self._event(TIMED), self._event())
+        events.queued, events.failed = True, False
+        return events
+
+    def begin(self, events: CopyEvents, to_pool: bool, after: int = 0) -> None:
+        """Start a copy: a store's first gather waits for ``after``."""
+        first = self.kernel_stream if to_pool else self.dma_stream
         if to_pool and after:
             cudadrv.stream_wait(first, after)  # the gathers read what the engine wrote
         cudadrv.event_record(events.start, first)
-        for c, slot in enumerate(slot_addresses):
-            b = self._next
-            self._next = (b + 1) % self.stages
-            buffer = self.buffers[b].address
-            cudadrv.stream_wait(first, self._freed[b])  # the buffer's previous chunk has left it
-            if to_pool:
-                kernel.launch(buffer, blocks[c], 0, True, first)
-            else:
-                cudadrv.memcpy_async(buffer, slot, chunk_bytes, first)
-            cudadrv.event_record(self._filled[b], first)
-            cudadrv.stream_wait(second, self._filled[b])
-            if to_pool:
-                cudadrv.memcpy_async(slot, buffer, chunk_bytes, second)
-            else:
-                if c == 0 and after:
-                    cudadrv.stream_wait(second, after)  # the scatters write blocks the engine may still read
-                kernel.launch(buffer, blocks[c], skip_blocks if c == 0 else 0, False, second)
-            cudadrv.event_record(self._freed[b], second)
+
+    def chunk(self, slot: int, blocks: np.ndarray, to_pool: bool, skip_blocks: int = 0, after: int = 0) -> None:
+        """Queue one chunk of the copy begun last; a load's first chunk scatters after ``after``."""
+        kernel, chunk_bytes = self.kernel, self.chunk_bytes
+        # the first step of each chunk runs on `first`, the second on `second`
+        first, second = (self.kernel_stream, self.dma_stream) if to_pool else (self.dma_stream, self.kernel_stream)
+        b = self._next
+        self._next = (b + 1) % self.stages
+        buffer = self.buffers[b].address
+        cudadrv.stream_wait(first, self._freed[b])  # the buffer's previous chunk has left it
+        if to_pool:
+            kernel.launch(buffer, blocks, 0, True, first)
+        else:
+            cudadrv.memcpy_async(buffer, slot, chunk_bytes, first)
+        cudadrv.event_record(self._filled[b], first)
+        cudadrv.stream_wait(second, self._filled[b])
+        if to_pool:
+            cudadrv.memcpy_async(slot, buffer, chunk_bytes, second)
+        else:
+            if after:
+                cudadrv.stream_wait(second, after)  # the scatters write blocks the engine may still read
+            kernel.launch(buffer, blocks, skip_blocks, False, second)
+        cudadrv.event_record(self._freed[b], second)
+
+    def end(self, events: CopyEvents, to_pool: bool, then: Sequence[int] = ()) -> None:
+        second = self.dma_stream if to_pool else self.kernel_stream
         cudadrv.event_record(events.done, second)
         if second != self.dma_stream:  # the DMA stream goes on after the load's end: copies end in order
             cudadrv.stream_wait(self.dma_stream, events.done)
         for event in then:
             cudadrv.event_record(event, self.dma_stream)
-        return events
+
+    def freed_before(self, chunks: int) -> int:
+        """An event (blocking sync) after which at most ``chunks`` (1..stages) of the chunks queued so
+        far are still in flight: the freed event of the buffer the chunk ``chunks`` back took."""
+        return self._freed[(self._next - chunks) % self.stages]
 
     def seconds(self, *copies: CopyEvents) -> float:
         """How long the finished copies took on the GPU, from the first one's start to the last one's

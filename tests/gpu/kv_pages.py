@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -152,11 +153,18 @@ def ids(values: Sequence[int] | np.ndarray) -> torch.Tensor:
 
 
 class Pool:
-    """Pinned host memory used through its address; a slot is a byte offset into it."""
+    """Pinned host memory used through its address; a slot is a byte offset into it. ``mapped``:
+    anonymous shared memory instead, as the server's pool is mapped (not pinned: whoever copies
+    registers it with CUDA)."""
 
-    def __init__(self, num_slots: int, chunk_bytes: int) -> None:
+    def __init__(self, num_slots: int, chunk_bytes: int, mapped: bool = False) -> None:
         self.num_slots, self.chunk_bytes = num_slots, chunk_bytes
-        self.tensor = torch.empty(num_slots * chunk_bytes + TAIL, dtype=torch.int8, pin_memory=DEVICE == "cuda")
+        nbytes = num_slots * chunk_bytes + TAIL
+        if mapped:
+            self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            self.tensor = torch.from_numpy(np.frombuffer(self.map, dtype=np.int8))
+        else:
+            self.tensor = torch.empty(nbytes, dtype=torch.int8, pin_memory=DEVICE == "cuda")
         self.address = self.tensor.data_ptr()
 
     def pick(self, rng: np.random.Generator, num_chunks: int, exclude: Sequence[int] = ()) -> list[int]:
