@@ -188,6 +188,8 @@ class PoolCopier:
         self._stores: collections.deque[_Store] = collections.deque()  # partly queued, in order
         self._feeder: threading.Thread | None = None
         self._stopping = False
+        # recorded after each chunk of a store, waited on by the feeder (never recorded again while pending)
+        self._progress = 0
         started = time.monotonic()
         try:
             cudadrv.host_register(pool_address, pool_bytes)
@@ -200,6 +202,7 @@ class PoolCopier:
             kernel = PageKernel(nvrtc_functions(device, f"sm_{major}{minor}"), planes, num_blocks, page_bytes,
                                 block_stride, blocks_per_chunk)
             self.pipeline = StagedPipeline(kernel, stages_for(kernel.chunk_bytes))
+            self._progress = cudadrv.event_create(cudadrv.CU_EVENT_DISABLE_TIMING | cudadrv.CU_EVENT_BLOCKING_SYNC)
         except (CudaError, StagingMemoryError) as exc:
             self.close()
             raise PoolCopierError(f"{exc}; lower vLLM's --gpu-memory-utilization a little if the GPU is full"
@@ -256,6 +259,7 @@ class PoolCopier:
             end = min(len(store.addresses), store.next + chunks)
             for c in range(store.next, end):
                 pipeline.chunk(store.addresses[c], store.blocks[c], True)
+            cudadrv.event_record(self._progress, pipeline.dma_stream)  # where the feeder waits next
             store.next = end
             if end == len(store.addresses):
                 pipeline.end(store.events, True)
@@ -270,7 +274,9 @@ class PoolCopier:
             self._feeder.start()
 
     def _feed(self) -> None:
-        """The feeder thread: queues the stores' remaining chunks, ``window`` ahead of the GPU."""
+        """The feeder thread: queues each store's next chunk once the one before has left the GPU;
+        a store leaves ``_stores`` once its last chunk has (so a store queued in the call never
+        records ``_progress`` again while it is pending)."""
         pipeline = self.pipeline
         assert pipeline is not None
         cudadrv.set_context(pipeline.context)
@@ -280,23 +286,21 @@ class PoolCopier:
                     self._changed.wait()
                 if not self._stores:
                     return
-                gone = pipeline.freed_before(self.window)
+                store = self._stores[0]
             try:
-                cudadrv.event_synchronize(gone)  # without the lock and the GIL: loads go on meanwhile
+                cudadrv.event_synchronize(self._progress)  # without the lock and the GIL: loads go on meanwhile
                 with self._lock:
-                    store = self._stores[0]
-                    self._queue(store, 1)
+                    if store.events.queued:
+                        self._stores.popleft()
+                        self._changed.notify_all()
+                    else:
+                        self._queue(store, self.window)
             except CudaError as exc:
                 log.error("Queueing a store on the GPU failed: %s; it is not committed (vLLM recomputes)", exc)
                 with self._lock:
                     for failed in self._stores:
                         failed.events.failed = failed.events.queued = True
                     self._stores.clear()
-                    self._changed.notify_all()
-                continue
-            if store.events.queued:
-                with self._lock:
-                    self._stores.popleft()
                     self._changed.notify_all()
 
     def _wait_queued(self, events: CopyEvents) -> None:
@@ -340,6 +344,9 @@ class PoolCopier:
             self._feeder.join()
             self._feeder = None
         torch.cuda.synchronize(self.device)
+        if self._progress:
+            cudadrv.event_destroy(self._progress)
+            self._progress = 0
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None

@@ -98,8 +98,7 @@ class StagedPipeline:
                 kernel.check_buffer(buffer.address)
             self.stages = len(self.buffers)
             self._filled = [self._event() for _ in self.buffers]
-            self._freed = [self._event(cudadrv.CU_EVENT_DISABLE_TIMING | cudadrv.CU_EVENT_BLOCKING_SYNC)
-                           for _ in self.buffers]  # a host that queues a copy in parts waits on them
+            self._freed = [self._event() for _ in self.buffers]
         except BaseException:
             self.close()
             raise
@@ -125,8 +124,7 @@ class StagedPipeline:
         return events
 
     # A copy queued in parts (``copy`` is the three in a row): ``begin``, then ``chunk`` per chunk in
-    # order, then ``end``; a caller that queues a long copy a few chunks at a time (``freed_before``)
-    # keeps the GPU's hardware queues short for the engine's own work behind them.
+    # order, then ``end``; a caller may queue a long copy a chunk at a time (lmcd.connector.cuda).
 
     def new_events(self) -> CopyEvents:
         try:
@@ -173,11 +171,6 @@ class StagedPipeline:
             cudadrv.stream_wait(self.dma_stream, events.done)
         for event in then:
             cudadrv.event_record(event, self.dma_stream)
-
-    def freed_before(self, chunks: int) -> int:
-        """An event (blocking sync) after which at most ``chunks`` (1..stages) of the chunks queued so
-        far are still in flight: the freed event of the buffer the chunk ``chunks`` back took."""
-        return self._freed[(self._next - chunks) % self.stages]
 
     def seconds(self, *copies: CopyEvents) -> float:
         """How long the finished copies took on the GPU, from the first one's start to the last one's
