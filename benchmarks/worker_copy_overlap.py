@@ -9,7 +9,7 @@ and wait for all of it. This benchmark measures that without vLLM, in one proces
   on each of several streams (the default stream, streams made before the copier as vLLM makes
   its own, and after), alone and right after a store of 64 chunks of 32 MiB is queued;
 - the store queued whole (lmcd before: ``StagedPipeline.copy``) and through ``PoolCopier.store``
-  with windows of 1, 2, 4 and 8 chunks ahead of the GPU (lmcd now: 4);
+  1, 2, 4 and 8 chunks at a time (the next ones once those have left the GPU; lmcd uses 1);
 - the store's GB/s in each, and with the engine's thread busy in Python for the whole store (the
   feeder thread needs the GIL for each chunk).
 

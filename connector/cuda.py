@@ -144,7 +144,7 @@ class CudaShare:
             cudadrv.stream_wait(current_stream(self.device), self.server_event.cuda_event)
 
 
-STORE_WINDOW = 1  # chunks of a worker's store queued on the GPU at a time (PoolCopier)
+STORE_WINDOW = 1  # chunks of a worker's store queued on the GPU at a time (PoolCopier; measured in vLLM)
 
 
 @dataclass(slots=True)
@@ -165,17 +165,17 @@ class PoolCopier:
     (vLLM has no CuPy), with staging buffers in this GPU's memory. ``store``/``load`` return the
     copy's events; the caller polls ``done`` and reads ``seconds`` once it has.
 
-    A store is queued at most ``window`` chunks (1) ahead of the GPU: while a store's copies are
-    queued back to back on our DMA stream, the GPU holds back the copies of the engine's own
-    streams in this process (vLLM's input and output copies) until none is left, so vLLM's next
-    step waited for a whole store, 28 ms at 16K tokens. Measured (benchmarks/worker_copy_overlap.py,
-    docs/BENCHMARKS.md): an engine step right after a 2 GiB store waits 22 ms with the store queued
-    whole and 27 ms with 2, 4 or 8 chunks queued ahead, on every stream and with
-    CUDA_DEVICE_MAX_CONNECTIONS=32 alike, and not at all with one chunk at a time (the store then
-    runs at 43-46 GB/s rather than 55). The call queues the first chunk; a feeder thread queues
-    each next one once the previous has left the GPU (it waits without the GIL, and queueing a
-    chunk takes microseconds). A load is queued whole at once (the forward waits for all of it),
-    between the chunks of a store; stores stay in order. One lock covers every queueing.
+    A store is queued ``window`` chunks (1) at a time: while a store's copies are queued back to
+    back on our DMA stream, the GPU holds back the copies of the engine's own streams in this
+    process (vLLM's input and output copies) until none is left, so vLLM's next step waited for a
+    whole store, 28 ms at 16K tokens. Measured (benchmarks/worker_copy_overlap.py,
+    docs/BENCHMARKS.md): an engine step right after a 2 GiB store queued whole waits 28 ms, on
+    every stream and with CUDA_DEVICE_MAX_CONNECTIONS=32 alike; queued 1, 2, 4 or 8 chunks at a
+    time, it waits < 1.5 ms (the store runs at 45-52 GB/s rather than 55). The call queues the
+    first chunks; a feeder thread queues the next ones once the last queued has left the GPU (it
+    waits on its own blocking-sync event without the GIL; queueing a chunk takes microseconds). A
+    load is queued whole at once (the forward waits for all of it), between the chunks of a
+    store; stores stay in order. One lock covers every queueing.
     """
 
     def __init__(self, device: int, planes: Sequence[int], num_blocks: int, page_bytes: int, block_stride: int,
