@@ -225,6 +225,8 @@ class PoolCopier:
             events.queued = False
             if not self._stores:
                 self._queue(store, self.window)
+                if not events.queued:
+                    self._mark_progress()  # every earlier record has been waited for: no store was fed
             if not events.queued:
                 self._stores.append(store)
                 self._start_feeder()
@@ -259,7 +261,6 @@ class PoolCopier:
             end = min(len(store.addresses), store.next + chunks)
             for c in range(store.next, end):
                 pipeline.chunk(store.addresses[c], store.blocks[c], True)
-            cudadrv.event_record(self._progress, pipeline.dma_stream)  # where the feeder waits next
             store.next = end
             if end == len(store.addresses):
                 pipeline.end(store.events, True)
@@ -268,6 +269,13 @@ class PoolCopier:
             store.events.failed = store.events.queued = True  # never committed (``failed``)
             raise
 
+    def _mark_progress(self) -> None:
+        """Record the feeder's event after the chunks queued so far (the lock is held). A blocking-sync
+        event recorded again while its last record is pending makes the host wait, so it is recorded
+        only where its last record has been waited for: by the feeder, or while no store is fed."""
+        assert self.pipeline is not None
+        cudadrv.event_record(self._progress, self.pipeline.dma_stream)
+
     def _start_feeder(self) -> None:
         if self._feeder is None:
             self._feeder = threading.Thread(target=self._feed, name="lmcd-store-feeder", daemon=True)
@@ -275,8 +283,7 @@ class PoolCopier:
 
     def _feed(self) -> None:
         """The feeder thread: queues each store's next chunk once the one before has left the GPU;
-        a store leaves ``_stores`` once its last chunk has (so a store queued in the call never
-        records ``_progress`` again while it is pending)."""
+        a store leaves ``_stores`` once its last chunk has (``_mark_progress``)."""
         pipeline = self.pipeline
         assert pipeline is not None
         cudadrv.set_context(pipeline.context)
@@ -295,6 +302,7 @@ class PoolCopier:
                         self._changed.notify_all()
                     else:
                         self._queue(store, self.window)
+                        self._mark_progress()  # waited for next, also after the last chunk
             except CudaError as exc:
                 log.error("Queueing a store on the GPU failed: %s; it is not committed (vLLM recomputes)", exc)
                 with self._lock:
