@@ -190,6 +190,7 @@ class PoolCopier:
         self._stopping = False
         # recorded after each chunk of a store, waited on by the feeder (never recorded again while pending)
         self._progress = 0
+        self._engine_mark = 0  # a load's mark on the engine's stream, waited for as it is queued
         started = time.monotonic()
         try:
             cudadrv.host_register(pool_address, pool_bytes)
@@ -203,6 +204,7 @@ class PoolCopier:
                                 block_stride, blocks_per_chunk)
             self.pipeline = StagedPipeline(kernel, stages_for(kernel.chunk_bytes))
             self._progress = cudadrv.event_create(cudadrv.CU_EVENT_DISABLE_TIMING | cudadrv.CU_EVENT_BLOCKING_SYNC)
+            self._engine_mark = cudadrv.event_create()
         except (CudaError, StagingMemoryError) as exc:
             self.close()
             raise PoolCopierError(f"{exc}; lower vLLM's --gpu-memory-utilization a little if the GPU is full"
@@ -240,14 +242,10 @@ class PoolCopier:
         assert pipeline is not None
         engine = current_stream(self.device)
         with self._lock:
-            events = pipeline.new_events()
             # kernels queued so far use the target blocks (the pool's chunks cross into the buffers meanwhile)
-            cudadrv.event_record(events.after, engine)
-            pipeline.begin(events, False)
-            for c, slot in enumerate(slots):
-                pipeline.chunk(self.pool_address + slot, blocks[c], False, skip_blocks if c == 0 else 0,
-                               events.after if c == 0 else 0)
-            pipeline.end(events, False)
+            cudadrv.event_record(self._engine_mark, engine)
+            events = pipeline.copy([self.pool_address + slot for slot in slots], blocks, False, skip_blocks,
+                                   after=self._engine_mark)
         cudadrv.stream_wait(engine, events.done)  # the forward reads the blocks after the copy
         return events
 
@@ -320,10 +318,6 @@ class PoolCopier:
     def done(events: CopyEvents) -> bool:
         return events.queued and cudadrv.event_done(events.done)
 
-    @staticmethod
-    def failed(events: CopyEvents) -> bool:
-        return events.failed
-
     def seconds(self, *copies: CopyEvents) -> float:
         """From the first copy's start to the last one's end, on the GPU (all of them finished)."""
         assert self.pipeline is not None
@@ -337,24 +331,24 @@ class PoolCopier:
         cudadrv.stream_wait(current_stream(self.device), events.done)
 
     def synchronize(self) -> None:
-        """Wait until every copy queued so far has ended."""
+        """Wait until every copy asked for so far has ended."""
         with self._lock:
             while self._stores:
                 self._changed.wait()
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
+        self.synchronize()
         if self._feeder is not None:
-            self.synchronize()
             with self._lock:
                 self._stopping = True
                 self._changed.notify_all()
             self._feeder.join()
             self._feeder = None
-        torch.cuda.synchronize(self.device)
-        if self._progress:
-            cudadrv.event_destroy(self._progress)
-            self._progress = 0
+        for event in (self._progress, self._engine_mark):
+            if event:
+                cudadrv.event_destroy(event)
+        self._progress = self._engine_mark = 0
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None

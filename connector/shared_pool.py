@@ -229,7 +229,7 @@ class SharedPool:
         copier = self.copier
         while copier is not None and self.in_flight and copier.done(self.in_flight[0].copies[-1]):
             copy = self.in_flight.pop(0)  # checked in the order they were queued
-            if copy.is_store and any(copier.failed(events) for events in copy.copies):
+            if copy.is_store and any(events.failed for events in copy.copies):
                 continue  # never committed: its slots go back to the server after the lease time to live
             copy.then(client, copier.seconds(*copy.copies))
         self.posted = [(rid, want) for rid, want in self.posted if not self._answered(client, rid, 0.0)]

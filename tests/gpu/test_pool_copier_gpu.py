@@ -19,7 +19,10 @@ import pytest
 from tests.gpu.gpu_support import requires_gpu
 
 if TYPE_CHECKING:
+    import torch
+
     from lmcd.connector.cuda import PoolCopier
+    from lmcd.kernels.staged import CopyEvents
     from tests.gpu.kv_pages import KV, Pool
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
@@ -62,6 +65,25 @@ def _engine_work() -> None:
     torch.cuda.synchronize()
     for _ in range(ENGINE_MATMULS):
         torch.mm(a, a, out=out)
+
+
+def _store_being_fed(kv: KV, pool: Pool, rng: np.random.Generator, copier: PoolCopier
+                     ) -> tuple[CopyEvents, list[int], torch.Tensor]:
+    """A store of CHUNKS fresh chunks into a poisoned pool, asked for behind the engine's long work (so
+    the feeder still has most of it); its events, slots and the pool it must leave."""
+    import torch
+
+    from tests.gpu import kv_pages as kp
+
+    blocks, slots = _blocks(kv, rng, CHUNKS), pool.pick(rng, CHUNKS)
+    pool.tensor.fill_(kp.POISON)
+    kv.fresh()
+    torch.cuda.synchronize()
+    want = kp.expected_pool(kv, pool, slots, blocks)
+    _engine_work()
+    events = copier.store(slots, blocks)
+    assert not events.queued, "a store of many chunks was queued whole"
+    return events, slots, want
 
 
 @pytest.mark.parametrize("window", [1, 4])
@@ -137,21 +159,13 @@ def test_a_load_goes_between_the_chunks_of_a_store_being_fed() -> None:
 
 
 def test_fence_waits_for_all_of_a_store_still_being_fed() -> None:
-    import torch
 
     from tests.gpu import kv_pages as kp
 
     kv, pool, rng = _setup()
     copier = _copier(kv, pool, 1)
     try:
-        blocks, slots = _blocks(kv, rng, CHUNKS), pool.pick(rng, CHUNKS)
-        pool.tensor.fill_(kp.POISON)
-        kv.fresh()
-        torch.cuda.synchronize()
-        want = kp.expected_pool(kv, pool, slots, blocks)
-        _engine_work()
-        events = copier.store(slots, blocks)
-        assert not events.queued
+        events, slots, want = _store_being_fed(kv, pool, rng, copier)
         copier.fence(events)  # the engine's stream waits for the whole store (the host waits for its queueing)
         assert events.queued
         kv.buffer.fill_(7)  # the engine rewrites the blocks (a preempted request's) right after
@@ -163,19 +177,11 @@ def test_fence_waits_for_all_of_a_store_still_being_fed() -> None:
 
 
 def test_close_finishes_a_store_still_being_fed() -> None:
-    import torch
 
     from tests.gpu import kv_pages as kp
 
     kv, pool, rng = _setup()
     copier = _copier(kv, pool, 1)
-    blocks, slots = _blocks(kv, rng, CHUNKS), pool.pick(rng, CHUNKS)
-    pool.tensor.fill_(kp.POISON)
-    kv.fresh()
-    torch.cuda.synchronize()
-    want = kp.expected_pool(kv, pool, slots, blocks)
-    _engine_work()
-    events = copier.store(slots, blocks)
-    assert not events.queued
+    events, slots, want = _store_being_fed(kv, pool, rng, copier)
     copier.close()
     kp.assert_pool(pool, want, slots, "store still being fed at close")
